@@ -143,7 +143,8 @@ class DimpleConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        if rope_scaling is not None:  # transformers 5 turns this into `rope_parameters` (with a warning)
+            self.rope_scaling = rope_scaling
         self.mrope_section = list(mrope_section)
         self.attention_dropout = attention_dropout
         self.full_attn_mask = full_attn_mask

@@ -1,0 +1,2 @@
+class DimpleGenerationMixin:
+    pass

@@ -500,6 +500,15 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
+    def new_prefix_cache(self) -> DimplePrefixCache:
+        return DimplePrefixCache()
+
+    def prepare_attention_mask(self, padding_mask: Optional[torch.Tensor], q_len: int, k_len: int):
+        """The boolean attention mask of this model's attention type (see `build_attention_mask`)."""
+        return build_attention_mask(
+            padding_mask, q_len, k_len, not self.config.full_attn_mask, self.lm_head.weight.device
+        )
+
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 

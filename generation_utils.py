@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, GenerationMixin
 from transformers.utils import ModelOutput
 
 
@@ -153,13 +153,17 @@ def score_positions(logits: torch.Tensor, config, original_confidence: bool, gen
     the filtered distribution; the confidence depends on `alg` and is computed from the unmodified
     distribution when `original_confidence`. Computed in fp32."""
     raw = logits.float()
-    filtered = filter_logits(raw, config.temperature, config.top_p, config.top_k)
+    # `<|mask|>` is never a generated token: a committed mask would be re-opened at the next step (and `dim`
+    # could end with masks in the answer). A trained model gives it ~0 probability, so this changes nothing there.
+    candidates = raw.clone()
+    candidates[..., config.mask_token_id] = float("-inf")  # a scalar fill: no host-device copy
+    filtered = filter_logits(candidates, config.temperature, config.top_p, config.top_k)
     probs = filtered.softmax(dim=-1)
     if config.temperature > 0:
         tokens = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
     else:
         tokens = probs.argmax(dim=-1)
-    if original_confidence and filtered is not raw:
+    if original_confidence:
         probs = raw.softmax(dim=-1)
     if config.alg == "topk_margin":
         top2 = probs.topk(2, dim=-1).values
@@ -273,8 +277,9 @@ def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: to
 # --------------------------------------------------------------------------------------------------
 
 
-class DimpleGenerationMixin:
-    """Gives `DimpleModel` `diffusion_generate` (and routes `generate` to it)."""
+class DimpleGenerationMixin(GenerationMixin):
+    """Gives `DimpleModel` `diffusion_generate` (and routes `generate` to it). Subclassing transformers'
+    `GenerationMixin` makes `from_pretrained` load the checkpoint's generation_config.json."""
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -395,7 +400,9 @@ class DimpleGenerationMixin:
         x = torch.full((batch, total_len), mask_id, dtype=torch.long, device=device)
         x[:, :prompt_len] = input_ids.repeat_interleave(n_rep, 0)
         if prior is not None:
-            x[:, prompt_len : prompt_len + prior.shape[1]] = prior.repeat_interleave(n_rep, 0) if prior.shape[0] != batch else prior
+            if prior.shape[0] not in (1, batch):  # one row per prompt: repeat it for the prompt's answers
+                prior = prior.repeat_interleave(n_rep, 0)
+            x[:, prompt_len : prompt_len + prior.shape[1]] = prior  # a single row broadcasts to every row
         end_ids = torch.tensor(
             sorted({config.pad_token_id, *_as_list(config.eos_token_id)} - {None}), device=device, dtype=torch.long
         )

@@ -407,11 +407,9 @@ class DimpleTextModel(nn.Module):
         head_dim = config.hidden_size // config.num_attention_heads
         inv_freq = rotary_inv_freq(head_dim, config.rope_theta, device=position_ids.device)
         freqs = position_ids[..., None].float() * inv_freq  # (3, batch, seq, head_dim / 2), fp32
-        component = torch.repeat_interleave(
-            torch.arange(3, device=position_ids.device),
-            torch.tensor(config.mrope_section, device=position_ids.device),
-        )
-        freqs = freqs.gather(0, component.expand_as(freqs[:1]))[0]
+        # Section i of the frequencies takes position component i (split/cat: no host-device copy).
+        sections = freqs.split(list(config.mrope_section), dim=-1)
+        freqs = torch.cat([section[i] for i, section in enumerate(sections)], dim=-1)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -542,6 +540,11 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         batch, seq_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
         position_ids = torch.ones(3, batch, seq_len, dtype=torch.long, device=input_ids.device)
         grids = {
             self.config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),

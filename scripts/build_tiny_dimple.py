@@ -1,0 +1,178 @@
+"""Build `tiny-dimple/`: a small Dimple trained here, on the CPU, on the generated shapes task.
+
+    python scripts/build_tiny_dimple.py            # writes tiny-dimple/ (+ training log, loss plot, eval)
+
+Steps: generate training data (seed 0) and a tokenizer trained on its text; initialise a small Dimple;
+stage 1 `instruct` (autoregressive, causal; the vision tower trains too since it starts random — the real
+release starts from Qwen2.5-VL's); stage 2 `diffusion` (bidirectional, masked-diffusion loss, the release's
+freezing); then evaluate on held-out images (seed 1) with `diffusion_generate`.
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import dimple_package  # noqa: E402,F401
+import train_dimple  # noqa: E402
+from build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig  # noqa: E402
+from dimple.modeling_dimple import DimpleModel  # noqa: E402
+from dimple.processing_dimple import DimpleProcessor  # noqa: E402
+from shapes_task import answer_is_correct, generate_samples, write_dataset  # noqa: E402
+from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
+
+IMAGE_SIZE = 56
+# Decoding defaults of the tiny model: greedy confident decoding over an 8-token canvas.
+GENERATION = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", alg_p_threshold=0.9,
+                  decoding_pipeline="dim", use_original_confidence=True, use_cache=False)
+
+
+def tiny_config(ids: dict) -> DimpleConfig:
+    vision = DimpleVisionConfig(
+        depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=192,
+        fullatt_block_indexes=[1, 3], window_size=112,
+    )
+    return DimpleConfig(
+        vocab_size=ids["vocab_size"], hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=6, num_key_value_heads=2, mrope_section=[4, 6, 6], max_position_embeddings=1024,
+        vision_config=vision, full_attn_mask=False,
+        **{k: v for k, v in ids.items() if k.endswith("_token_id")},
+    )
+
+
+def build_processor(tokenizer_dir: pathlib.Path) -> DimpleProcessor:
+    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_SIZE**2, max_pixels=IMAGE_SIZE**2)
+    return DimpleProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def ask(model, processor, image, question: str, **generate_kwargs):
+    """One question about one image -> (answer, forward passes)."""
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    out = model.diffusion_generate(**inputs, return_dict_in_generate=True, **generate_kwargs)
+    answer = processor.decode_answers(out.sequences[0], prompt_length=inputs["input_ids"].shape[1])
+    return answer, out.num_forward_passes
+
+
+def evaluate(model, processor, n: int, seed: int, **generate_kwargs) -> dict:
+    """Exact-answer accuracy on freshly generated images, and forward passes per answer by answer length."""
+    correct, passes_by_length, start = 0, {}, time.perf_counter()
+    for image, question, expected, _ in generate_samples(n, seed=seed, image_size=IMAGE_SIZE):
+        answer, passes = ask(model, processor, image, question, **generate_kwargs)
+        correct += answer_is_correct(answer, expected)
+        length = len(processor.tokenizer(expected, add_special_tokens=False)["input_ids"])
+        passes_by_length.setdefault(length, []).append(passes)
+    all_passes = [p for v in passes_by_length.values() for p in v]
+    return {
+        "n": n, "seed": seed, "accuracy": correct / n,
+        "mean_forward_passes": sum(all_passes) / n,
+        "forward_passes_by_answer_tokens": {k: sum(v) / len(v) for k, v in sorted(passes_by_length.items())},
+        "seconds": round(time.perf_counter() - start, 2),
+        "generate_kwargs": generate_kwargs,
+    }
+
+
+def plot_losses(histories: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5))
+    for ax, (stage, history) in zip(axes, histories.items()):
+        points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set_title(f"stage {stage}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_stage(stage: str, model_dir, data: pathlib.Path, out: pathlib.Path, steps: int, lr: float, extra=()):
+    argv = [
+        "--model_name_or_path", str(model_dir), "--data_path", str(data), "--stage", stage,
+        "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(lr),
+        "--per_device_train_batch_size", "32", "--lr_scheduler_type", "cosine", "--warmup_steps", "30",
+        "--weight_decay", "0.0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+        "--seed", "0", "--dataloader_num_workers", "0", "--use_cpu", "true", "--max_grad_norm", "1.0",
+        *extra,
+    ]
+    train_dimple.main(argv)
+    state = json.loads((out / "trainer_state.json").read_text())
+    return state["log_history"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "tiny-dimple"))
+    parser.add_argument("--work", default=str(ROOT / ".cache" / "tiny-dimple-build"))
+    parser.add_argument("--train-samples", type=int, default=3000)
+    parser.add_argument("--ar-steps", type=int, default=600)
+    parser.add_argument("--diffusion-steps", type=int, default=600)
+    parser.add_argument("--eval-samples", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    work, out = pathlib.Path(args.work), pathlib.Path(args.out)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+
+    data = write_dataset(work / "data", n=args.train_samples, seed=0, image_size=IMAGE_SIZE)
+    ids = build_tiny_tokenizer(work / "tokenizer")
+    processor = build_processor(work / "tokenizer")
+    model = DimpleModel(tiny_config(ids))
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        mask_token_id=ids["mask_token_id"], **GENERATION,
+    )
+    train_dimple.save_checkpoint(model, processor, str(work / "init"))
+    n_params = sum(p.numel() for p in model.parameters())
+
+    histories = {}
+    histories["instruct"] = run_stage(
+        "instruct", work / "init", data, work / "instruct", args.ar_steps, 2e-3,
+        extra=("--trainable", "visual,img_projector,model,lm_head"),
+    )
+    histories["diffusion"] = run_stage(
+        "diffusion", work / "instruct", data, work / "diffusion", args.diffusion_steps, 1e-3,
+        extra=("--masking", "dual"),
+    )
+    train_seconds = time.perf_counter() - start
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(work / "diffusion", out, ignore=shutil.ignore_patterns("checkpoint-*", "training_args.bin", "README.md"))
+    (out / "training_log.json").write_text(json.dumps(histories, indent=1) + "\n")
+    plot_losses(histories, out / "loss_curves.png")
+
+    model = DimpleModel.from_pretrained(out).eval()
+    processor = DimpleProcessor.from_pretrained(out, trust_remote_code=True)
+    results = {
+        "parameters": n_params, "train_seconds": round(train_seconds, 1),
+        "eval_prefill_off": evaluate(model, processor, args.eval_samples, seed=1, use_cache=False),
+        "eval_prefill_on": evaluate(model, processor, args.eval_samples, seed=1, use_cache=True),
+        "eval_stop_at_eos": evaluate(model, processor, args.eval_samples, seed=1, use_cache=False, stop_at_eos=True),
+    }
+    (out / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

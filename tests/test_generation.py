@@ -1,0 +1,882 @@
+"""Tests of `generation_utils.py` (diffusion decoding, SPEC §4) on a tiny random Dimple (CPU, fp32).
+
+Oracles: hand-computed schedule counts (plain Python floats, SPEC §4's formula); invariants of the
+decode (prompt kept, fixed tokens never change, masks filled, left-to-right for `autoregressive`);
+a row decoded alone vs. inside a padded mixed batch; the same decode with and without prefilling.
+"""
+
+import linecache
+import math
+
+import pytest
+import torch
+from transformers import BatchFeature, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from dimple.generation_utils import (
+    ALGORITHMS,
+    DimPipeline,
+    DimpleGenerationConfig,
+    fill_after_end_of_text,
+)
+from dimple.modeling_dimple import DimpleModel
+from tiny_configs import (
+    BOS_ID,
+    EOS_ID,
+    IMAGE_ID,
+    MASK_ID,
+    PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    tiny_config,
+)
+
+PIPELINES = ("dim", "dream")
+IMAGE_PROMPT = [BOS_ID, 10, 11, VISION_START_ID, IMAGE_ID, IMAGE_ID, IMAGE_ID, IMAGE_ID, VISION_END_ID, 12, 13]
+TEXT_PROMPT = [BOS_ID, 20, 21, 22, 23, 24]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+_MODELS = {}
+
+
+def tiny_model(init: float = 0.02) -> DimpleModel:
+    """A tiny random model, built once per `initializer_range`. A larger range gives peaked (far from
+    uniform) distributions, so greedy choices and confidence rankings have no near-ties."""
+    if init not in _MODELS:
+        torch.manual_seed(0)
+        _MODELS[init] = DimpleModel(tiny_config(initializer_range=init)).eval()
+    return _MODELS[init]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are far too small for intra-op threads: on a busy 2-core machine they
+    make every decode ~50x slower. Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def peaked():
+    return tiny_model(0.2)
+
+
+def image_inputs(batch: int = 1, seed: int = 0) -> dict:
+    """`batch` rows of the image prompt, each with its own random 4x4-patch image (4 merged tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        input_ids=torch.tensor([IMAGE_PROMPT] * batch),
+        pixel_values=torch.randn(16 * batch, 1176, generator=g),
+        image_grid_thw=torch.tensor([[1, 4, 4]] * batch),
+    )
+
+
+def text_inputs(batch: int = 1) -> torch.Tensor:
+    return torch.tensor([TEXT_PROMPT] * batch)
+
+
+def run(model, inputs, **kwargs):
+    """diffusion_generate with a dict of processor outputs or an id tensor; returns the output object."""
+    kwargs.setdefault("return_dict_in_generate", True)
+    if isinstance(inputs, dict):
+        return model.diffusion_generate(inputs["input_ids"], **{k: v for k, v in inputs.items() if k != "input_ids"}, **kwargs)
+    return model.diffusion_generate(inputs, **kwargs)
+
+
+def force_token_logits(token: int, positions=None, step=None, value: float = 50.0):
+    """A logits hook that makes `token` (almost) certain at the given canvas positions (all by default),
+    at the given step (every step by default)."""
+
+    def hook(s, x, logits):
+        if step is not None and s != step:
+            return logits
+        logits = logits.clone()
+        where = slice(None) if positions is None else positions
+        logits[:, where, :] = -value
+        logits[:, where, token] = value
+        return logits
+
+    return hook
+
+
+def hand_schedule(step: int, left: int, start: int, steps: int, eps: float):
+    """SPEC §4 with plain Python floats: (count, ratio)."""
+    taus = [1 + (eps - 1) * i / steps for i in range(steps + 1)]
+    r = left / start
+    if r <= eps:
+        return left, 1.0
+    for s in range(step + 1, steps + 1):
+        if s == steps:
+            return left, 1.0
+        if taus[s] < r and math.floor(left * (1 - taus[s] / r)) >= 1:
+            return math.floor(left * (1 - taus[s] / r)), 1 - taus[s] / r
+    raise AssertionError("unreachable")
+
+
+class FakeTokenizer:
+    """Whitespace tokenizer over a fixed vocabulary (what `response_prior=str` needs of a tokenizer)."""
+
+    vocab = {"{": 20, '"a"': 21, ":": 22, "}": 23, ",": 24, "<|mask|>": MASK_ID, "<|endoftext|>": PAD_ID}
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, add_special_tokens=True):
+        self.calls.append((text, add_special_tokens))
+        return {"input_ids": [self.vocab[piece] for piece in text.split()]}
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Every algorithm x pipeline x cache setting
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("pipeline", PIPELINES)
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_every_algorithm_pipeline_and_cache(model, alg, pipeline, use_cache):
+    torch.manual_seed(1)
+    inputs = image_inputs(batch=2)
+    prompt_len, new, steps = inputs["input_ids"].shape[1], 6, 4
+    token_calls, logits_calls = [], []
+
+    def tokens_hook(step, x, logits):
+        token_calls.append((step, tuple(x.shape), None if logits is None else tuple(logits.shape)))
+        return x
+
+    def logits_hook(step, x, logits):
+        logits_calls.append((step, tuple(logits.shape)))
+        return logits
+
+    out = run(
+        model,
+        inputs,
+        max_new_tokens=new,
+        steps=steps,
+        alg=alg,
+        decoding_pipeline=pipeline,
+        use_cache=use_cache,
+        temperature=0.5 if alg.startswith("origin") else 0.0,
+        generation_tokens_hook_func=tokens_hook,
+        generation_logits_hook_func=logits_hook,
+    )
+    seq = out.sequences
+    assert seq.shape == (2, prompt_len + new)
+    assert torch.equal(seq[:, :prompt_len], inputs["input_ids"])
+    assert not (seq[:, prompt_len:] == MASK_ID).any()
+    n = out.num_forward_passes
+    assert 1 <= n <= steps
+    if pipeline == "dream":
+        assert n == steps
+    vocab = model.config.vocab_size
+    assert [c[0] for c in token_calls] == [None] + list(range(n))
+    assert token_calls[0][2] is None
+    assert all(c[1] == (2, prompt_len + new) for c in token_calls)
+    assert all(c[2] == (2, new, vocab) for c in token_calls[1:])
+    assert logits_calls == [(i, (2, new, vocab)) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The schedule, by hand
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "steps, step, left, start, expected",
+    [
+        # steps 4, eps 1e-3: tau = 1, 0.75025, 0.5005, 0.25075, 0.001
+        (4, 0, 8, 8, 1),  # r = 1: tau_1 -> floor(8 * 0.24975) = 1
+        (4, 1, 8, 8, 3),  # tau_2 -> floor(8 * 0.4995) = 3
+        (4, 0, 4, 8, 1),  # r = 0.5: tau_1, tau_2 >= r are skipped; tau_3 -> floor(4 * 0.4985) = 1
+        (4, 2, 6, 8, 3),  # r = 0.75: tau_3 -> floor(6 * 0.66567) = 3
+        (4, 3, 5, 8, 5),  # the last step commits everything left
+        # steps 8: tau_i = 1 - 0.124875 i. r = 0.375: tau_6 gives floor(0.994) = 0 (skipped), tau_7 gives 1
+        (8, 0, 3, 8, 1),
+        (10, 0, 2, 4000, 2),  # r <= eps: everything left
+        (64, 0, 64, 64, 1),  # tau_1 gives floor(0.999) = 0 (skipped), tau_2 gives 1
+        (64, 10, 40, 64, 1),  # r = 0.625: tau_25 gives floor(0.975) = 0, tau_26 gives 1
+        (16, 5, 40, 64, 3),  # r = 0.625: tau_6 = 0.625375 >= r, tau_7 -> floor(40 * 0.0993) = 3
+    ],
+)
+def test_schedule_matches_hand_computation(steps, step, left, start, expected):
+    eps = 1e-3
+    count, ratio = hand_schedule(step, left, start, steps, eps)
+    assert count == expected  # the Python-float helper against the numbers worked out on paper above
+    config = DimpleGenerationConfig(steps=steps, eps=eps)
+    taus = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    got_count, got_ratio = DimPipeline(config, taus).schedule(step, torch.tensor([left]), torch.tensor([start]))
+    assert got_count.tolist() == [expected]
+    assert got_ratio.item() == pytest.approx(ratio, rel=1e-6)
+
+
+def test_schedule_per_row():
+    steps, eps, step = 8, 1e-3, 1
+    lefts, starts = [16, 9, 3, 1, 16, 2], [16, 16, 8, 16, 20, 3000]
+    config = DimpleGenerationConfig(steps=steps, eps=eps)
+    taus = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    count, ratio = DimPipeline(config, taus).schedule(step, torch.tensor(lefts), torch.tensor(starts))
+    expected = [hand_schedule(step, l, s, steps, eps) for l, s in zip(lefts, starts)]
+    assert count.tolist() == [c for c, _ in expected]
+    assert ratio.tolist() == pytest.approx([r for _, r in expected], rel=1e-6)
+    # Rows are independent: each row alone gives the same count as inside the batch.
+    for i, (l, s) in enumerate(zip(lefts, starts)):
+        alone, _ = DimPipeline(config, taus).schedule(step, torch.tensor([l]), torch.tensor([s]))
+        assert alone.item() == count[i].item()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Confident decoding
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+@pytest.mark.parametrize("alg", ["maskgit_plus", "origin", "entropy"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_mask_token_is_never_generated(model, pipeline, alg, temperature):
+    # Even where the model's top choice is <|mask|>, a committed position gets a real token (a committed
+    # mask would be re-opened, and `dim` could end with masks in the answer).
+    def hook(step, x, logits):
+        logits = logits.clone()
+        logits[..., MASK_ID] = 30.0
+        logits[..., 42] = 29.0
+        return logits
+
+    torch.manual_seed(0)
+    out = run(model, image_inputs(), max_new_tokens=8, steps=4, alg=alg, decoding_pipeline=pipeline,
+              temperature=temperature, top_k=2 if temperature else None, generation_logits_hook_func=hook,
+              output_history=True)
+    canvas = out.sequences[:, len(IMAGE_PROMPT) :]
+    assert (canvas == 42).all()
+    for before, after in zip(out.history, out.history[1:]):
+        committed = before != MASK_ID
+        assert torch.equal(after[committed], before[committed])  # committed tokens stay
+
+
+def test_threshold_zero_is_the_schedule(model):
+    inputs = image_inputs()
+    common = dict(max_new_tokens=10, steps=10, alg="maskgit_plus", output_history=True)
+    a = run(model, inputs, alg_p_threshold=0.0, **common)
+    b = run(model, inputs, alg_p_threshold=None, **common)
+    assert torch.equal(a.sequences, b.sequences)
+    assert a.num_forward_passes == b.num_forward_passes
+    assert all(torch.equal(x, y) for x, y in zip(a.history, b.history))
+
+
+def test_threshold_everything_passes_finishes_in_one_pass(model):
+    inputs = image_inputs()
+    out = run(
+        model,
+        inputs,
+        max_new_tokens=10,
+        steps=10,
+        alg="maskgit_plus",
+        alg_p_threshold=0.5,
+        generation_logits_hook_func=force_token_logits(42),
+    )
+    assert out.num_forward_passes == 1
+    assert (out.sequences[:, inputs["input_ids"].shape[1] :] == 42).all()
+
+
+@pytest.mark.parametrize("alg", ALGORITHMS)
+@pytest.mark.parametrize("threshold", [None, 0.9])
+def test_one_step_commits_everything(model, alg, threshold):
+    torch.manual_seed(0)
+    out = run(model, image_inputs(), max_new_tokens=9, steps=1, alg=alg, alg_p_threshold=threshold)
+    assert out.num_forward_passes == 1
+    assert not (out.sequences == MASK_ID).any()
+
+
+def test_threshold_commits_the_confident_positions(model):
+    # A threshold that only two positions pass: exactly those are committed at step 0.
+    inputs = image_inputs()
+    out = run(
+        model,
+        inputs,
+        max_new_tokens=8,
+        steps=8,
+        alg="maskgit_plus",
+        alg_p_threshold=0.5,
+        output_history=True,
+        generation_logits_hook_func=force_token_logits(42, positions=[2, 5], step=0),
+    )
+    first = out.history[0][0, inputs["input_ids"].shape[1] :]
+    assert (first != MASK_ID).nonzero().flatten().tolist() == [2, 5]
+    assert first[[2, 5]].tolist() == [42, 42]
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. autoregressive is left to right
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline, steps", [("dim", 8), ("dim", 3), ("dream", 5)])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_autoregressive_is_left_to_right(model, pipeline, steps, use_cache):
+    inputs = image_inputs(batch=2)
+    prompt_len = inputs["input_ids"].shape[1]
+    out = run(
+        model, inputs, max_new_tokens=8, steps=steps, alg="autoregressive", decoding_pipeline=pipeline,
+        use_cache=use_cache, output_history=True,
+    )
+    previous = torch.zeros(2, dtype=torch.long)
+    for x in out.history:
+        committed = x[:, prompt_len:] != MASK_ID
+        n = committed.sum(-1)
+        prefix = torch.arange(8)[None, :] < n[:, None]
+        assert torch.equal(committed, prefix), "committed positions must be a prefix of the canvas"
+        assert (n >= previous).all()
+        if pipeline == "dim":
+            assert (n > previous).all()  # dim commits at least one position per step
+        previous = n
+    assert (previous == 8).all()
+    if pipeline == "dim":
+        # Without confident decoding the number committed per step is the schedule's (SPEC §4, by hand).
+        expected, left = [], 8
+        for step in range(len(out.history)):
+            left -= hand_schedule(step, left, 8, steps, 1e-3)[0]
+            expected.append(8 - left)
+        assert [int((x[0, prompt_len:] != MASK_ID).sum()) for x in out.history] == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Determinism and seeds
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_greedy_is_deterministic(model, pipeline):
+    inputs = image_inputs()
+    common = dict(max_new_tokens=8, steps=4, alg="maskgit_plus", decoding_pipeline=pipeline, output_history=True)
+    torch.manual_seed(0)
+    a = run(model, inputs, **common)
+    torch.manual_seed(123)
+    b = run(model, inputs, **common)
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.history, b.history))
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "origin", "topk_margin"])
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_sampling_is_reproducible(model, alg, pipeline):
+    inputs = image_inputs()
+    common = dict(
+        max_new_tokens=8, steps=4, alg=alg, decoding_pipeline=pipeline, temperature=1.0, top_p=0.9, top_k=20,
+        output_history=True,
+    )
+    torch.manual_seed(7)
+    a = run(model, inputs, **common)
+    torch.manual_seed(7)
+    b = run(model, inputs, **common)
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.history, b.history))
+    # An explicit generator: the global seed does not matter.
+    torch.manual_seed(1)
+    c = run(model, inputs, generator=torch.Generator().manual_seed(11), **common)
+    torch.manual_seed(2)
+    d = run(model, inputs, generator=torch.Generator().manual_seed(11), **common)
+    assert torch.equal(c.sequences, d.sequences)
+    # Different seeds (almost surely) give different answers on a near-uniform 300-token model.
+    answers = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        answers.add(tuple(run(model, inputs, **common).sequences[0].tolist()))
+    assert len(answers) > 1
+
+
+def test_top_k_one_is_greedy(model):
+    # top_k=1 leaves only the argmax: sampling at any temperature gives the greedy tokens.
+    inputs = image_inputs()
+    common = dict(max_new_tokens=8, steps=8, alg="maskgit_plus")
+    greedy = run(model, inputs, **common).sequences
+    torch.manual_seed(3)
+    sampled = run(model, inputs, temperature=1.0, top_k=1, **common).sequences
+    assert torch.equal(greedy, sampled)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Prefilling
+# --------------------------------------------------------------------------------------------------
+
+
+def capture_logits(store):
+    def hook(step, x, logits):
+        store.append(logits.clone())
+        return logits
+
+    return hook
+
+
+@pytest.mark.parametrize("inputs_kind", ["image", "text"])
+def test_prefilling_first_step_equals_no_cache(model, inputs_kind):
+    inputs = image_inputs() if inputs_kind == "image" else {"input_ids": text_inputs(2)}
+    prompt_len = inputs["input_ids"].shape[1]
+    results = {}
+    for use_cache in (False, True):
+        logits = []
+        out = run(
+            model, inputs, max_new_tokens=8, steps=8, alg="maskgit_plus", use_cache=use_cache, output_history=True,
+            generation_logits_hook_func=capture_logits(logits),
+        )
+        results[use_cache] = (out, logits)
+    (plain, plain_logits), (cached, cached_logits) = results[False], results[True]
+    assert (plain_logits[0] - cached_logits[0]).abs().max().item() <= 1e-6
+    # One token committed per step: the first step's commit is the same.
+    assert torch.equal(plain.history[0], cached.history[0])
+    assert int((plain.history[0][:, prompt_len:] != MASK_ID).sum(-1).max()) == 1
+    assert plain.num_forward_passes == cached.num_forward_passes
+    # Later steps reuse the prompt's first-step keys/values (an approximation): report the agreement.
+    agree = (plain.sequences[:, prompt_len:] == cached.sequences[:, prompt_len:]).float().mean().item()
+    print(f"prefilling vs. no cache, tiny random model ({inputs_kind}): {agree:.0%} of answer tokens agree")
+
+
+def test_prefilling_reuses_the_prefix_cache(model, monkeypatch):
+    # The first step runs the whole sequence; later steps only the last prompt token and the canvas;
+    # images are encoded once.
+    inputs = image_inputs()
+    prompt_len, new = inputs["input_ids"].shape[1], 6
+    lengths, visual_calls = [], []
+    forward = model.forward
+    visual_forward = model.visual.forward
+
+    def counting_forward(*args, **kwargs):
+        lengths.append(kwargs["inputs_embeds"].shape[1])
+        return forward(*args, **kwargs)
+
+    def counting_visual(*args, **kwargs):
+        visual_calls.append(1)
+        return visual_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    monkeypatch.setattr(model.visual, "forward", counting_visual)
+    out = run(model, inputs, max_new_tokens=new, steps=new, alg="maskgit_plus", use_cache=True)
+    assert lengths == [prompt_len + new] + [new + 1] * (out.num_forward_passes - 1)
+    assert len(visual_calls) == 1
+    lengths.clear()
+    visual_calls.clear()
+    out = run(model, inputs, max_new_tokens=new, steps=new, alg="maskgit_plus", use_cache=False)
+    assert lengths == [prompt_len + new] * out.num_forward_passes
+    assert len(visual_calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Decisions per row
+# --------------------------------------------------------------------------------------------------
+
+
+def mixed_batch():
+    """Row 0: the image prompt (11 tokens); row 1: a text prompt (6 tokens), left-padded."""
+    image = image_inputs()
+    pad = len(IMAGE_PROMPT) - len(TEXT_PROMPT)
+    ids = torch.tensor([IMAGE_PROMPT, [PAD_ID] * pad + TEXT_PROMPT])
+    mask = torch.tensor([[1] * len(IMAGE_PROMPT), [0] * pad + [1] * len(TEXT_PROMPT)])
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=image["pixel_values"], image_grid_thw=image["image_grid_thw"])
+    return batch, image, {"input_ids": text_inputs()}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(alg="maskgit_plus", use_cache=False),
+        dict(alg="maskgit_plus", use_cache=True),
+        dict(alg="maskgit_plus", use_cache=False, alg_p_threshold=0.05),
+        dict(alg="maskgit_plus", use_cache=True, alg_p_threshold=0.05),
+        dict(alg="autoregressive", use_cache=False),
+        dict(alg="autoregressive", use_cache=True),
+        dict(alg="topk_margin", use_cache=False, decoding_pipeline="dream"),
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
+)
+def test_each_row_decodes_as_alone(peaked, settings):
+    batch, image_alone, text_alone = mixed_batch()
+    common = dict(max_new_tokens=10, steps=10, output_history=True, **settings)
+    together = run(peaked, batch, **common)
+    alone = [run(peaked, image_alone, **common), run(peaked, text_alone, **common)]
+    prompt_len = batch["input_ids"].shape[1]
+    assert torch.equal(together.sequences[:, :prompt_len], batch["input_ids"])
+    for row, single in enumerate(alone):
+        single_prompt = single.sequences.shape[1] - 10
+        assert torch.equal(together.sequences[row, prompt_len:], single.sequences[0, single_prompt:]), row
+        # The trajectory too: step by step, as long as the row was still decoding.
+        for step, x in enumerate(single.history):
+            assert torch.equal(together.history[step][row, prompt_len:], x[0, single_prompt:]), (row, step)
+    if settings.get("alg_p_threshold"):
+        # Confident decoding lets the rows finish at different steps; the batch runs until both are done.
+        assert together.num_forward_passes == max(s.num_forward_passes for s in alone)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. num_return_sequences
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_num_return_sequences_with_image(model, use_cache):
+    inputs = image_inputs()
+    out = run(model, inputs, max_new_tokens=8, steps=4, alg="maskgit_plus", num_return_sequences=3, use_cache=use_cache)
+    assert out.sequences.shape == (3, len(IMAGE_PROMPT) + 8)
+    assert torch.equal(out.sequences[0], out.sequences[1]) and torch.equal(out.sequences[0], out.sequences[2])
+    single = run(model, inputs, max_new_tokens=8, steps=4, alg="maskgit_plus", use_cache=use_cache)
+    assert torch.equal(out.sequences[:1], single.sequences)
+
+
+def test_num_return_sequences_batch_order_and_sampling(model):
+    # Two prompts (different images), 2 answers each: rows are prompt-major, as in transformers.
+    inputs = image_inputs(batch=2)
+    common = dict(max_new_tokens=8, steps=4)
+    greedy = run(model, inputs, alg="maskgit_plus", num_return_sequences=2, **common).sequences
+    assert greedy.shape == (4, len(IMAGE_PROMPT) + 8)
+    for i in range(2):
+        alone = dict(input_ids=inputs["input_ids"][i : i + 1], pixel_values=inputs["pixel_values"][16 * i : 16 * (i + 1)],
+                     image_grid_thw=inputs["image_grid_thw"][i : i + 1])
+        expected = run(model, alone, alg="maskgit_plus", **common).sequences[0]
+        assert torch.equal(greedy[2 * i], expected) and torch.equal(greedy[2 * i + 1], expected)
+    torch.manual_seed(0)
+    sampled = run(model, inputs, alg="origin", temperature=1.0, num_return_sequences=2, **common).sequences
+    assert sampled.shape == (4, len(IMAGE_PROMPT) + 8)
+    assert not (sampled == MASK_ID).any()
+    assert not torch.equal(sampled[0], sampled[1])  # independent samples of one prompt
+
+
+def test_num_return_sequences_with_a_shared_prior(model):
+    # A one-row prior with a batch of 2 prompts and 3 samples each.
+    prior = [20, MASK_ID, 23]
+    out = run(model, text_inputs(2), max_new_tokens=6, steps=6, alg="maskgit_plus", num_return_sequences=3, response_prior=prior)
+    canvas = out.sequences[:, len(TEXT_PROMPT) :]
+    assert canvas.shape == (6, 6)
+    assert (canvas[:, 0] == 20).all() and (canvas[:, 2] == 23).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Structure priors
+# --------------------------------------------------------------------------------------------------
+
+JSON_FRAME = [20, 21, 22, MASK_ID, MASK_ID, 23]  # { "a" : <mask> <mask> }
+
+
+def check_prior(out, prompt_len, prior_rows):
+    """Non-mask prior tokens are identical in the output and in every history step."""
+    prior_rows = torch.as_tensor(prior_rows)
+    fixed = prior_rows != MASK_ID
+    width = prior_rows.shape[1]
+    for x in (*out.history, out.sequences):
+        canvas = x[:, prompt_len : prompt_len + width]
+        assert torch.equal(canvas[fixed.expand_as(canvas)], prior_rows.expand_as(canvas)[fixed.expand_as(canvas)])
+    assert not (out.sequences == MASK_ID).any()
+
+
+@pytest.mark.parametrize("alg", ALGORITHMS)
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_prior_as_list_of_ids(model, alg, use_cache):
+    torch.manual_seed(0)
+    inputs = image_inputs()
+    out = run(model, inputs, max_new_tokens=8, steps=8, alg=alg, use_cache=use_cache, output_history=True,
+              temperature=0.5 if alg.startswith("origin") else 0.0, response_prior=JSON_FRAME)
+    check_prior(out, len(IMAGE_PROMPT), [JSON_FRAME])
+    # Only the 4 masks of the canvas were generated: the frame's masks and the 2 after it.
+    assert len(out.history) <= 4
+
+
+def test_prior_as_batch_tensor(model):
+    inputs = image_inputs(batch=2)
+    prior = torch.tensor([JSON_FRAME, [20, 21, 22, MASK_ID, 24, MASK_ID]])
+    out = run(model, inputs, max_new_tokens=8, steps=8, alg="maskgit_plus", output_history=True, response_prior=prior)
+    check_prior(out, len(IMAGE_PROMPT), prior)
+
+
+def test_prior_as_string_with_tokenizer(model):
+    tokenizer = FakeTokenizer()
+    text = '{ "a" : <|mask|> <|mask|> }'
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", output_history=True,
+              response_prior=text, tokenizer=tokenizer)
+    assert tokenizer.calls == [(text, False)]
+    check_prior(out, len(IMAGE_PROMPT), [JSON_FRAME])
+
+    class Processor:  # a processor holding the tokenizer works as well
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+    again = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", response_prior=text,
+                tokenizer=Processor(FakeTokenizer()))
+    assert torch.equal(again.sequences, out.sequences)
+
+
+def test_prior_matches_a_tokens_hook(model):
+    # The prior argument is the hook the release used for priors, made an argument.
+    prompt_len = len(IMAGE_PROMPT)
+
+    def hook(step, x, logits):
+        if step is None:
+            x = x.clone()
+            x[:, prompt_len : prompt_len + len(JSON_FRAME)] = torch.tensor(JSON_FRAME)
+        return x
+
+    common = dict(max_new_tokens=8, steps=8, alg="maskgit_plus")
+    a = run(model, image_inputs(), response_prior=JSON_FRAME, **common)
+    b = run(model, image_inputs(), generation_tokens_hook_func=hook, **common)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("end_id", [PAD_ID, EOS_ID])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_end_of_text_in_prior_fixes_the_length(model, end_id, use_cache):
+    prompt_len = len(IMAGE_PROMPT)
+    prior = [20, MASK_ID, MASK_ID, end_id]
+    out = run(model, image_inputs(), max_new_tokens=10, steps=10, alg="maskgit_plus", output_history=True,
+              use_cache=use_cache, response_prior=prior)
+    for x in out.history:
+        assert x[0, prompt_len + 3] == end_id
+        assert (x[0, prompt_len + 4 :] == PAD_ID).all()
+    assert out.sequences[0, prompt_len] == 20
+    assert not (out.sequences == MASK_ID).any()
+    assert out.num_forward_passes <= 2  # only two masks to fill
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. stop_at_eos
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end_id", [EOS_ID, PAD_ID])
+def test_stop_at_eos(model, end_id):
+    prompt_len, new = len(IMAGE_PROMPT), 10
+    hook = force_token_logits(end_id, positions=[2], step=0)
+    common = dict(max_new_tokens=new, steps=new, alg="maskgit_plus", output_history=True, generation_logits_hook_func=hook)
+    stop = run(model, image_inputs(), stop_at_eos=True, **common)
+    plain = run(model, image_inputs(), stop_at_eos=False, **common)
+    first = stop.history[0][0, prompt_len:]
+    assert first[2] == end_id
+    assert (first[3:] == PAD_ID).all()
+    assert (first[:2] == MASK_ID).all()
+    assert stop.num_forward_passes < plain.num_forward_passes
+    assert stop.num_forward_passes <= 3
+    assert not (stop.sequences == MASK_ID).any()
+    # Without it, the answer after the end-of-text is generated (the release's behaviour).
+    assert (plain.history[0][0, prompt_len + 3 :] == MASK_ID).all()
+
+
+def test_fill_after_end_of_text():
+    canvas = torch.tensor([[8, 5, 2, 8, 7, 8], [8, 8, 8, 8, 8, 8], [0, 8, 8, 8, 8, 8]])
+    out = fill_after_end_of_text(canvas, MASK_ID, torch.tensor([0, 2]), PAD_ID)
+    assert out.tolist() == [[8, 5, 2, 0, 7, 0], [8, 8, 8, 8, 8, 8], [0, 0, 0, 0, 0, 0]]
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. streamer
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_streamer_receives_the_canvas_after_every_step(model, pipeline):
+    streamer = RecordingStreamer()
+    inputs = image_inputs(batch=2)
+    out = run(model, inputs, max_new_tokens=6, steps=4, alg="maskgit_plus", decoding_pipeline=pipeline,
+              streamer=streamer, output_history=True)
+    assert streamer.ends == 1
+    assert len(streamer.puts) == out.num_forward_passes == len(out.history)
+    prompt_len = inputs["input_ids"].shape[1]
+    for put, x in zip(streamer.puts, out.history):
+        assert put.shape == (2, 6)
+        assert torch.equal(put, x[:, prompt_len:])
+    assert torch.equal(streamer.puts[-1], out.sequences[:, prompt_len:])
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. generate and processor outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_generate_routes_to_diffusion_generate(model):
+    inputs = image_inputs()
+    common = dict(max_new_tokens=8, steps=4, alg="maskgit_plus")
+    expected = model.diffusion_generate(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                                        image_grid_thw=inputs["image_grid_thw"], **common)
+    assert isinstance(expected, torch.Tensor)
+    got = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                         image_grid_thw=inputs["image_grid_thw"], **common)
+    assert torch.equal(got, expected)
+    got = model.generate(**inputs, **common)
+    assert torch.equal(got, expected)
+    assert torch.equal(model.diffusion_generate(dict(inputs), **common), expected)
+    assert torch.equal(model.generate(BatchFeature(dict(inputs)), **common), expected)
+    with_mask = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+    assert torch.equal(model.diffusion_generate(with_mask, **common), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. Generation config
+# --------------------------------------------------------------------------------------------------
+
+
+def test_generation_config_defaults_and_overrides(model, monkeypatch):
+    config = model._dimple_generation_config(None, {})
+    assert config.top_p is None and config.top_k is None
+    assert config.temperature == 0.0
+    assert config.mask_token_id == MASK_ID
+    assert config.pad_token_id == PAD_ID
+
+    monkeypatch.setattr(model, "generation_config", GenerationConfig(max_new_tokens=7, steps=7, alg="maskgit_plus"))
+    config = model._dimple_generation_config(None, {})
+    assert (config.max_new_tokens, config.steps, config.alg) == (7, 7, "maskgit_plus")
+    assert config.top_p is None and config.top_k is None
+    out = model.diffusion_generate(text_inputs())
+    assert out.shape == (1, len(TEXT_PROMPT) + 7)
+    assert not (out == MASK_ID).any()
+    # kwargs override the model's generation config.
+    kwargs = {"steps": 3, "top_k": 5}
+    config = model._dimple_generation_config(None, kwargs)
+    assert (config.max_new_tokens, config.steps, config.top_k, config.alg) == (7, 3, 5, "maskgit_plus")
+    assert kwargs == {}
+    out = model.diffusion_generate(text_inputs(), max_new_tokens=5, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, len(TEXT_PROMPT) + 5)
+    assert out.num_forward_passes <= 5
+    # max_length instead of max_new_tokens.
+    out = model.diffusion_generate(text_inputs(), max_length=len(TEXT_PROMPT) + 4)
+    assert out.shape == (1, len(TEXT_PROMPT) + 4)
+    # An explicit generation_config replaces the model's.
+    out = model.diffusion_generate(text_inputs(), generation_config=GenerationConfig(max_new_tokens=3, steps=3))
+    assert out.shape == (1, len(TEXT_PROMPT) + 3)
+
+
+def test_checkpoint_generation_config_file(model, monkeypatch):
+    # The release's generation_config.json: its fields (and only those) are the defaults.
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent
+    release = GenerationConfig.from_pretrained(path)
+    monkeypatch.setattr(model, "generation_config", release)
+    config = model._dimple_generation_config(None, {})
+    assert (config.max_new_tokens, config.steps, config.alg, config.alg_p_threshold) == (64, 64, "origin", 0.95)
+    assert config.use_cache is True and config.use_original_confidence is True
+    assert config.top_p is None and config.top_k is None and config.temperature == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# 14. Bad input: ValueError naming the argument, before any forward pass
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alg="greedy"), "`alg`"),
+        (dict(decoding_pipeline="llada"), "`decoding_pipeline`"),
+        (dict(steps=0), "`steps`"),
+        (dict(max_new_tokens=0), "`max_new_tokens`"),
+        (dict(max_length=len(TEXT_PROMPT)), "`max_length`"),
+        (dict(max_length=3), "`max_length`"),
+        (dict(alg_p_threshold=1.5), "`alg_p_threshold`"),
+        (dict(alg_p_threshold=-0.1), "`alg_p_threshold`"),
+        (dict(top_p=0.0), "`top_p`"),
+        (dict(top_p=1.5), "`top_p`"),
+        (dict(top_k=0), "`top_k`"),
+        (dict(temperature=-1.0), "`temperature`"),
+        (dict(eps=0.0), "`eps`"),
+        (dict(eps=1.0), "`eps`"),
+        (dict(response_prior=[20] * 9, max_new_tokens=8), "`response_prior`"),
+        (dict(response_prior="{ }"), "tokenizer"),
+        (dict(num_return_sequences=0), "`num_return_sequences`"),
+    ],
+)
+def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, match):
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward"))
+    monkeypatch.setattr(model.visual, "forward", lambda *a, **k: calls.append("visual"))
+    inputs = text_inputs()
+    with pytest.raises(ValueError, match=match):
+        model.diffusion_generate(inputs, **kwargs)
+    assert calls == []
+
+
+def test_bad_prompts_raise_before_any_forward(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward"))
+    monkeypatch.setattr(model.visual, "forward", lambda *a, **k: calls.append("visual"))
+    with_mask = torch.tensor([[BOS_ID, 20, MASK_ID, 21]])
+    with pytest.raises(ValueError, match="use_cache"):
+        model.diffusion_generate(with_mask, use_cache=True)
+    padded = torch.tensor([[BOS_ID, 20, 21, 22], [PAD_ID, PAD_ID, BOS_ID, 20]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.diffusion_generate(padded)
+    image = image_inputs()
+    with pytest.raises(ValueError, match="image"):  # 4 image tokens, 8 features
+        model.diffusion_generate(image["input_ids"], pixel_values=torch.randn(32, 1176),
+                                 image_grid_thw=torch.tensor([[1, 4, 8]]))
+    with pytest.raises(ValueError, match="unknown"):
+        model.diffusion_generate(text_inputs(), not_an_argument=1)
+    assert calls == []
+
+
+def test_mask_in_prompt_without_cache_is_allowed(model):
+    # Without prefilling, masks in the prompt are simply generated with the canvas (the release allowed it).
+    ids = torch.tensor([[BOS_ID, 20, MASK_ID, 21]])
+    out = model.diffusion_generate(ids, max_new_tokens=4, steps=4, alg="maskgit_plus")
+    assert out.shape == (1, 8)
+    assert torch.equal(out[:, :4], ids)
+
+
+# --------------------------------------------------------------------------------------------------
+# 15. No host synchronisation inside a step except the "any mask left?" check (CUDA only)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation needs CUDA")
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(alg="maskgit_plus", alg_p_threshold=0.05),
+        dict(alg="origin", temperature=1.0, top_p=0.9, top_k=20),
+        dict(alg="entropy", decoding_pipeline="dream"),
+    ],
+)
+def test_no_host_sync_inside_a_step(use_cache, settings):
+    import warnings
+
+    torch.manual_seed(0)
+    model = DimpleModel(tiny_config(initializer_range=0.2)).eval().cuda()
+    batch, _, _ = mixed_batch()
+    batch = {k: v.cuda() for k, v in batch.items()}
+    events = []
+
+    def tokens_hook(step, x, logits):
+        events.append(("hook", step, len(caught)))
+        return x
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = run(model, batch, max_new_tokens=12, steps=12, use_cache=use_cache,
+                      generation_tokens_hook_func=tokens_hook, **settings)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        end = len(caught)
+    boundaries = [e[2] for e in events] + [end]
+    assert events[0][1] is None and len(events) == out.num_forward_passes + 1
+    for step in range(len(events)):
+        inside = [w for w in caught[boundaries[step] : boundaries[step + 1]] if "synchroniz" in str(w.message)]
+        where = [f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}" for w in inside]
+        assert len(inside) <= 1, f"step {step}: host syncs at {where}"
+        assert all("is_mask.any()" in line for line in where), where

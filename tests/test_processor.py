@@ -1,0 +1,386 @@
+"""DimpleProcessor (issue 4): chat template, image-token expansion, real Qwen2 vocabulary, Qwen2-VL image
+processing (checked against transformers' own image processor), batching, save/reload and input errors."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoProcessor
+
+from processing_dimple import DimpleProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Token ids of SPEC §2 and the rest of the added tokens (Qwen2.5's, then Dream's).
+SPEC_IDS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+    "<|mask|>": 151666,
+}
+ADDED_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|beginoftext|>", "<|mask|>",
+]
+IMAGE_ID = SPEC_IDS["<|image_pad|>"]
+# The Qwen pre-tokenisation pattern (single digits), as in Qwen's tiktoken tokenizer.
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+EXPECTED_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
+)
+# SPEC §3: Dimple's image preprocessing, written out independently of preprocessor_config.json.
+QWEN2VL_SETTINGS = dict(
+    min_pixels=3136, max_pixels=112896, patch_size=14, temporal_patch_size=2, merge_size=2,
+    image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+)
+
+
+def describe(image="image"):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Describe this {image}."}]}]
+
+
+def random_image(width, height, seed=0, mode="RGB"):
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def assert_same_outputs(actual, expected):
+    assert sorted(actual.keys()) == sorted(expected.keys())
+    for key in expected:
+        assert torch.equal(torch.as_tensor(actual[key]), torch.as_tensor(expected[key])), key
+
+
+@pytest.fixture(scope="session")
+def processor(qwen2_tokenizer_dir):
+    return AutoProcessor.from_pretrained(str(qwen2_tokenizer_dir), trust_remote_code=True)
+
+
+@pytest.fixture(scope="session")
+def tiktoken_encoding(qwen2_bpe_ranks):
+    """Independent tokeniser: the BPE ranks through tiktoken with the Qwen pattern."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the independent tokenisation oracle")
+    ranks = {}
+    for line in qwen2_bpe_ranks.read_bytes().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    specials = {token: 151643 + index for index, token in enumerate(ADDED_TOKENS)}
+    return tiktoken.Encoding("qwen2", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+# --- repository files ------------------------------------------------------------------------------------
+
+
+def test_processor_folder_is_the_repository_configuration(qwen2_tokenizer_dir, processor):
+    for name in ("tokenizer_config.json", "preprocessor_config.json", "processing_dimple.py"):
+        assert (qwen2_tokenizer_dir / name).read_bytes() == (REPO_ROOT / name).read_bytes(), name
+    assert type(processor).__name__ == "DimpleProcessor"
+    config = json.loads((REPO_ROOT / "tokenizer_config.json").read_text())
+    assert config["auto_map"]["AutoProcessor"] == "processing_dimple.DimpleProcessor"
+    assert config["processor_class"] == "DimpleProcessor"
+    assert processor.chat_template == config["chat_template"]
+
+
+def test_image_processor_settings(processor):
+    image_processor = processor.image_processor
+    assert type(image_processor).__name__ == "Qwen2VLImageProcessor"
+    if hasattr(transformers, "Qwen2VLImageProcessorPil"):  # 5.x: torchvision (fast) and PIL backends
+        assert image_processor.backend == "torchvision"
+    for name in ("patch_size", "temporal_patch_size", "merge_size"):
+        assert getattr(image_processor, name) == QWEN2VL_SETTINGS[name]
+    assert list(image_processor.image_mean) == QWEN2VL_SETTINGS["image_mean"]
+    assert list(image_processor.image_std) == QWEN2VL_SETTINGS["image_std"]
+    # Both transformers versions read the same pixel limits: 40x40 grows to min_pixels (56x56 = 4x4 patches),
+    # 1000x1000 shrinks to max_pixels (336x336 = 24x24 patches).
+    small, large = random_image(40, 40), random_image(1000, 1000)
+    grids = processor(images=[small, large], return_tensors="pt")["image_grid_thw"]
+    assert grids.tolist() == [[1, 4, 4], [1, 24, 24]]
+
+
+# --- chat template and image tokens ---------------------------------------------------------------------
+
+
+def test_chat_template_one_image(processor):
+    prompt = processor.apply_chat_template(describe(), add_generation_prompt=True)
+    assert prompt == EXPECTED_PROMPT
+
+
+def test_448_image_expands_to_144_tokens(processor):
+    inputs = processor(text=EXPECTED_PROMPT, images=random_image(448, 448), return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 24, 24]]
+    assert inputs["pixel_values"].shape == (576, 1176)
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(IMAGE_ID) == 144
+    start = ids.index(SPEC_IDS["<|vision_start|>"])
+    assert ids[start + 1 : start + 145] == [IMAGE_ID] * 144 and ids[start + 145] == SPEC_IDS["<|vision_end|>"]
+    assert inputs["attention_mask"].tolist() == [[1] * len(ids)]
+
+
+def test_chat_template_variants(processor):
+    two_images = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    prompts = processor.apply_chat_template([two_images, describe()], add_vision_id=True)
+    assert prompts[0] == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+        "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+        "Picture 2: <|vision_start|><|image_pad|><|vision_end|>Same?<|im_end|>\n"
+        "<|im_start|>assistant\nYes.<|im_end|>\n"
+    )
+    assert prompts[1] == EXPECTED_PROMPT.replace("<|vision_start|>", "Picture 1: <|vision_start|>").removesuffix(
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_chat_template_tokenize_uses_the_conversation_images(processor):
+    image = random_image(448, 448)
+    conversation = describe()
+    conversation[0]["content"][0]["image"] = image
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    assert_same_outputs(inputs, processor(text=EXPECTED_PROMPT, images=image, return_tensors="pt"))
+
+
+# --- real vocabulary --------------------------------------------------------------------------------------
+
+
+def test_special_tokens_are_atomic_with_spec_ids(processor):
+    tokenizer = processor.tokenizer
+    assert len(tokenizer) == 151643 + len(ADDED_TOKENS)
+    for index, token in enumerate(ADDED_TOKENS):
+        token_id = 151643 + index
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+        assert tokenizer(token)["input_ids"] == [token_id]
+        ids = tokenizer(f"a{token}b")["input_ids"]
+        assert ids.count(token_id) == 1 and len(ids) == 3, token
+    for token, token_id in SPEC_IDS.items():
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert (tokenizer.pad_token, tokenizer.mask_token) == ("<|endoftext|>", "<|mask|>")
+    assert (tokenizer.pad_token_id, tokenizer.mask_token_id) == (151643, 151666)
+    assert tokenizer.padding_side == "left"
+    assert tokenizer("Hello")["input_ids"] == [9707]  # no bos/eos added around text
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "Dimple is a discrete diffusion multimodal large language model.",
+        "The quick brown fox jumps over 13 lazy dogs, doesn't it?  Yes!\n\n\tIndented   text",
+        # Multilingual, emoji, digits, and a decomposed "é" (e + U+0301) that Qwen2's NFC normaliser composes.
+        "离散扩散多模态大语言模型 — こんにちは, Привет, café naïve e\u0301 🤖🚀 3.14159 x=[1,2]",
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|mask|><|mask|>",
+    ],
+)
+def test_tokenisation_matches_tiktoken(processor, tiktoken_encoding, sentence):
+    expected = tiktoken_encoding.encode(unicodedata.normalize("NFC", sentence), allowed_special="all")
+    ids = processor.tokenizer(sentence)["input_ids"]
+    assert ids == expected
+    assert processor.decode(ids) == unicodedata.normalize("NFC", sentence)
+
+
+# --- images ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """transformers' own Qwen2-VL image processor with Dimple's settings (SPEC §3)."""
+    return transformers.Qwen2VLImageProcessor(**QWEN2VL_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        random_image(448, 448),
+        random_image(640, 480, seed=1),
+        random_image(3000, 2000, seed=2),  # bounded by max_pixels
+        random_image(57, 90, seed=3),  # grown to min_pixels
+        random_image(300, 200, seed=4, mode="RGBA"),
+        random_image(120, 500, seed=5, mode="L"),
+    ],
+    ids=["448", "640x480", "large", "small", "rgba", "grey"],
+)
+def test_pixel_values_match_qwen2vl_image_processor(processor, oracle, image):
+    ours = processor(images=image, return_tensors="pt")
+    expected = oracle(images=image, return_tensors="pt")
+    assert torch.equal(ours["image_grid_thw"], expected["image_grid_thw"])
+    assert torch.equal(ours["pixel_values"], expected["pixel_values"])
+    assert int(ours["image_grid_thw"].prod()) * 14 * 14 <= QWEN2VL_SETTINGS["max_pixels"]
+
+
+def test_image_inputs_path_numpy_and_pil_agree(processor, tmp_path):
+    image = random_image(320, 240, seed=7)
+    path = tmp_path / "image.png"
+    image.save(path)
+    outputs = [processor(text="<|image_pad|>", images=source, return_tensors="pt")
+               for source in (image, np.array(image), str(path), path)]
+    for output in outputs[1:]:
+        assert_same_outputs(output, outputs[0])
+
+
+def test_batch_equals_items_apart_from_left_padding(processor):
+    images = [random_image(448, 448), random_image(200, 300, seed=1), random_image(500, 120, seed=2)]
+    texts = [
+        processor.apply_chat_template(describe(), add_generation_prompt=True),
+        "<|image_pad|> and <|image_pad|>: which is larger?",
+        "A prompt without images.",
+    ]
+    batch = processor(text=texts, images=images, return_tensors="pt")
+    items = [
+        processor(text=texts[0], images=images[0], return_tensors="pt"),
+        processor(text=texts[1], images=images[1:], return_tensors="pt"),
+        processor(text=texts[2], return_tensors="pt"),
+    ]
+    width = batch["input_ids"].shape[1]
+    for row, item in enumerate(items):
+        length = item["input_ids"].shape[1]
+        pad = width - length
+        assert batch["input_ids"][row, :pad].tolist() == [SPEC_IDS["<|endoftext|>"]] * pad  # left padding
+        assert batch["attention_mask"][row].tolist() == [0] * pad + [1] * length
+        assert torch.equal(batch["input_ids"][row, pad:], item["input_ids"][0])
+    with_images = [item for item in items if "pixel_values" in item]
+    assert torch.equal(batch["pixel_values"], torch.cat([item["pixel_values"] for item in with_images]))
+    assert torch.equal(batch["image_grid_thw"], torch.cat([item["image_grid_thw"] for item in with_images]))
+    # Nested per-prompt image lists mean the same as the flat list.
+    assert_same_outputs(processor(text=texts, images=[[images[0]], images[1:], []], return_tensors="pt"), batch)
+
+
+def test_model_input_names(processor):
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+
+
+# --- save / reload -----------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_reloads_in_fresh_process(processor, tmp_path):
+    image_path = tmp_path / "image.png"
+    random_image(448, 336, seed=3).save(image_path)
+    texts = [EXPECTED_PROMPT, "Hello <|image_pad|> there"]
+    expected = processor(text=texts, images=[str(image_path), str(image_path)], return_tensors="pt")
+    saved = tmp_path / "saved"
+    processor.save_pretrained(str(saved))
+
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        inputs = processor(text={texts!r}, images=[{str(image_path)!r}] * 2, return_tensors="pt")
+        prompt = processor.apply_chat_template({describe()!r}, add_generation_prompt=True)
+        result = {{"class": type(processor).__name__, "prompt": prompt, "inputs": dict(inputs)}}
+        torch.save(result, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
+    reloaded = torch.load(tmp_path / "out.pt")
+    assert reloaded["class"] == "DimpleProcessor"
+    assert reloaded["prompt"] == EXPECTED_PROMPT
+    assert_same_outputs(reloaded["inputs"], expected)
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+def test_image_count_must_match_placeholders(processor):
+    image = random_image(64, 64)
+    with pytest.raises(ValueError, match=r"images: got 2 image\(s\) but `text` has 1 <\|image_pad\|>"):
+        processor(text=EXPECTED_PROMPT, images=[image, image])
+    with pytest.raises(ValueError, match=r"images: got 1 image\(s\) but `text` has 2 <\|image_pad\|>"):
+        processor(text=["<|image_pad|>", "<|image_pad|>"], images=image)
+    with pytest.raises(ValueError, match=r"images: got 0 image\(s\) but `text` has 1"):
+        processor(text=EXPECTED_PROMPT)
+
+
+def test_unreadable_truncated_or_missing_file(processor, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is not an image")
+    truncated = tmp_path / "truncated.png"
+    random_image(448, 448).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:20000])
+    missing = tmp_path / "missing.jpg"
+    for path, reason in [(not_an_image, "cannot read image file"), (truncated, "cannot read image file"),
+                         (missing, "is not an image file")]:
+        for source in (str(path), path):
+            with pytest.raises(ValueError, match=rf"^images: .*{reason}.*") as error:
+                processor(text="<|image_pad|>", images=source)
+            assert str(path) in str(error.value)
+
+
+def test_decompression_bomb_guard_stays_on(processor, tmp_path, monkeypatch):
+    assert Image.MAX_IMAGE_PIXELS is not None
+    path = tmp_path / "image.png"
+    random_image(448, 448).save(path)
+    # Pretend 448x448 is a bomb: PIL refuses images above twice MAX_IMAGE_PIXELS, and we must not swallow that.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombError):
+        processor(text="<|image_pad|>", images=str(path))
+
+
+@pytest.mark.parametrize("size", [(28, 6000), (6000, 28), (20000, 56)])
+def test_extreme_aspect_ratio(processor, size, monkeypatch):
+    # The clear error must come before the image processor is reached.
+    monkeypatch.setattr(type(processor.image_processor), "__call__", lambda *a, **k: pytest.fail("called"))
+    with pytest.raises(ValueError, match=r"images\[0\]: a \d+x\d+ image has an aspect ratio above 200"):
+        processor(text="<|image_pad|>", images=Image.new("RGB", size))
+
+
+@pytest.mark.parametrize("text", [123, [1, 2], ["fine", None], [], b"bytes"])
+def test_text_must_be_strings(processor, text):
+    with pytest.raises(ValueError, match="text: expected a string or a non-empty list of strings"):
+        processor(text=text)
+
+
+def test_other_bad_inputs(processor):
+    with pytest.raises(ValueError, match="videos: Dimple is an image-text model"):
+        processor(text="hi", videos=[np.zeros((2, 28, 28, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match=r"images\[0\]: expected a PIL image"):
+        processor(text="<|image_pad|>", images=[{"not": "an image"}])
+    with pytest.raises(ValueError, match="needs `text`, `images` or both"):
+        processor()
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+def test_decode_answers(processor):
+    tokenizer = processor.tokenizer
+    pad, eos, mask = 151643, 151645, 151666
+
+    def ids(text):
+        return tokenizer(text)["input_ids"]
+
+    first = ids("The cat") + [mask] + ids(" sits.") + [pad] + ids(" ignored") + [pad, pad]
+    second = ids("Two dogs.") + [eos] + ids(" after eos") + [pad]
+    second += [pad] * (len(first) - len(second))
+    assert processor.decode_answers(first) == "The cat sits."
+    assert processor.decode_answers(torch.tensor([first, second])) == ["The cat sits.", "Two dogs."]
+    assert processor.decode_answers(np.array([second])) == ["Two dogs."]
+    assert processor.decode_answers([torch.tensor(second), first[:3]]) == ["Two dogs.", "The cat"]
+    assert processor.decode_answers([mask, mask, pad]) == ""
+
+    prompt = processor(text=["<|im_start|>user\nHi<|im_end|>\n", "Hello"], return_tensors="pt")["input_ids"]
+    sequences = torch.cat([prompt, torch.tensor([first, second])], dim=1)
+    answers = processor.decode_answers(sequences, prompt_length=prompt.shape[1])
+    assert answers == ["The cat sits.", "Two dogs."]
+    # batch_decode / decode are the tokenizer's.
+    assert processor.batch_decode(sequences) == tokenizer.batch_decode(sequences)
+    assert processor.decode(first, skip_special_tokens=True) == tokenizer.decode(first, skip_special_tokens=True)
+
+
+def test_processor_constructed_directly(processor):
+    direct = DimpleProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    assert direct.chat_template == processor.chat_template
+    assert direct.apply_chat_template(describe(), add_generation_prompt=True) == EXPECTED_PROMPT

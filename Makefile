@@ -1,0 +1,49 @@
+# Development tasks. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+COMPAT_VENV := .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+
+.PHONY: demo test test-compat venv tiny-dimple bench bench-cpu check-layout clean
+
+# The pinned development set (requirements-dev.txt) in .venv; reinstalled when the pins change.
+$(VENV)/.installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) demo.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+# The suite on transformers 4.46.2, the version of the original model card, in a second environment.
+$(COMPAT_VENV)/.installed: requirements-compat.txt
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q -r requirements-compat.txt
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_PY) -m pytest -q tests
+
+# Retrain the shipped tiny model (about ten minutes on two CPU cores).
+tiny-dimple: venv
+	$(PY) scripts/build_tiny_dimple.py
+
+check-layout: venv
+	$(PY) ../shared/tools/check_state_dict.py
+
+bench: venv
+	$(PY) scripts/bench.py
+
+bench-cpu: venv
+	$(PY) scripts/bench.py --device cpu --tiny
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) .cache

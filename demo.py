@@ -1,0 +1,71 @@
+"""Ask Dimple questions about an image from the command line.
+
+    python demo.py                                   # the shipped tiny-dimple/ on a sample image
+    python demo.py --model path/or/hub-id --image photo.jpg --question "Describe this image."
+
+Loads the model and processor through `AutoModel` / `AutoProcessor` with `trust_remote_code`, exactly as a
+user of the published checkpoint would, and prints each question, answer, forward passes and time.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+from transformers import AutoModel, AutoProcessor
+
+ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_QUESTIONS = ("What color is the shape?", "What shape is this?", "Describe the image.")
+
+
+def sample_image():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from shapes_task import sample_image as make
+
+    return make()
+
+
+def answer(model, processor, image, question: str, **generate_kwargs):
+    """(answer, forward passes, seconds) for one question about one image."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    start = time.perf_counter()
+    out = model.diffusion_generate(**inputs, return_dict_in_generate=True, **generate_kwargs)
+    seconds = time.perf_counter() - start
+    text = processor.decode_answers(out.sequences[0], prompt_length=inputs["input_ids"].shape[1])
+    return text, out.num_forward_passes, seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "tiny-dimple"), help="checkpoint folder or hub id")
+    parser.add_argument("--image", default=None, help="image file (default: a generated red circle)")
+    parser.add_argument("--question", action="append", help="question (repeatable)")
+    parser.add_argument("--use-cache", action="store_true", help="prefilling")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--alg-p-threshold", type=float, default=None)
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(device).eval()
+    image = args.image or sample_image()
+    generate_kwargs = {"use_cache": args.use_cache}
+    for name in ("max_new_tokens", "steps", "alg_p_threshold"):
+        if getattr(args, name) is not None:
+            generate_kwargs[name] = getattr(args, name)
+
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device})")
+    print(f"image: {args.image or 'generated sample (a red circle)'}")
+    for question in args.question or DEFAULT_QUESTIONS:
+        text, passes, seconds = answer(model, processor, image, question, **generate_kwargs)
+        print(f"Q: {question}\nA: {text}    [{passes} forward passes, {seconds * 1000:.0f} ms]")
+
+
+if __name__ == "__main__":
+    main()

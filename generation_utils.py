@@ -48,6 +48,8 @@ class DimpleGenerationConfig(GenerationConfig):
             its masks after k become `<|endoftext|>` at once (saves passes; the release does not do this).
         use_cache (`bool`, defaults to `False` here): prefilling: reuse the prompt's keys/values.
         output_history (`bool`, defaults to `False`): keep the sequences after every step.
+        use_cuda_graph (`bool`, defaults to `True`): on CUDA, capture the fixed-shape prefilled step once as
+            a CUDA graph and replay it (same kernels, same results, no per-kernel launch cost).
     """
 
     def __init__(self, **kwargs):
@@ -61,6 +63,7 @@ class DimpleGenerationConfig(GenerationConfig):
         self.mask_token_id = kwargs.pop("mask_token_id", None)
         self.stop_at_eos = kwargs.pop("stop_at_eos", False)
         self.output_history = kwargs.pop("output_history", False)
+        self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
         kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
         # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
         temperature = kwargs.pop("temperature", 0.0)
@@ -266,6 +269,75 @@ class DreamPipeline:
         return choose_positions(alg, is_mask, count, ratio, confidence, config.alg_temp, generator)
 
 
+class DenoisingForward:
+    """The model call of one denoising step, returning the canvas logits `(batch, canvas, vocab)`
+    (`logits[:, j]` predicts canvas position j, from the hidden state one position earlier).
+
+    Holds what does not change across steps: the prompt embeddings (images encoded once) in a buffer whose
+    tail receives the canvas embeddings, the positions and the attention mask. Without prefilling every
+    step runs the whole sequence. With prefilling the first step fills the prefix cache and later steps run
+    the last prompt token and the canvas; on CUDA that fixed-shape step is captured once as a CUDA graph.
+    """
+
+    def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, use_cache, use_cuda_graph):
+        batch, prompt_len, hidden = prompt_embeds.shape
+        self.model, self.prompt_len, self.canvas_len = model, prompt_len, canvas_len
+        self.embeds = prompt_embeds.new_empty(batch, prompt_len + canvas_len, hidden)
+        self.embeds[:, :prompt_len] = prompt_embeds
+        self.position_ids, self.attn_mask = position_ids, attn_mask
+        self.cache = model.new_prefix_cache() if use_cache else None
+        self.use_cuda_graph = use_cuda_graph
+        self.graph = None
+
+    def __call__(self, canvas: torch.Tensor) -> torch.Tensor:
+        if self.cache is None or not self.cache.is_filled:
+            self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(canvas)
+            return self.model(
+                inputs_embeds=self.embeds,
+                attention_mask=self.attn_mask,
+                position_ids=self.position_ids,
+                past_key_values=self.cache,
+                logits_to_keep=slice(self.prompt_len - 1, self.prompt_len - 1 + self.canvas_len),
+            ).logits
+        if self.use_cuda_graph and self.graph is None:
+            self._capture(canvas)
+        if self.graph is not None:
+            self.static_canvas.copy_(canvas)
+            self.graph.replay()
+            return self.static_logits
+        return self._prefilled_step(canvas)
+
+    def _prefilled_step(self, canvas: torch.Tensor) -> torch.Tensor:
+        tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
+        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(canvas)
+        return self.model(
+            inputs_embeds=self.embeds[:, tail:],
+            attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
+            position_ids=self.position_ids[..., tail:],
+            past_key_values=self.cache,
+            logits_to_keep=slice(0, self.canvas_len),
+        ).logits
+
+    def _capture(self, canvas: torch.Tensor) -> None:
+        """Record the prefilled step. The warm-up and capture runs write only the canvas part of the cache,
+        which every step rewrites anyway; on any capture failure decoding continues uncaptured."""
+        self.static_canvas = canvas.clone()
+        try:
+            stream = torch.cuda.Stream(device=canvas.device)
+            stream.wait_stream(torch.cuda.current_stream(canvas.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # allocator and library handles settle before capture
+                    self._prefilled_step(self.static_canvas)
+            torch.cuda.current_stream(canvas.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_logits = self._prefilled_step(self.static_canvas)
+            self.graph = graph
+        except RuntimeError as error:  # e.g. an attention kernel that cannot be captured
+            warnings.warn(f"CUDA graph capture failed, decoding without it: {error}")
+            self.use_cuda_graph = False
+
+
 def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):
     """Masks after a row's first end-of-text token become `fill_id`: the answer has ended there."""
     ended = torch.isin(canvas, end_ids).cummax(dim=-1).values
@@ -415,12 +487,11 @@ class DimpleGenerationMixin(GenerationMixin):
         )
         position_ids = position_ids.repeat_interleave(n_rep, 1)
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)  # images encoded once
-        embed_buffer = torch.empty(batch, total_len, embeds.shape[-1], dtype=embeds.dtype, device=device)
-        embed_buffer[:, :prompt_len] = embeds.repeat_interleave(n_rep, 0)
-        attn_mask = self.prepare_attention_mask(full_mask, total_len, total_len)
-        cache = self.new_prefix_cache() if config.use_cache else None
-        # Prefilled steps run the last prompt token and the canvas.
-        tail = prompt_len - 1
+        denoise = DenoisingForward(
+            self, embeds.repeat_interleave(n_rep, 0), position_ids,
+            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len,
+            use_cache=config.use_cache, use_cuda_graph=config.use_cuda_graph and device.type == "cuda",
+        )
 
         taus = torch.linspace(1, config.eps, config.steps + 1, dtype=torch.float64)
         pipeline = (DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline)(config, taus.to(device))
@@ -435,25 +506,9 @@ class DimpleGenerationMixin(GenerationMixin):
             is_mask = canvas == mask_id
             if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
                 break
-            embed_buffer[:, prompt_len:] = self.get_input_embeddings()(canvas)
-            if cache is None or not cache.is_filled:
-                outputs = self(
-                    inputs_embeds=embed_buffer,
-                    attention_mask=attn_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    logits_to_keep=slice(prompt_len - 1, total_len - 1),
-                )
-            else:
-                outputs = self(
-                    inputs_embeds=embed_buffer[:, tail:],
-                    attention_mask=None if attn_mask is None else attn_mask[:, :, tail:],
-                    position_ids=position_ids[..., tail:],
-                    past_key_values=cache,
-                    logits_to_keep=slice(0, canvas_len),
-                )
+            step_logits = denoise(canvas)
             forward_passes += 1
-            logits = logits_hook(step, x, outputs.logits)
+            logits = logits_hook(step, x, step_logits)
             tokens, confidence = score_positions(logits, config, original_confidence, generator)
             chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
             canvas = torch.where(chosen, tokens, canvas)

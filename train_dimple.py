@@ -168,7 +168,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list, processor, max_seq_length: int, seed: int = 0):
         self.samples, self.processor, self.max_seq_length, self.seed = samples, processor, max_seq_length, seed
-        self.truncated = 0
+        self.truncated_indices = set()  # distinct samples (an item is fetched again every epoch)
         self.prompts = [
             processor.apply_chat_template(to_chat(s["messages"][:-1]), add_generation_prompt=True, tokenize=False)
             for s in samples
@@ -176,6 +176,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_indices)
 
     def __getitem__(self, index):
         sample = self.samples[index]
@@ -195,9 +199,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                 f"--max_seq_length {self.max_seq_length}"
             )
         if len(target) > room:
-            self.truncated += 1
-            if self.truncated in (1, 10, 100) or self.truncated % 1000 == 0:
-                logger.warning("%d sample(s) truncated to --max_seq_length %d so far", self.truncated, self.max_seq_length)
+            if index not in self.truncated_indices:
+                self.truncated_indices.add(index)
+                if self.truncated in (1, 10, 100) or self.truncated % 1000 == 0:
+                    logger.warning(
+                        "%d sample(s) truncated to --max_seq_length %d so far", self.truncated, self.max_seq_length
+                    )
             target = target[:room]
         item = {"prompt_ids": prompt_ids, "target_ids": torch.tensor(target, dtype=torch.long)}
         if "pixel_values" in inputs:

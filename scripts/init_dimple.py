@@ -36,6 +36,10 @@ VISION_FIELDS = (
     "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
     "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size", "tokens_per_second", "hidden_act",
 )
+QWEN_VL_TOKEN_FIELDS = (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
+)
+DREAM_TOKEN_FIELDS = ("pad_token_id", "mask_token_id")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -51,12 +55,30 @@ def read_safetensors(folder: pathlib.Path) -> dict:
     return tensors
 
 
+def rope_value(config: dict, key: str):
+    """`key` of the rotary settings: `rope_scaling` (transformers < 5) or `rope_parameters` (5+), at the
+    top level or in `text_config`."""
+    for scope in (config, config.get("text_config") or {}):
+        for field in ("rope_scaling", "rope_parameters"):
+            value = (scope.get(field) or {}).get(key)
+            if value is not None:
+                return value
+    return None
+
+
 def dimple_config(qwen_vl_config: dict, dream_config: dict) -> DimpleConfig:
     vision = qwen_vl_config["vision_config"]
     text = {k: dream_config[k] for k in TEXT_FIELDS if k in dream_config}
+    if "rope_theta" not in text and rope_value(dream_config, "rope_theta") is not None:
+        text["rope_theta"] = rope_value(dream_config, "rope_theta")
+    if rope_value(qwen_vl_config, "mrope_section") is not None:  # the multimodal rotary layout is Qwen2.5-VL's
+        text["mrope_section"] = list(rope_value(qwen_vl_config, "mrope_section"))
+    # Special-token ids of the sources' vocabulary (else DimpleConfig's, those of Qwen2's vocabulary).
+    ids = {k: qwen_vl_config[k] for k in QWEN_VL_TOKEN_FIELDS if qwen_vl_config.get(k) is not None}
+    ids.update({k: dream_config[k] for k in DREAM_TOKEN_FIELDS if dream_config.get(k) is not None})
     vision_kwargs = {k: vision[k] for k in VISION_FIELDS if k in vision}
     vision_kwargs.setdefault("out_hidden_size", text["hidden_size"])
-    return DimpleConfig(vision_config=DimpleVisionConfig(**vision_kwargs), **text)
+    return DimpleConfig(vision_config=DimpleVisionConfig(**vision_kwargs), **text, **ids)
 
 
 def init_dimple(qwen2_5_vl: str, dream: str, output: str, seed: int = 0) -> DimpleModel:

@@ -1,0 +1,617 @@
+"""`train_dimple.py`: objectives, collators, stage freezing, checkpoints, resume, LoRA and bad input.
+
+Everything runs on the CPU with a tiny Dimple (hidden 64, 2 layers, vision depth 1) built from the tiny
+tokenizer and 64 generated 56x56 shapes-task samples; every training run is bounded by steps.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import train_dimple  # noqa: E402
+from build_tiny_dimple import GENERATION, build_processor  # noqa: E402
+from build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from shapes_task import sample_image, write_dataset  # noqa: E402
+from train_dimple import (  # noqa: E402
+    ConversationDataset,
+    DimpleCollator,
+    load_conversations,
+    padded_answer_length,
+)
+from transformers import GenerationConfig  # noqa: E402
+
+from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig  # noqa: E402
+from dimple.modeling_dimple import DimpleModel  # noqa: E402
+from dimple.processing_dimple import DimpleProcessor  # noqa: E402
+
+N_SAMPLES = 64
+IMAGE_SIZE = 56
+MODULES = ("visual", "img_projector", "model", "lm_head")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_single_thread():
+    """One thread (the machine is shared); undo the class-level `register_for_auto_class` of the runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    classes = (DimpleModel, DimpleConfig, DimpleProcessor)
+    auto = {c: c.__dict__.get("_auto_class", None) for c in classes}
+    yield
+    torch.set_num_threads(threads)
+    for c, value in auto.items():
+        if value is None:
+            if "_auto_class" in c.__dict__:
+                delattr(c, "_auto_class")
+        else:
+            c._auto_class = value
+
+
+def tiny_dimple_config(ids: dict) -> DimpleConfig:
+    vision = DimpleVisionConfig(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        fullatt_block_indexes=[0], window_size=112,
+    )
+    return DimpleConfig(
+        vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3], max_position_embeddings=512,
+        vision_config=vision, full_attn_mask=False,
+        **{k: v for k, v in ids.items() if k.endswith("_token_id")},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Dimple checkpoint folder written by `save_checkpoint`, and a 64-sample dataset."""
+    root = tmp_path_factory.mktemp("tiny-training")
+    ids = build_tiny_tokenizer(str(root / "tokenizer"))
+    processor = build_processor(root / "tokenizer")
+    torch.manual_seed(0)
+    model = DimpleModel(tiny_dimple_config(ids))
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        mask_token_id=ids["mask_token_id"], **GENERATION,
+    )
+    train_dimple.save_checkpoint(model, processor, str(root / "init"))
+    data = write_dataset(str(root / "data"), n=N_SAMPLES, seed=0, image_size=IMAGE_SIZE)
+    return {"root": root, "init": root / "init", "data": Path(data), "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    return DimpleProcessor.from_pretrained(str(tiny["init"]))
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return DimpleModel.from_pretrained(str(tiny["init"])).eval()
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny, processor):
+    return ConversationDataset(load_conversations(str(tiny["data"])), processor, max_seq_length=1024, seed=0)
+
+
+def run(tiny, out: Path, *extra, stage="diffusion", steps=30, lr=3e-3, model_dir=None, data=None):
+    """One `train_dimple.main` call; returns the loss entries of trainer_state.json's log history."""
+    argv = [
+        "--model_name_or_path", str(model_dir or tiny["init"]), "--data_path", str(data or tiny["data"]),
+        "--stage", stage, "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(lr),
+        "--lr_scheduler_type", "constant", "--weight_decay", "0.0", "--per_device_train_batch_size", "8",
+        "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        *extra,
+    ]
+    train_dimple.main(argv)
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h]
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def module_of(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def changed_modules(before: dict, after: dict) -> dict:
+    """module -> whether any of its tensors differs (bit-wise)."""
+    assert set(before) == set(after)
+    changed = {name: False for name in MODULES}
+    for key, tensor in before.items():
+        if not torch.equal(tensor, after[key]):
+            changed[module_of(key)] = True
+    return changed
+
+
+# --------------------------------------------------------------------------------------------------
+# 1-2. Each objective lowers its loss in a short CPU run
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stage,extra",
+    [
+        ("instruct", ("--trainable", "visual,img_projector,model,lm_head")),
+        ("diffusion", ("--masking", "single")),
+        ("diffusion", ("--masking", "dual")),
+    ],
+    ids=["instruct-ar", "diffusion-single", "diffusion-dual"],
+)
+def test_objective_lowers_loss(tiny, tmp_path, stage, extra):
+    history = run(tiny, tmp_path / "out", *extra, stage=stage, steps=30)
+    losses = [h["loss"] for h in history]
+    assert [h["step"] for h in history] == [5, 10, 15, 20, 25, 30]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.6 * losses[0], losses
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["full_attn_mask"] is (stage == "diffusion")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Diffusion collator: masks only answer/padding tokens, scores only masked ones
+# --------------------------------------------------------------------------------------------------
+
+
+def test_padded_answer_length_buckets():
+    cases = {1: (2, 2), 3: (4, 4), 4: (5, 8), 7: (8, 8), 15: (16, 16), 16: (17, 32), 20: (21, 32), 33: (34, 48)}
+    for n, (lo, hi) in cases.items():
+        values = [padded_answer_length(n, random.Random(seed)) for seed in range(600)]
+        assert min(values) == lo and max(values) == hi, (n, min(values), max(values))
+        if hi - lo >= 3:  # uniform: every length in between is drawn too
+            assert set(values) == set(range(lo, hi + 1)), n
+
+
+def test_dataset_items_are_prompt_then_answer_and_padding(tiny, dataset, processor):
+    tokenizer = processor.tokenizer
+    samples = load_conversations(str(tiny["data"]))
+    for index in range(8):
+        item = dataset[index]
+        answer = tokenizer(samples[index]["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
+        target = item["target_ids"].tolist()
+        assert target[: len(answer)] == answer
+        assert set(target[len(answer):]) == {tokenizer.pad_token_id}
+        assert len(answer) + 1 <= len(target) <= max(2, 1 << (len(answer)).bit_length())
+        prompt = tokenizer.decode(item["prompt_ids"])
+        assert prompt.endswith("<|im_start|>assistant\n"), prompt
+        assert (item["prompt_ids"] == tiny["ids"]["image_token_id"]).sum() == 4  # 56x56 -> 2x2 merged patches
+        assert item["pixel_values"].shape[0] == 16
+
+
+def _collator(model, processor, **kwargs):
+    return DimpleCollator(
+        model=model, pad_token_id=processor.tokenizer.pad_token_id, mask_token_id=model.config.mask_token_id,
+        **kwargs,
+    )
+
+
+def test_diffusion_collator_masks_and_scores_only_targets(dataset, model, processor):
+    mask_id = model.config.mask_token_id
+    collator = _collator(model, processor, diffusion=True, generator=torch.Generator().manual_seed(0))
+    items = [dataset[i] for i in range(8)]
+    batch = collator(items)
+    assert batch["input_ids"].shape[0] == len(items)  # single masking: one row per sample
+    assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
+    for row, item in enumerate(items):
+        prompt, target = item["prompt_ids"], item["target_ids"]
+        p, t = len(prompt), len(target)
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        # The prompt is kept and never scored.
+        assert torch.equal(ids[:p], prompt)
+        assert (ids[:p] != mask_id).all()
+        assert (labels[:p] == -100).all()
+        # Target region: each position is either masked (and scored against the original token) or kept.
+        region, region_labels = ids[p : p + t], labels[p : p + t]
+        masked = region == mask_id
+        assert masked.any()
+        assert torch.equal(region_labels[masked], target[masked])
+        assert (region_labels[~masked] == -100).all()
+        assert torch.equal(region[~masked], target[~masked])
+        # Batch padding: not attended, not scored.
+        assert (labels[p + t :] == -100).all()
+        assert batch["attention_mask"][row, : p + t].all() and not batch["attention_mask"][row, p + t :].any()
+        # Whole row: scored <=> masked.
+        assert torch.equal(labels != -100, ids == mask_id)
+
+    # The loss is the mean cross-entropy over the masked positions only (logits at j-1 predict token j).
+    model.config.full_attn_mask = True
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        model.config.full_attn_mask = False
+    log_probs = out.logits.float().log_softmax(-1)
+    terms = []
+    for row in range(batch["input_ids"].shape[0]):
+        for j in range(1, batch["input_ids"].shape[1]):
+            if batch["input_ids"][row, j] == mask_id:
+                terms.append(-log_probs[row, j - 1, batch["labels"][row, j]])
+    assert len(terms) == int((batch["labels"] != -100).sum())
+    assert torch.allclose(out.loss, torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_dual_masking_is_complementary(dataset, model, processor):
+    mask_id = model.config.mask_token_id
+    collator = _collator(model, processor, diffusion=True, dual=True, generator=torch.Generator().manual_seed(1))
+    pairs = 0
+    for draw in range(30):
+        item = dataset[draw % 16]
+        batch = collator([item])
+        p, target = len(item["prompt_ids"]), item["target_ids"]
+        region = batch["input_ids"][:, p : p + len(target)] == mask_id
+        labels = batch["labels"][:, p : p + len(target)]
+        assert torch.equal(labels != -100, region)
+        for row in range(region.shape[0]):
+            assert torch.equal(labels[row][region[row]], target[region[row]])
+            assert torch.equal(batch["input_ids"][row, :p], item["prompt_ids"])
+        if region.shape[0] == 2:
+            pairs += 1
+            assert torch.equal(region[0] | region[1], torch.ones_like(region[0]))
+            assert not (region[0] & region[1]).any()
+        else:  # the complement is empty: the single copy masks every target token
+            assert region.shape[0] == 1 and region[0].all()
+    assert pairs >= 15
+
+    # Several samples in one batch: each gives its pair of rows, in order.
+    items = [dataset[i] for i in range(4)]
+    batch = collator(items)
+    row = 0
+    for item in items:
+        p, t = len(item["prompt_ids"]), len(item["target_ids"])
+        first = batch["input_ids"][row, p : p + t] == mask_id
+        if first.all():
+            row += 1
+            continue
+        second = batch["input_ids"][row + 1, p : p + t] == mask_id
+        assert torch.equal(batch["input_ids"][row + 1, :p], item["prompt_ids"])
+        assert torch.equal(first ^ second, torch.ones_like(first)), row
+        row += 2
+    assert row == batch["input_ids"].shape[0]
+
+    # A one-token target: t masks it, the complement is empty and not added.
+    one = {"prompt_ids": torch.tensor([10, 11, 12]), "target_ids": torch.tensor([20])}
+    batch = collator([one])
+    assert batch["input_ids"].tolist() == [[10, 11, 12, mask_id]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 20]]
+
+
+def test_masking_ratio_is_drawn_per_sample(model, processor):
+    """t ~ U(eps, 1) per sample: the masked fraction differs across the samples of a batch."""
+    collator = _collator(model, processor, diffusion=True, generator=torch.Generator().manual_seed(2))
+    length = 400
+    item = {"prompt_ids": torch.tensor([10, 11, 12]), "target_ids": torch.full((length,), 20)}
+    fractions = []
+    for _ in range(12):
+        batch = collator([item] * 8)
+        rows = (batch["labels"][:, 3:] != -100).float().mean(1)
+        assert rows.max() - rows.min() > 0.15, rows  # one t per batch would give ~equal fractions
+        fractions += rows.tolist()
+    assert min(fractions) < 0.1 and max(fractions) > 0.9
+    assert 0.35 < sum(fractions) / len(fractions) < 0.65
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Autoregressive collator and loss
+# --------------------------------------------------------------------------------------------------
+
+
+def test_autoregressive_collator_and_loss(dataset, model, processor):
+    collator = _collator(model, processor, diffusion=False)
+    items = [dataset[i] for i in range(6)]
+    batch = collator(items)
+    assert batch["input_ids"].shape[0] == len(items)
+    mask_id = model.config.mask_token_id
+    assert not (batch["input_ids"] == mask_id).any()
+    for row, item in enumerate(items):
+        p, t = len(item["prompt_ids"]), len(item["target_ids"])
+        assert torch.equal(batch["input_ids"][row, : p + t], torch.cat([item["prompt_ids"], item["target_ids"]]))
+        assert (batch["labels"][row, :p] == -100).all()
+        assert torch.equal(batch["labels"][row, p : p + t], item["target_ids"])
+        assert (batch["labels"][row, p + t :] == -100).all()
+        assert batch["attention_mask"][row].sum() == p + t
+    assert batch["pixel_values"].shape[0] == 16 * len(items)
+
+    assert model.config.full_attn_mask is False
+    with torch.no_grad():
+        out = model(**batch)
+    log_probs = out.logits.double().log_softmax(-1)
+    total, count = 0.0, 0
+    for row, item in enumerate(items):
+        p, t = len(item["prompt_ids"]), len(item["target_ids"])
+        for j in range(p, p + t):  # logits at j - 1 predict the target token at j
+            total -= log_probs[row, j - 1, item["target_ids"][j - p]].item()
+            count += 1
+    assert out.loss.item() == pytest.approx(total / count, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Stage freezing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stage_freezing_leaves_frozen_parameters_bit_identical(tiny, tmp_path):
+    init = weights(tiny["init"])
+
+    run(tiny, tmp_path / "align", stage="align", steps=3, lr=1e-3)
+    align = weights(tmp_path / "align")
+    assert changed_modules(init, align) == {"visual": False, "img_projector": True, "model": False, "lm_head": False}
+
+    run(tiny, tmp_path / "diffusion", stage="diffusion", steps=3, lr=1e-3)
+    diffusion = weights(tmp_path / "diffusion")
+    assert changed_modules(init, diffusion) == {"visual": False, "img_projector": False, "model": True, "lm_head": True}
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(init[key], diffusion[key])
+
+    # instruct from the diffusion checkpoint (bidirectional): back to causal, the vision tower frozen.
+    run(tiny, tmp_path / "instruct", stage="instruct", steps=3, lr=1e-3, model_dir=tmp_path / "diffusion")
+    instruct = weights(tmp_path / "instruct")
+    assert changed_modules(diffusion, instruct) == {"visual": False, "img_projector": True, "model": True, "lm_head": True}
+
+    attention = {
+        stage: json.loads((tmp_path / stage / "config.json").read_text())["full_attn_mask"]
+        for stage in ("align", "diffusion", "instruct")
+    }
+    assert attention == {"align": False, "diffusion": True, "instruct": False}
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. A checkpoint written by the entry point reloads in a fresh process and answers identically
+# --------------------------------------------------------------------------------------------------
+
+_ANSWER_SCRIPT = r"""
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+folder, image_path, question, out_path = sys.argv[1:5]
+torch.set_num_threads(1)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+prompt = processor.apply_chat_template(
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+)
+inputs = processor(images=[Image.open(image_path)], text=prompt, return_tensors="pt")
+with torch.no_grad():
+    sequences = model.diffusion_generate(**inputs, temperature=0.0)
+json.dump({"sequences": sequences.tolist(), "model": type(model).__module__,
+           "processor": type(processor).__name__}, open(out_path, "w"))
+"""
+
+
+def test_checkpoint_reloads_in_fresh_process_and_answers_identically(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    run(tiny, out, "--masking", "dual", stage="diffusion", steps=10)
+
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], files
+    for name in ("config.json", "generation_config.json", "configuration_dimple.py", "modeling_dimple.py",
+                 "generation_utils.py", "processing_dimple.py", "tokenizer.json", "tokenizer_config.json"):
+        assert name in files, name
+    assert files & {"preprocessor_config.json", "processor_config.json"}, files
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_dimple.DimpleConfig", "AutoModel": "modeling_dimple.DimpleModel"
+    }
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {k.split(".", 1)[0] for k in f.keys()} == set(MODULES)
+
+    image_path, question = tmp_path / "image.png", "What color is the shape?"
+    sample_image(IMAGE_SIZE).save(image_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", _ANSWER_SCRIPT, str(out), str(image_path), question, str(tmp_path / "answer.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    fresh = json.loads((tmp_path / "answer.json").read_text())
+    assert fresh["model"].startswith("transformers_modules.")  # the checkpoint's code, not this checkout
+    assert fresh["processor"] == "DimpleProcessor"
+
+    # In this process, the same checkpoint loaded the same way (the checkpoint's own code).
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(str(out), trust_remote_code=True)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+    )
+    from PIL import Image
+
+    inputs = processor(images=[Image.open(image_path)], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        sequences = model.diffusion_generate(**inputs, temperature=0.0).tolist()
+    prompt_length = inputs["input_ids"].shape[1]
+    assert len(sequences[0]) == prompt_length + GENERATION["max_new_tokens"]
+    assert sequences[0][:prompt_length] == inputs["input_ids"][0].tolist()
+    assert mask_free(sequences, prompt_length, tiny["ids"]["mask_token_id"])
+    assert fresh["sequences"] == sequences
+    # ... and the local class on the same weights agrees.
+    local = DimpleModel.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert local.diffusion_generate(**inputs, temperature=0.0).tolist() == sequences
+
+
+def mask_free(sequences, prompt_length, mask_id) -> bool:
+    return all(mask_id not in seq[prompt_length:] for seq in sequences)
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Resume from a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def test_resume_continues_from_saved_step(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "resume"
+    run(tiny, out, "--save_strategy", "steps", "--save_steps", "10", steps=10)
+    checkpoint = out / "checkpoint-10"
+    assert (checkpoint / "model.safetensors").is_file()
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert saved["global_step"] == 10
+
+    executed = []
+
+    class CountingTrainer(train_dimple.Trainer):
+        def training_step(self, *args, **kwargs):
+            executed.append(self.state.global_step)
+            return super().training_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_dimple, "Trainer", CountingTrainer)
+    history = run(tiny, out, "--resume_from_checkpoint", str(checkpoint), steps=20)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 20
+    # Only the 10 remaining steps ran, starting at step 10.
+    assert executed == list(range(10, 20))
+    # The history is the checkpoint's (steps 5, 10) followed by the new entries (after step 10).
+    assert [h["step"] for h in history] == [5, 10, 15, 20]
+    saved_losses = [h for h in saved["log_history"] if "loss" in h]
+    assert history[:2] == saved_losses
+    assert not torch.equal(
+        weights(out)["lm_head.weight"], weights(checkpoint)["lm_head.weight"]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lora_run_saves_a_plain_checkpoint(tiny, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    history = run(tiny, out, "--lora_r", "4", stage="diffusion", steps=5)
+    assert history and all(h["loss"] == h["loss"] for h in history)
+    init, trained = weights(tiny["init"]), weights(out)
+    assert set(trained) == set(init)
+    assert not any("lora" in k or "base_model" in k or "modules_to_save" in k for k in trained)
+    # The merged adapters changed the language model's projections; the vision side is untouched.
+    assert not torch.equal(init["model.layers.0.self_attn.q_proj.weight"], trained["model.layers.0.self_attn.q_proj.weight"])
+    assert changed_modules(init, trained)["visual"] is False
+    assert changed_modules(init, trained)["img_projector"] is False
+    reloaded, info = DimpleModel.from_pretrained(str(out), output_loading_info=True)
+    assert type(reloaded) is DimpleModel
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Bad input: clear errors before training; truncation is counted
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any error must come before the Trainer exists."""
+
+    class NoTrainer:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("training started before the bad input was reported")
+
+    monkeypatch.setattr(train_dimple, "Trainer", NoTrainer)
+
+
+def _write_jsonl(folder: Path, records: list) -> Path:
+    path = folder / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _good(tiny, index: int) -> dict:
+    record = json.loads(tiny["data"].read_text().splitlines()[index])
+    record["image"] = str(tiny["data"].parent / record["image"])
+    return record
+
+
+@pytest.mark.parametrize("problem", ["placeholders", "missing-image", "empty-answer"])
+def test_bad_samples_are_named_before_training(tiny, tmp_path, no_training, problem):
+    bad = _good(tiny, 3)
+    bad["id"] = "the-bad-one"
+    if problem == "placeholders":
+        bad["messages"][0]["content"] = "<image>\n<image>\nWhat color is the shape?"
+        pattern = r"sample the-bad-one: 2 `<image>` placeholders but 1 images"
+    elif problem == "missing-image":
+        bad["image"] = str(tmp_path / "nowhere.png")
+        pattern = r"sample the-bad-one: image file .*nowhere\.png not found"
+    else:
+        bad["messages"][-1]["content"] = "  "
+        pattern = r"sample the-bad-one: .*non-empty assistant answer"
+    data = _write_jsonl(tmp_path, [_good(tiny, 0), _good(tiny, 1), bad, _good(tiny, 2)])
+    with pytest.raises(ValueError, match=pattern):
+        run(tiny, tmp_path / "out", data=data, steps=2)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flag,value,pattern",
+    [
+        ("--stage", "pretrain", r"--stage must be one of .*'pretrain'"),
+        ("--masking", "triple", r"--masking must be one of .*'triple'"),
+        ("--trainable", "model,vision_tower", r"--trainable names unknown modules \['vision_tower'\]"),
+    ],
+)
+def test_bad_flags_are_named(tiny, tmp_path, no_training, flag, value, pattern):
+    extra = [flag, value] if flag != "--stage" else []
+    stage = value if flag == "--stage" else "diffusion"
+    with pytest.raises(ValueError, match=pattern):
+        run(tiny, tmp_path / "out", *extra, stage=stage, steps=2)
+
+
+def test_long_samples_are_truncated_with_a_warning_count(tiny, dataset, processor, tmp_path, caplog):
+    prompt_lengths = [len(dataset[i]["prompt_ids"]) for i in range(N_SAMPLES)]
+    full_lengths = [p + len(dataset[i]["target_ids"]) for i, p in enumerate(prompt_lengths)]
+    max_len = max(prompt_lengths) + 1  # every prompt fits, (nearly) no answer + padding does
+    too_long = [i for i in range(N_SAMPLES) if full_lengths[i] > max_len]
+    assert len(too_long) >= 12
+
+    short = ConversationDataset(load_conversations(str(tiny["data"])), processor, max_seq_length=max_len, seed=0)
+    with caplog.at_level(logging.WARNING, logger="train_dimple"):
+        for _epoch in range(2):  # a sample fetched again (next epoch) is counted once
+            for i in range(8):
+                item = short[i]
+                assert len(item["prompt_ids"]) + len(item["target_ids"]) == min(full_lengths[i], max_len)
+                assert torch.equal(item["target_ids"], dataset[i]["target_ids"][: max_len - prompt_lengths[i]])
+    assert short.truncated == sum(full_lengths[i] > max_len for i in range(8))
+    assert any("truncated" in r.getMessage() and str(max_len) in r.getMessage() for r in caplog.records)
+
+    # Through the entry point, on the samples that are too long: a final warning with the count.
+    lines = tiny["data"].read_text().splitlines()
+    records = []
+    for i in too_long[:12]:
+        record = json.loads(lines[i])
+        record["image"] = str(tiny["data"].parent / record["image"])
+        records.append(record)
+    data = _write_jsonl(tmp_path, records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train_dimple"):
+        run(tiny, tmp_path / "out", "--max_seq_length", str(max_len), data=data, steps=3)  # 24 fetches of 12
+    final = [r.getMessage() for r in caplog.records if "were truncated" in r.getMessage()]
+    assert final == [f"12 sample(s) were truncated to --max_seq_length {max_len}"], [
+        r.getMessage() for r in caplog.records
+    ]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    # A prompt longer than the limit is an error naming the sample.
+    too_short = ConversationDataset(load_conversations(str(tiny["data"])), processor, max_seq_length=5, seed=0)
+    with pytest.raises(ValueError, match=r"sample shapes-s0-000000: the prompt alone has \d+ tokens"):
+        too_short[0]

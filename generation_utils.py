@@ -161,13 +161,13 @@ def score_positions(logits: torch.Tensor, config, original_confidence: bool, gen
     candidates = raw.clone()
     candidates[..., config.mask_token_id] = float("-inf")  # a scalar fill: no host-device copy
     filtered = filter_logits(candidates, config.temperature, config.top_p, config.top_k)
-    probs = filtered.softmax(dim=-1)
     if config.temperature > 0:
+        probs = filtered.softmax(dim=-1)
         tokens = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
     else:
-        tokens = probs.argmax(dim=-1)
-    if original_confidence:
-        probs = raw.softmax(dim=-1)
+        probs, tokens = None, filtered.argmax(dim=-1)  # greedy needs no softmax of the filtered logits
+    if original_confidence or probs is None:
+        probs = (raw if original_confidence else filtered).softmax(dim=-1)
     if config.alg == "topk_margin":
         top2 = probs.topk(2, dim=-1).values
         confidence = top2[..., 0] - top2[..., 1]
@@ -362,6 +362,8 @@ class DimpleGenerationMixin(GenerationMixin):
         base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
         # Only the fields that were set (not GenerationConfig's autoregressive defaults such as top_k=50).
         values = base.to_diff_dict() if base is not None else {}
+        if base is not None and base.use_cache is not None:
+            values["use_cache"] = base.use_cache  # transformers 4.x drops it from the diff when it is True
         values = {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
         config = DimpleGenerationConfig(**values)
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:

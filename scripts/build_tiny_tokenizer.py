@@ -208,17 +208,24 @@ def build_tiny_tokenizer(
         ``image_token_id``, ``video_token_id``, ``mask_token_id``, and ``vocab_size`` (the number
         of tokens including the special ones, i.e. ``len(tokenizer)``; all ids are below it).
     """
-    from transformers import Qwen2Tokenizer
+    import transformers
 
+    # transformers 5's Qwen2Tokenizer is the fast one; 4.x names it Qwen2TokenizerFast and calls the extra
+    # special tokens `additional_special_tokens`.
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer_class, extra_key = transformers.Qwen2Tokenizer, "extra_special_tokens"
+    else:
+        tokenizer_class, extra_key = transformers.Qwen2TokenizerFast, "additional_special_tokens"
     backend = train_backend(training_corpus(), vocab_size)
-    tokenizer = Qwen2Tokenizer(
+    extra = {extra_key: [t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN)]}
+    tokenizer = tokenizer_class(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=None,
         mask_token=MASK_TOKEN,
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN)],
+        **extra,
         padding_side="left",
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,

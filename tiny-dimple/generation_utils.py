@@ -1,0 +1,560 @@
+"""Diffusion decoding for Dimple (`diffusion_generate`).
+
+The answer is a canvas of mask tokens appended to the prompt. Every step runs the model once, scores
+every masked position (a sampled or greedy token and a confidence), and commits some of them; committed
+tokens never change. Decoding is built from small pieces on one loop:
+
+* `score_positions`: logits -> (token, confidence) for every canvas position;
+* a pipeline (`DimPipeline`, `DreamPipeline`): how many positions each row commits at a step;
+* `choose_positions`: which ones, by `alg` (random, leftmost, most confident, or sampled by confidence).
+
+All decisions are per row, so a row's answer does not depend on the rest of the batch. Inside a step
+the only host synchronisation is the "any mask left?" check that ends `dim` decoding early.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin
+from transformers.utils import ModelOutput
+
+
+ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
+PIPELINES = ("dim", "dream")
+CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
+
+
+class DimpleGenerationConfig(GenerationConfig):
+    r"""`GenerationConfig` with Dimple's diffusion-decoding fields.
+
+    Args:
+        steps (`int`, defaults to 512): most denoising steps (forward passes).
+        eps (`float`, defaults to 1e-3): end of the schedule τ = linspace(1, eps, steps + 1).
+        alg (`str`, defaults to `"origin"`): which masked positions to commit; one of `ALGORITHMS`.
+        alg_temp (`float`, *optional*): if > 0, confidence algorithms sample positions from
+            softmax(confidence / alg_temp) instead of taking the most confident.
+        alg_p_threshold (`float`, *optional*): confident decoding (`dim`): commit every masked position whose
+            confidence exceeds it; the schedule is used at steps where none does.
+        use_original_confidence (`bool`, defaults to `True`): confidence from the unmodified distribution
+            (before temperature / top-p / top-k) in the `dim` pipeline.
+        decoding_pipeline (`str`, defaults to `"dim"`): `"dim"` (Dimple, early exit) or `"dream"`.
+        temperature (`float`, defaults to 0.0): 0 is greedy. `top_p` / `top_k` are off unless set.
+        mask_token_id (`int`, *optional*): the `<|mask|>` id (defaults to the model config's).
+        stop_at_eos (`bool`, defaults to `False`): once a row commits an end-of-text token at position k,
+            its masks after k become `<|endoftext|>` at once (saves passes; the release does not do this).
+        use_cache (`bool`, defaults to `False` here): prefilling: reuse the prompt's keys/values.
+        output_history (`bool`, defaults to `False`): keep the sequences after every step.
+        use_cuda_graph (`bool`, defaults to `True`): on CUDA, capture the fixed-shape prefilled step once as
+            a CUDA graph and replay it (same kernels, same results, no per-kernel launch cost).
+    """
+
+    def __init__(self, **kwargs):
+        self.steps = kwargs.pop("steps", 512)
+        self.eps = kwargs.pop("eps", 1e-3)
+        self.alg = kwargs.pop("alg", "origin")
+        self.alg_temp = kwargs.pop("alg_temp", None)
+        self.alg_p_threshold = kwargs.pop("alg_p_threshold", None)
+        self.use_original_confidence = kwargs.pop("use_original_confidence", True)
+        self.decoding_pipeline = kwargs.pop("decoding_pipeline", "dim")
+        self.mask_token_id = kwargs.pop("mask_token_id", None)
+        self.stop_at_eos = kwargs.pop("stop_at_eos", False)
+        self.output_history = kwargs.pop("output_history", False)
+        self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
+        kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
+        # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
+        temperature = kwargs.pop("temperature", 0.0)
+        top_p = kwargs.pop("top_p", None)
+        top_k = kwargs.pop("top_k", None)
+        kwargs.setdefault("use_cache", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GenerationConfig's checks are about autoregressive sampling
+            super().__init__(**kwargs)
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        # transformers 5 leaves these None by default.
+        self.num_return_sequences = 1 if self.num_return_sequences is None else self.num_return_sequences
+        self.return_dict_in_generate = bool(self.return_dict_in_generate)
+
+    def validate(self, *args, **kwargs):
+        """Autoregressive-sampling checks of the base class do not apply; see `check_generation_config`."""
+
+
+def check_generation_config(config: DimpleGenerationConfig) -> None:
+    """Raise a ValueError naming the argument and its allowed values for anything out of range."""
+
+    def fail(name, allowed, value):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+
+    if config.alg not in ALGORITHMS:
+        fail("alg", f"one of {ALGORITHMS}", config.alg)
+    if config.decoding_pipeline not in PIPELINES:
+        fail("decoding_pipeline", f"one of {PIPELINES}", config.decoding_pipeline)
+    if not isinstance(config.steps, int) or config.steps < 1:
+        fail("steps", "an integer >= 1", config.steps)
+    if config.max_new_tokens is not None and (not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1):
+        fail("max_new_tokens", "an integer >= 1", config.max_new_tokens)
+    if config.alg_p_threshold is not None and not 0 <= config.alg_p_threshold <= 1:
+        fail("alg_p_threshold", "in [0, 1] (or None)", config.alg_p_threshold)
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        fail("top_p", "in (0, 1] (or None)", config.top_p)
+    if config.top_k is not None and (not isinstance(config.top_k, int) or config.top_k < 1):
+        fail("top_k", "an integer >= 1 (or None)", config.top_k)
+    if config.temperature is None or config.temperature < 0:
+        fail("temperature", ">= 0 (0 is greedy)", config.temperature)
+    if not 0 < config.eps < 1:
+        fail("eps", "in (0, 1)", config.eps)
+    if config.alg_temp is not None and config.alg_temp < 0:
+        fail("alg_temp", ">= 0 (or None)", config.alg_temp)
+    if not isinstance(config.num_return_sequences, int) or config.num_return_sequences < 1:
+        fail("num_return_sequences", "an integer >= 1", config.num_return_sequences)
+    if config.mask_token_id is None:
+        fail("mask_token_id", "set (in the generation config or the model config)", None)
+
+
+@dataclass
+class DimpleGenerationOutput(ModelOutput):
+    """Result of `diffusion_generate(..., return_dict_in_generate=True)`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt + max_new_tokens)`).
+        history (`tuple[torch.LongTensor]`, *optional*): the sequences after every step (`output_history`).
+        num_forward_passes (`int`): model forward passes taken.
+    """
+
+    sequences: torch.LongTensor = None
+    history: Optional[tuple] = None
+    num_forward_passes: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces of a step
+# --------------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: Optional[float], top_k: Optional[int]):
+    """Temperature, then nucleus (top-p), then top-k filtering (removed tokens get -inf)."""
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def score_positions(logits: torch.Tensor, config, original_confidence: bool, generator=None):
+    """Token and confidence for every position: the token is sampled (temperature > 0) or the argmax of
+    the filtered distribution; the confidence depends on `alg` and is computed from the unmodified
+    distribution when `original_confidence`. Computed in fp32."""
+    raw = logits.float()
+    # `<|mask|>` is never a generated token: a committed mask would be re-opened at the next step (and `dim`
+    # could end with masks in the answer). A trained model gives it ~0 probability, so this changes nothing there.
+    candidates = raw.clone()
+    candidates[..., config.mask_token_id] = float("-inf")  # a scalar fill: no host-device copy
+    filtered = filter_logits(candidates, config.temperature, config.top_p, config.top_k)
+    if config.temperature > 0:
+        probs = filtered.softmax(dim=-1)
+        tokens = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
+    else:
+        probs, tokens = None, filtered.argmax(dim=-1)  # greedy needs no softmax of the filtered logits
+    if original_confidence or probs is None:
+        probs = (raw if original_confidence else filtered).softmax(dim=-1)
+    if config.alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1]
+    elif config.alg == "entropy":
+        confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    else:
+        confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens, confidence
+
+
+def top_k_per_row(priority: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the k[row] highest-priority candidates of every row (k may differ per row)."""
+    priority = priority.masked_fill(~candidates, float("-inf"))
+    order = priority.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return candidates & (rank < k.unsqueeze(-1))
+
+
+def choose_positions(alg, is_mask, count, ratio, confidence, alg_temp, generator=None) -> torch.Tensor:
+    """Which masked positions a row commits at this step.
+
+    `count` (per row) positions: `origin` uniformly at random, `autoregressive` the leftmost, confidence
+    algorithms the most confident (or, with `alg_temp` > 0, drawn without replacement from
+    softmax(confidence / alg_temp), by the Gumbel top-k trick). `origin-ratio` instead commits each masked
+    position independently with probability `ratio` (per row).
+    """
+    if alg == "origin-ratio":
+        draw = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
+        return is_mask & (draw < ratio.unsqueeze(-1))
+    if alg == "origin":
+        priority = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
+    elif alg == "autoregressive":
+        priority = -torch.arange(is_mask.shape[-1], device=is_mask.device, dtype=torch.float32).expand(is_mask.shape)
+    elif alg_temp:
+        uniform = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        priority = (confidence / alg_temp).masked_fill(~is_mask, float("-inf")).log_softmax(dim=-1) + gumbel
+    else:
+        priority = confidence
+    return top_k_per_row(priority.float(), is_mask, count)
+
+
+class DimPipeline:
+    """Dimple's decoding: confident decoding, then a ratio schedule over the masks left; early exit."""
+
+    early_exit = True
+    original_confidence_allowed = True
+
+    def __init__(self, config, taus: torch.Tensor):
+        self.config, self.taus = config, taus
+
+    def schedule(self, step: int, masks_left: torch.Tensor, masks_start: torch.Tensor):
+        """(count, ratio) per row. With r = masks_left / masks_start, take the first schedule point s ≥ step+1
+        with τ_s < r and floor(masks_left·(1 − τ_s/r)) ≥ 1; all remaining at the last point or once r ≤ eps."""
+        taus = self.taus[step + 1 :]  # float64
+        left = masks_left.double()
+        r = left / masks_start.double().clamp_min(1)
+        ratio = 1 - taus[None, :] / r.clamp_min(1e-30)[:, None]
+        counts = torch.floor(left[:, None] * ratio)
+        valid = (taus[None, :] < r[:, None]) & (counts >= 1)
+        valid[:, -1] = True
+        first = valid.int().argmax(dim=-1, keepdim=True)  # first valid schedule point
+        count = counts.gather(-1, first).squeeze(-1)
+        ratio = ratio.gather(-1, first).squeeze(-1)
+        take_all = (first.squeeze(-1) == taus.shape[0] - 1) | (r <= self.config.eps)
+        count = torch.where(take_all, left, count)
+        ratio = torch.where(take_all, torch.ones_like(ratio), ratio)
+        return count.long(), ratio.float()
+
+    def commit(self, step, is_mask, masks_start, confidence, generator):
+        config = self.config
+        last_step = step == config.steps - 1
+        count, ratio = self.schedule(step, is_mask.sum(-1), masks_start)
+        chosen = choose_positions(config.alg, is_mask, count, ratio, confidence, config.alg_temp, generator)
+        if config.alg_p_threshold:
+            confident = is_mask & (confidence > config.alg_p_threshold) if not last_step else is_mask
+            chosen = torch.where(confident.any(-1, keepdim=True), confident, chosen)
+        return chosen
+
+
+class DreamPipeline:
+    """Dream's decoding: step i moves from t = τ_i to s = τ_{i+1}; always runs every step."""
+
+    early_exit = False
+    original_confidence_allowed = False
+
+    def __init__(self, config, taus: torch.Tensor):
+        self.config, self.taus = config, taus.tolist()  # Python floats: no device sync per step
+
+    def commit(self, step, is_mask, masks_start, confidence, generator):
+        config = self.config
+        t, s = self.taus[step], self.taus[step + 1]
+        last_step = step == config.steps - 1
+        ratio = 1.0 if last_step else 1 - s / t
+        masks_left = is_mask.sum(-1)
+        count = masks_left if last_step else torch.floor(masks_left.double() * ratio).long()
+        ratio = torch.full(is_mask.shape[:1], ratio, device=is_mask.device)
+        alg = "origin-ratio" if config.alg in ("origin", "origin-ratio") else config.alg
+        return choose_positions(alg, is_mask, count, ratio, confidence, config.alg_temp, generator)
+
+
+class DenoisingForward:
+    """The model call of one denoising step, returning the canvas logits `(batch, canvas, vocab)`
+    (`logits[:, j]` predicts canvas position j, from the hidden state one position earlier).
+
+    Holds what does not change across steps: the prompt embeddings (images encoded once) in a buffer whose
+    tail receives the canvas embeddings, the positions and the attention mask. Without prefilling every
+    step runs the whole sequence. With prefilling the first step fills the prefix cache and later steps run
+    the last prompt token and the canvas; on CUDA that fixed-shape step is captured once as a CUDA graph.
+    """
+
+    def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, use_cache, use_cuda_graph):
+        batch, prompt_len, hidden = prompt_embeds.shape
+        self.model, self.prompt_len, self.canvas_len = model, prompt_len, canvas_len
+        self.embeds = prompt_embeds.new_empty(batch, prompt_len + canvas_len, hidden)
+        self.embeds[:, :prompt_len] = prompt_embeds
+        self.position_ids, self.attn_mask = position_ids, attn_mask
+        self.cache = model.new_prefix_cache() if use_cache else None
+        self.use_cuda_graph = use_cuda_graph
+        self.graph = None
+
+    def __call__(self, canvas: torch.Tensor) -> torch.Tensor:
+        if self.cache is None or not self.cache.is_filled:
+            self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(canvas)
+            return self.model(
+                inputs_embeds=self.embeds,
+                attention_mask=self.attn_mask,
+                position_ids=self.position_ids,
+                past_key_values=self.cache,
+                logits_to_keep=slice(self.prompt_len - 1, self.prompt_len - 1 + self.canvas_len),
+            ).logits
+        if self.use_cuda_graph and self.graph is None:
+            self._capture(canvas)
+        if self.graph is not None:
+            self.static_canvas.copy_(canvas)
+            self.graph.replay()
+            return self.static_logits
+        return self._prefilled_step(canvas)
+
+    def _prefilled_step(self, canvas: torch.Tensor) -> torch.Tensor:
+        tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
+        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(canvas)
+        return self.model(
+            inputs_embeds=self.embeds[:, tail:],
+            attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
+            position_ids=self.position_ids[..., tail:],
+            past_key_values=self.cache,
+            logits_to_keep=slice(0, self.canvas_len),
+        ).logits
+
+    def _capture(self, canvas: torch.Tensor) -> None:
+        """Record the prefilled step. The warm-up and capture runs write only the canvas part of the cache,
+        which every step rewrites anyway; on any capture failure decoding continues uncaptured."""
+        self.static_canvas = canvas.clone()
+        try:
+            stream = torch.cuda.Stream(device=canvas.device)
+            stream.wait_stream(torch.cuda.current_stream(canvas.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # allocator and library handles settle before capture
+                    self._prefilled_step(self.static_canvas)
+            torch.cuda.current_stream(canvas.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_logits = self._prefilled_step(self.static_canvas)
+            self.graph = graph
+        except RuntimeError as error:  # e.g. an attention kernel that cannot be captured
+            warnings.warn(f"CUDA graph capture failed, decoding without it: {error}")
+            self.use_cuda_graph = False
+
+
+def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):
+    """Masks after a row's first end-of-text token become `fill_id`: the answer has ended there."""
+    ended = torch.isin(canvas, end_ids).cummax(dim=-1).values
+    return torch.where(ended & (canvas == mask_token_id), torch.full_like(canvas, fill_id), canvas)
+
+
+# --------------------------------------------------------------------------------------------------
+# The mixin
+# --------------------------------------------------------------------------------------------------
+
+
+class DimpleGenerationMixin(GenerationMixin):
+    """Gives `DimpleModel` `diffusion_generate` (and routes `generate` to it). Subclassing transformers'
+    `GenerationMixin` makes `from_pretrained` load the checkpoint's generation_config.json."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        # Makes `from_pretrained` load generation_config.json on every transformers version.
+        return True
+
+    def _dimple_generation_config(self, generation_config, kwargs) -> DimpleGenerationConfig:
+        base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
+        # Only the fields that were set (not GenerationConfig's autoregressive defaults such as top_k=50).
+        values = base.to_diff_dict() if base is not None else {}
+        if base is not None and base.use_cache is not None:
+            values["use_cache"] = base.use_cache  # transformers 4.x drops it from the diff when it is True
+        values = {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
+        config = DimpleGenerationConfig(**values)
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            config.max_new_tokens = None  # an explicit max_length replaces the default answer length
+        for key in list(kwargs):
+            if hasattr(config, key):
+                setattr(config, key, kwargs.pop(key))
+        if config.mask_token_id is None:
+            config.mask_token_id = getattr(self.config, "mask_token_id", None)
+        if config.pad_token_id is None:
+            config.pad_token_id = self.config.pad_token_id
+        if config.eos_token_id is None:
+            config.eos_token_id = self.config.eos_token_id
+        return config
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Dimple decodes by diffusion: `generate` is `diffusion_generate`, for generic callers."""
+        return self.diffusion_generate(inputs, generation_config, **kwargs)
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        inputs: Optional[Union[torch.LongTensor, dict]] = None,
+        generation_config: Optional[GenerationConfig] = None,
+        **kwargs,
+    ) -> Union[torch.LongTensor, DimpleGenerationOutput]:
+        r"""Generate answers by iterative parallel unmasking.
+
+        Args:
+            inputs (`torch.LongTensor` of shape `(batch, prompt)` or a processor output): the prompt ids
+                (left-padded in a batch). A dict / `BatchFeature` is unpacked into the keyword arguments.
+            generation_config (`GenerationConfig`, *optional*): defaults to the checkpoint's
+                `generation_config.json`; keyword arguments override single fields.
+            attention_mask, pixel_values, image_grid_thw: the processor outputs.
+            max_new_tokens / max_length, steps, eps, temperature, top_p, top_k, alg, alg_temp,
+            alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, stop_at_eos,
+            output_history, return_dict_in_generate, num_return_sequences, mask_token_id, pad_token_id,
+            eos_token_id: see `DimpleGenerationConfig` and the model card.
+            response_prior (`str`, `list[int]`, 1-D or `(batch, length)` tensor, *optional*): the start of the
+                answer canvas, fixed; mask tokens in it are generated, other tokens never change, and an
+                end-of-text at position k ends the answer there. A string needs `tokenizer=`.
+            generation_tokens_hook_func (`Callable[[step, x, logits], x]`, *optional*): called with step None
+                before the first step, then after every step; may rewrite the sequences `x`.
+            generation_logits_hook_func (`Callable[[step, x, logits], logits]`, *optional*): may rewrite the
+                logits of a step. The logits passed to both hooks are those of the answer canvas,
+                `(batch, max_new_tokens, vocab)`: `logits[:, j]` predicts `x[:, prompt_length + j]`.
+            streamer (`BaseStreamer`, *optional*): `put` receives the answer canvas after every step, `end`
+                is called at the end.
+            generator (`torch.Generator`, *optional*): random source for sampling.
+
+        Returns:
+            `torch.LongTensor` `(batch * num_return_sequences, prompt + max_new_tokens)`, or a
+            `DimpleGenerationOutput` with `return_dict_in_generate=True`.
+        """
+        if isinstance(inputs, dict) or hasattr(inputs, "data") and isinstance(getattr(inputs, "data"), dict):
+            kwargs = {**dict(inputs), **kwargs}
+            inputs = None
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("`inputs` (the prompt's input_ids) is required")
+        attention_mask = kwargs.pop("attention_mask", None)
+        pixel_values = kwargs.pop("pixel_values", None)
+        image_grid_thw = kwargs.pop("image_grid_thw", None)
+        tokens_hook = kwargs.pop("generation_tokens_hook_func", None) or (lambda step, x, logits: x)
+        logits_hook = kwargs.pop("generation_logits_hook_func", None) or (lambda step, x, logits: logits)
+        streamer = kwargs.pop("streamer", None)
+        generator = kwargs.pop("generator", None)
+        response_prior = kwargs.pop("response_prior", None)
+        tokenizer = kwargs.pop("tokenizer", None)
+        config = self._dimple_generation_config(generation_config, kwargs)
+        return_dict = config.return_dict_in_generate
+        if kwargs:
+            raise ValueError(f"unknown arguments to diffusion_generate: {sorted(kwargs)}")
+
+        # ---- validate everything before any forward pass
+        if input_ids.dim() != 2:
+            raise ValueError(f"`inputs` must be (batch, prompt) token ids, got shape {tuple(input_ids.shape)}")
+        prompt_len = input_ids.shape[1]
+        if config.max_new_tokens is None:
+            if config.max_length is None or config.max_length - prompt_len < 1:
+                raise ValueError(
+                    f"`max_new_tokens` must be >= 1: the prompt ({prompt_len} tokens) is already at "
+                    f"`max_length` ({config.max_length}); set `max_new_tokens` or a larger `max_length`"
+                )
+            config.max_new_tokens = config.max_length - prompt_len
+        check_generation_config(config)
+        mask_id = config.mask_token_id
+        if attention_mask is None and input_ids.shape[0] > 1 and bool((input_ids[:, 0] == config.pad_token_id).any()):
+            raise ValueError("the batch is padded (a row starts with pad_token_id): pass its `attention_mask`")
+        if config.use_cache and bool((input_ids == mask_id).any()):
+            raise ValueError(
+                "the prompt contains mask tokens, which prefilling (`use_cache=True`) would freeze: use "
+                "`use_cache=False`, or put answer masks in `response_prior`"
+            )
+        prior = self._response_prior(response_prior, tokenizer, input_ids, config)
+
+        # ---- the sequence, positions and masks: built once
+        n_rep = config.num_return_sequences
+        device = input_ids.device
+        canvas_len = config.max_new_tokens
+        batch = input_ids.shape[0] * n_rep
+        total_len = prompt_len + canvas_len
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        full_mask = None
+        if attention_mask is not None:
+            full_mask = F.pad(attention_mask.long(), (0, canvas_len), value=1).repeat_interleave(n_rep, 0)
+        x = torch.full((batch, total_len), mask_id, dtype=torch.long, device=device)
+        x[:, :prompt_len] = input_ids.repeat_interleave(n_rep, 0)
+        if prior is not None:
+            if prior.shape[0] not in (1, batch):  # one row per prompt: repeat it for the prompt's answers
+                prior = prior.repeat_interleave(n_rep, 0)
+            x[:, prompt_len : prompt_len + prior.shape[1]] = prior  # a single row broadcasts to every row
+        end_ids = torch.tensor(
+            sorted({config.pad_token_id, *_as_list(config.eos_token_id)} - {None}), device=device, dtype=torch.long
+        )
+        x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
+
+        position_ids, _ = self.get_rope_index(
+            F.pad(input_ids, (0, canvas_len), value=mask_id),
+            image_grid_thw,
+            attention_mask=None if attention_mask is None else F.pad(attention_mask, (0, canvas_len), value=1),
+        )
+        position_ids = position_ids.repeat_interleave(n_rep, 1)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)  # images encoded once
+        denoise = DenoisingForward(
+            self, embeds.repeat_interleave(n_rep, 0), position_ids,
+            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len,
+            use_cache=config.use_cache, use_cuda_graph=config.use_cuda_graph and device.type == "cuda",
+        )
+
+        taus = torch.linspace(1, config.eps, config.steps + 1, dtype=torch.float64)
+        pipeline = (DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline)(config, taus.to(device))
+        original_confidence = config.use_original_confidence and pipeline.original_confidence_allowed
+
+        x = tokens_hook(None, x, None)
+        history = [] if config.output_history else None
+        masks_start = (x[:, prompt_len:] == mask_id).sum(-1)
+        forward_passes = 0
+        for step in range(config.steps):
+            canvas = x[:, prompt_len:]
+            is_mask = canvas == mask_id
+            if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
+                break
+            step_logits = denoise(canvas)
+            forward_passes += 1
+            logits = logits_hook(step, x, step_logits)
+            tokens, confidence = score_positions(logits, config, original_confidence, generator)
+            chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
+            canvas = torch.where(chosen, tokens, canvas)
+            if config.stop_at_eos:
+                canvas = fill_after_end_of_text(canvas, mask_id, end_ids, config.pad_token_id)
+            x[:, prompt_len:] = canvas
+            x = tokens_hook(step, x, logits)
+            if history is not None:
+                history.append(x.clone())
+            if streamer is not None:
+                streamer.put(x[:, prompt_len:].clone())
+        if streamer is not None:
+            streamer.end()
+        if return_dict:
+            return DimpleGenerationOutput(
+                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=forward_passes
+            )
+        return x
+
+    def _response_prior(self, prior, tokenizer, input_ids, config) -> Optional[torch.Tensor]:
+        """The response prior as a (1 or batch, length) tensor of ids on the prompt's device."""
+        if prior is None:
+            return None
+        if isinstance(prior, str):
+            if tokenizer is None:
+                raise ValueError("a string `response_prior` needs `tokenizer=` (the processor or its tokenizer)")
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+            prior = tokenizer(prior, add_special_tokens=False)["input_ids"]
+        prior = torch.as_tensor(prior, dtype=torch.long, device=input_ids.device)
+        if prior.dim() == 1:
+            prior = prior.unsqueeze(0)
+        if prior.dim() != 2 or prior.shape[0] not in (1, input_ids.shape[0], input_ids.shape[0] * config.num_return_sequences):
+            raise ValueError(
+                f"`response_prior` must be a string, a list of ids, or a (batch, length) tensor; got shape "
+                f"{tuple(prior.shape)} for a batch of {input_ids.shape[0]}"
+            )
+        if prior.shape[1] > config.max_new_tokens:
+            raise ValueError(
+                f"`response_prior` has {prior.shape[1]} tokens, more than `max_new_tokens` ({config.max_new_tokens})"
+            )
+        return prior
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

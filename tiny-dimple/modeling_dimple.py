@@ -1,0 +1,765 @@
+"""Dimple: a discrete-diffusion multimodal LLM.
+
+A Qwen2.5-VL vision tower (`visual`), a two-layer projector (`img_projector`), the Dream-7B language
+model (`model`, a Qwen2.5 derivative with bidirectional attention) and an untied `lm_head`. The module
+and parameter names are those of the released Dimple-7B checkpoint.
+
+Attention goes through `torch.nn.functional.scaled_dot_product_attention`; an eager path exists for
+`output_attentions`. Rotary tables are computed per forward from the config (no buffers), so a model
+built on the meta device and materialised with `to_empty` needs no extra step.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_dimple import DimpleConfig, DimpleVisionConfig
+from .generation_utils import DimpleGenerationMixin
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+class DimpleRMSNorm(nn.Module):
+    """RMSNorm with the reduction in fp32, as Qwen2 does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DimpleMLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+    """The `dim / 2` inverse frequencies of rotary embeddings over `dim` channels."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def eager_attention(query, key, value, attn_mask: Optional[torch.Tensor], dropout: float = 0.0, training=False):
+    """Reference attention that also returns the probabilities (softmax in fp32). `attn_mask` is boolean
+    (True = may attend) and broadcastable to (batch, heads, q, k); keys may have fewer heads (GQA)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, value), probs
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision tower (Qwen2.5-VL)
+# --------------------------------------------------------------------------------------------------
+
+
+class DimpleVisionPatchEmbed(nn.Module):
+    """Conv3d patch embedding with kernel = stride, i.e. one linear map per flattened patch row."""
+
+    def __init__(self, config: DimpleVisionConfig):
+        super().__init__()
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.embed_dim = config.hidden_size
+        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # A stride = kernel convolution over one patch is a matrix product; skip the conv machinery.
+        weight = self.proj.weight.view(self.embed_dim, -1)
+        return F.linear(pixel_values.to(weight.dtype), weight)
+
+
+class SegmentLayout:
+    """Packed sequences split into independent attention segments (images, or windows of an image).
+
+    Attention over all segments is one SDPA call: segments of equal length are a reshape; otherwise they
+    are padded to the longest and padded keys are masked. Built once per forward, reused by every block.
+    """
+
+    def __init__(self, seqlens: list, device):
+        self.total = sum(seqlens)
+        self.num_segments = len(seqlens)
+        self.max_len = max(seqlens)
+        self.uniform = all(n == self.max_len for n in seqlens)
+        if self.uniform:
+            return
+        lengths = torch.tensor(seqlens, device=device)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slot = torch.arange(self.max_len, device=device)
+        self.key_valid = slot[None, :] < lengths[:, None]  # (segments, max_len)
+        gather = (starts[:, None] + slot[None, :]).clamp(max=self.total - 1)
+        self.gather_index = gather.flatten()  # padded slot -> packed row (pads read any valid row)
+        self.scatter_index = self.key_valid.flatten().nonzero().squeeze(-1)  # packed row -> padded slot
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (total, heads, head_dim) -> (total, heads, head_dim)."""
+        heads, head_dim = q.shape[1:]
+        if self.uniform:
+            q, k, v = (t.view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v)
+            return out.transpose(1, 2).reshape(self.total, heads, head_dim)
+        q, k, v = (
+            t[self.gather_index].view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2)
+            for t in (q, k, v)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_valid[:, None, None, :])
+        out = out.transpose(1, 2).reshape(self.num_segments * self.max_len, heads, head_dim)
+        return out[self.scatter_index]
+
+
+class DimpleVisionAttention(nn.Module):
+    def __init__(self, config: DimpleVisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, config.hidden_size * 3, bias=True)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, layout: SegmentLayout, rotary: tuple) -> torch.Tensor:
+        seq_len = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).view(seq_len, 3, self.num_heads, -1).unbind(1)
+        cos, sin = rotary  # (seq, head_dim) in fp32
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        # Vision rotary is applied in fp32, as in Qwen2.5-VL.
+        q = ((q.float() * cos) + (rotate_half(q.float()) * sin)).to(v.dtype)
+        k = ((k.float() * cos) + (rotate_half(k.float()) * sin)).to(v.dtype)
+        out = layout.attention(q, k, v)
+        return self.proj(out.reshape(seq_len, -1))
+
+
+class DimpleVisionBlock(nn.Module):
+    def __init__(self, config: DimpleVisionConfig):
+        super().__init__()
+        self.norm1 = DimpleRMSNorm(config.hidden_size, eps=1e-6)
+        self.norm2 = DimpleRMSNorm(config.hidden_size, eps=1e-6)
+        self.attn = DimpleVisionAttention(config)
+        self.mlp = DimpleMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=True)
+
+    def forward(self, hidden_states, layout: SegmentLayout, rotary: tuple) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), layout, rotary)
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class DimplePatchMerger(nn.Module):
+    """RMSNorm, then each group of spatial_merge_size² neighbouring patches concatenated -> MLP."""
+
+    def __init__(self, config: DimpleVisionConfig):
+        super().__init__()
+        self.merged_dim = config.hidden_size * config.spatial_merge_size**2
+        self.ln_q = DimpleRMSNorm(config.hidden_size, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim),
+            nn.GELU(),
+            nn.Linear(self.merged_dim, config.out_hidden_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
+
+
+class DimpleVisionTransformer(nn.Module):
+    """The Qwen2.5-VL vision transformer: window attention in most blocks, full attention in
+    `fullatt_block_indexes`. Input: patch rows of `pixel_values` (as the image processor orders them,
+    merge groups contiguous) and `grid_thw`; output: one feature per merged group, in input order."""
+
+    def __init__(self, config: DimpleVisionConfig):
+        super().__init__()
+        self.config = config
+        self.merge = config.spatial_merge_size
+        self.patch_embed = DimpleVisionPatchEmbed(config)
+        self.blocks = nn.ModuleList([DimpleVisionBlock(config) for _ in range(config.depth)])
+        self.merger = DimplePatchMerger(config)
+        self.gradient_checkpointing = False
+
+    def rotary(self, grid_thw: list, device) -> tuple:
+        """cos/sin (patches, head_dim) of the 2-D rotary embedding, patch rows in merge-group order."""
+        merge = self.merge
+        positions = []
+        for t, h, w in grid_thw:
+            rows = torch.arange(h, device=device)[:, None].expand(h, w)
+            cols = torch.arange(w, device=device)[None, :].expand(h, w)
+            hw = torch.stack([rows, cols], dim=-1).view(h // merge, merge, w // merge, merge, 2)
+            positions.append(hw.transpose(1, 2).reshape(-1, 2).repeat(t, 1))
+        positions = torch.cat(positions)  # (patches, 2)
+        head_dim = self.config.hidden_size // self.config.num_heads
+        inv_freq = rotary_inv_freq(head_dim // 2, 10000.0, device=device)
+        freqs = (positions[..., None].float() * inv_freq).flatten(1)  # (patches, head_dim / 2): rows | cols
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def window_index(self, grid_thw: list, device) -> tuple:
+        """Permutation of merge groups into window order, and the window lengths (in patches)."""
+        merge = self.merge
+        window = self.config.window_size // merge // self.config.patch_size  # merged tokens per window side
+        index, seqlens, offset = [], [], 0
+        for t, h, w in grid_thw:
+            gh, gw = h // merge, w // merge
+            ids = torch.arange(t * gh * gw, device=device).view(t, gh, gw)
+            pad_h, pad_w = -gh % window, -gw % window
+            ids = F.pad(ids, (0, pad_w, 0, pad_h), value=-1)
+            nh, nw = (gh + pad_h) // window, (gw + pad_w) // window
+            ids = ids.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(-1, window * window)
+            counts = (ids >= 0).sum(-1)
+            index.append(ids[ids >= 0] + offset)
+            seqlens.extend(n * merge * merge for n in counts.tolist() if n > 0)
+            offset += t * gh * gw
+        return torch.cat(index), seqlens
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        device = pixel_values.device
+        unit = self.merge**2
+        hidden_states = self.patch_embed(pixel_values)
+        seq_len = hidden_states.shape[0]
+
+        window_index, window_seqlens = self.window_index(grid, device)
+        cos, sin = self.rotary(grid, device)
+
+        def to_window_order(x):
+            return x.view(seq_len // unit, unit, -1)[window_index].view(seq_len, -1)
+
+        hidden_states = to_window_order(hidden_states)
+        rotary = (to_window_order(cos), to_window_order(sin))
+        window_layout = SegmentLayout(window_seqlens, device)
+        # Full-attention blocks attend within each frame of each image.
+        full_layout = SegmentLayout([h * w for t, h, w in grid for _ in range(t)], device)
+        full_blocks = set(self.config.fullatt_block_indexes)
+        for index, block in enumerate(self.blocks):
+            layout = full_layout if index in full_blocks else window_layout
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, layout, rotary)
+            else:
+                hidden_states = block(hidden_states, layout, rotary)
+        merged = self.merger(hidden_states)
+        return merged[torch.argsort(window_index)]
+
+
+class DimpleImageProjector(nn.Module):
+    def __init__(self, config: DimpleConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.out_hidden_size, config.hidden_size, bias=True)
+        self.act = ACT2FN[config.hidden_act]
+        self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Language model (Dream / Qwen2 with multimodal rotary positions)
+# --------------------------------------------------------------------------------------------------
+
+
+class DimplePrefixCache:
+    """Keys and values kept across the steps of one diffusion decode (prefilling).
+
+    The first forward stores each layer's keys/values for the whole sequence (one tensor per layer,
+    allocated once). Later forwards run only the last `q_len` positions: their new keys/values are
+    written in place into the tail of that tensor, so the prefix computed at the first step is reused
+    with no per-step allocation. `position_ids` keeps the full multimodal positions of the first step.
+    """
+
+    def __init__(self):
+        self.keys: list = []
+        self.values: list = []
+        self.position_ids: Optional[torch.Tensor] = None
+
+    @property
+    def is_filled(self) -> bool:
+        return len(self.keys) > 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] if len(self.keys) > layer_idx else 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple:
+        if len(self.keys) <= layer_idx:
+            self.keys.append(key.contiguous())
+            self.values.append(value.contiguous())
+        else:
+            q_len = key.shape[-2]
+            self.keys[layer_idx][..., -q_len:, :].copy_(key)
+            self.values[layer_idx][..., -q_len:, :].copy_(value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class DimpleAttention(nn.Module):
+    def __init__(self, config: DimpleConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, output_attentions=False):
+        batch, q_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary  # (batch, 1, q_len, head_dim), already in the activation dtype
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        dropout = self.attention_dropout if self.training else 0.0
+        if output_attentions:
+            if is_causal:
+                attn_mask = build_attention_mask(None, q_len, k.shape[-2], True, q.device)
+            out, probs = eager_attention(q, k, v, attn_mask, dropout, self.training)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=True
+            )
+            probs = None
+        out = out.transpose(1, 2).reshape(batch, q_len, -1)
+        return self.o_proj(out), probs
+
+
+def build_attention_mask(
+    padding_mask: Optional[torch.Tensor], q_len: int, k_len: int, is_causal: bool, device=None
+) -> Optional[torch.Tensor]:
+    """Boolean (batch, 1, q_len, k_len) mask, True = may attend; the queries are the last q_len of the
+    k_len positions. Padding (0 in the (batch, k_len) `padding_mask`) is excluded as key and every
+    query may attend to itself, so a padded query row is never empty; causal masking is folded in.
+    Returns None when SDPA needs no mask (no padding, and not causal or square causal)."""
+    if padding_mask is None and (not is_causal or q_len == k_len):
+        return None
+    device = padding_mask.device if padding_mask is not None else device
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    if padding_mask is None:
+        mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    else:
+        mask = padding_mask.bool()[:, None, None, :] | (q_pos == k_pos)
+    if is_causal:
+        mask = mask & (k_pos <= q_pos)
+    return mask
+
+
+class DimpleDecoderLayer(nn.Module):
+    def __init__(self, config: DimpleConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DimpleAttention(config, layer_idx)
+        self.mlp = DimpleMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
+        self.input_layernorm = DimpleRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DimpleRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, output_attentions=False):
+        attn_out, probs = self.self_attn(
+            self.input_layernorm(hidden_states), rotary, attn_mask, is_causal, cache, output_attentions
+        )
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, probs
+
+
+class DimpleTextModel(nn.Module):
+    """Dream's transformer: embeddings, decoder layers and the final norm (the checkpoint's `model.*`)."""
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([DimpleDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DimpleRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def rotary(self, position_ids: torch.Tensor, dtype) -> tuple:
+        """M-RoPE cos/sin (batch, 1, seq, head_dim) from positions (3, batch, seq): the first
+        `mrope_section[0]` frequencies rotate with t, the next with h, the last with w."""
+        config = self.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        inv_freq = rotary_inv_freq(head_dim, config.rope_theta, device=position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (3, batch, seq, head_dim / 2), fp32
+        # Section i of the frequencies takes position component i (split/cat: no host-device copy).
+        sections = freqs.split(list(config.mrope_section), dim=-1)
+        freqs = torch.cat([section[i] for i, section in enumerate(sections)], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        is_causal: bool,
+        cache: Optional[DimplePrefixCache] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        hidden_states = inputs_embeds
+        rotary = self.rotary(position_ids, hidden_states.dtype)
+        all_hidden, all_attn = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if self.gradient_checkpointing and self.training:
+                hidden_states, probs = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, rotary, attn_mask, is_causal, None, False
+                )
+            else:
+                hidden_states, probs = layer(hidden_states, rotary, attn_mask, is_causal, cache, output_attentions)
+            if output_attentions:
+                all_attn.append(probs)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return hidden_states, tuple(all_hidden) or None, tuple(all_attn) or None
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class DimplePreTrainedModel(PreTrainedModel):
+    config_class = DimpleConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DimpleDecoderLayer", "DimpleVisionBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv3d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DimpleRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+@dataclass
+class _ImageInputs:
+    """Validated visual inputs of one forward."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    token_id: int
+    name: str
+
+
+class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
+    """Dimple: vision tower + projector + bidirectional language model + head.
+
+    `forward` returns logits for every position (or the ones selected by `logits_to_keep`); position j's
+    logits predict token j + 1, the autoregressive shift the language model was initialised with.
+    Decoding is `diffusion_generate` (also reachable as `generate`).
+    """
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__(config)
+        self.visual = DimpleVisionTransformer(config.vision_config)
+        self.img_projector = DimpleImageProjector(config)
+        self.model = DimpleTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def new_prefix_cache(self) -> DimplePrefixCache:
+        return DimplePrefixCache()
+
+    def prepare_attention_mask(self, padding_mask: Optional[torch.Tensor], q_len: int, k_len: int):
+        """The boolean attention mask of this model's attention type (see `build_attention_mask`)."""
+        return build_attention_mask(
+            padding_mask, q_len, k_len, not self.config.full_attn_mask, self.lm_head.weight.device
+        )
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ---------------------------------------------------------------- positions
+
+    def get_rope_index(
+        self,
+        input_ids: torch.LongTensor,
+        image_grid_thw: Optional[torch.LongTensor] = None,
+        video_grid_thw: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        second_per_grid_ts: Optional[torch.Tensor] = None,
+    ) -> tuple:
+        """Multimodal rotary positions (M-RoPE).
+
+        Text tokens get (p, p, p) with p counting up over the real (unpadded) tokens. An image whose
+        first token would be at position p gets t = p, h = p + row, w = p + col on its merged grid; the
+        text after it resumes at max(image positions) + 1. Video frames advance t by
+        `tokens_per_second * second_per_grid_t`. Padded slots get position 1.
+
+        Returns:
+            `position_ids` (3, batch, seq) and `rope_deltas` (batch, 1): max position + 1 − real length.
+        """
+        merge = self.config.vision_config.spatial_merge_size
+        batch, seq_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        position_ids = torch.ones(3, batch, seq_len, dtype=torch.long, device=input_ids.device)
+        grids = {
+            self.config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+            self.config.video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
+        }
+        video_seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+        deltas = []
+        for row in range(batch):
+            keep = attention_mask[row].bool()
+            tokens = input_ids[row][keep].tolist()
+            pieces, start, next_pos = [], 0, 0
+            i = 0
+            while i < len(tokens):
+                token = tokens[i]
+                if token not in grids:
+                    i += 1
+                    continue
+                if i > start:  # text before the visual tokens
+                    pieces.append(torch.arange(i - start).expand(3, -1) + next_pos)
+                    next_pos += i - start
+                try:
+                    t, h, w = next(grids[token])
+                except StopIteration:
+                    kind = "image_grid_thw" if token == self.config.image_token_id else "video_grid_thw"
+                    raise ValueError(f"the prompt has more visual placeholders than `{kind}` has rows") from None
+                gh, gw = h // merge, w // merge
+                step = 1.0
+                if token == self.config.video_token_id:
+                    step = self.config.vision_config.tokens_per_second * next(video_seconds, 1.0)
+                t_pos = (torch.arange(t) * step).long()[:, None, None].expand(t, gh, gw)
+                h_pos = torch.arange(gh)[None, :, None].expand(t, gh, gw)
+                w_pos = torch.arange(gw)[None, None, :].expand(t, gh, gw)
+                pieces.append(torch.stack([t_pos, h_pos, w_pos]).reshape(3, -1) + next_pos)
+                next_pos = int(pieces[-1].max()) + 1
+                i += t * gh * gw
+                start = i
+            if start < len(tokens):
+                pieces.append(torch.arange(len(tokens) - start).expand(3, -1) + next_pos)
+            positions = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+            position_ids[:, row, keep] = positions.to(position_ids.device)
+            deltas.append((int(positions.max()) + 1 if len(tokens) else 0) - len(tokens))
+        return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+    # ---------------------------------------------------------------- inputs
+
+    def _visual_inputs(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Check the visual inputs against each other and against the prompt, before any heavy work."""
+        vision = self.config.vision_config
+        row_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        found = []
+        for pixels, grid, token_id, name, grid_name in (
+            (pixel_values, image_grid_thw, self.config.image_token_id, "pixel_values", "image_grid_thw"),
+            (pixel_values_videos, video_grid_thw, self.config.video_token_id, "pixel_values_videos", "video_grid_thw"),
+        ):
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError(f"`{name}` was given without `{grid_name}`")
+            if pixels.dim() != 2 or pixels.shape[-1] != row_width:
+                raise ValueError(
+                    f"`{name}` must have shape (patches, {row_width}) (channels·temporal_patch·patch²), "
+                    f"got {tuple(pixels.shape)}"
+                )
+            if grid.dim() != 2 or grid.shape[-1] != 3:
+                raise ValueError(f"`{grid_name}` must have shape (items, 3) of (t, h, w), got {tuple(grid.shape)}")
+            if int(grid.prod(-1).sum()) != pixels.shape[0]:
+                raise ValueError(
+                    f"`{grid_name}` describes {int(grid.prod(-1).sum())} patches but `{name}` has "
+                    f"{pixels.shape[0]} rows"
+                )
+            if bool((grid[:, 1:] % vision.spatial_merge_size).any()):
+                raise ValueError(f"`{grid_name}` heights and widths must be multiples of {vision.spatial_merge_size}")
+            if input_ids is not None:
+                n_tokens = int((input_ids == token_id).sum())
+                n_features = int(grid.prod(-1).sum()) // vision.spatial_merge_size**2
+                if n_tokens != n_features:
+                    raise ValueError(
+                        f"image tokens and image features do not match: `input_ids` has {n_tokens} placeholder "
+                        f"tokens (id {token_id}) but `{name}` gives {n_features} features"
+                    )
+            found.append(_ImageInputs(pixels, grid, token_id, name))
+        return found
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: one row per merged patch group, in prompt order."""
+        features = self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), image_grid_thw)
+        return self.img_projector(features)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+    ) -> torch.Tensor:
+        """Token embeddings with image/video features written over their placeholder tokens."""
+        visual = self._visual_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        embeds = self.model.embed_tokens(input_ids)
+        for item in visual:
+            features = self.get_image_features(item.pixel_values, item.grid_thw).to(embeds.dtype)
+            slots = (input_ids == item.token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(slots, features)
+        return embeds
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[DimplePrefixCache] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: Optional[bool] = None,
+        pixel_values_videos: Optional[torch.Tensor] = None,
+        video_grid_thw: Optional[torch.LongTensor] = None,
+        second_per_grid_ts: Optional[torch.Tensor] = None,
+        logits_to_keep: Union[int, slice, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[tuple, CausalLMOutputWithPast]:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): tokens, with one `<|image_pad|>` per
+                image feature.
+            attention_mask (`torch.Tensor`, *optional*): `(batch, seq)` padding mask (1 = real token), or a
+                prepared boolean `(batch, 1, q_len, seq)` mask (True = may attend).
+            position_ids (`torch.LongTensor`, *optional*): `(3, batch, seq)` M-RoPE positions (a
+                `(batch, seq)` tensor is taken as text positions). Computed with `get_rope_index` when absent.
+            pixel_values (`torch.Tensor`, *optional*): `(patches, 1176)` patch rows from the processor.
+            image_grid_thw (`torch.LongTensor`, *optional*): `(images, 3)` patch grid of every image.
+            labels (`torch.LongTensor`, *optional*): targets aligned with `input_ids`; the loss is the mean
+                cross-entropy of logits at j − 1 against labels at j, ignoring -100.
+            past_key_values (`DimplePrefixCache`, *optional*): prefilling cache of a diffusion decode.
+            logits_to_keep (`int`, `slice` or `torch.Tensor`): positions whose logits are computed; an int
+                keeps the last n (0 keeps all).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        elif pixel_values is not None or pixel_values_videos is not None:
+            raise ValueError("`pixel_values` needs `input_ids` (to find the image tokens), not `inputs_embeds`")
+        batch, q_len = inputs_embeds.shape[:2]
+
+        cache = past_key_values
+        cached = cache is not None and cache.is_filled
+        if position_ids is None:
+            if cached and cache.position_ids is not None:
+                position_ids = cache.position_ids[..., -q_len:]
+            elif input_ids is None:
+                position_ids = torch.arange(q_len, device=inputs_embeds.device).expand(3, batch, -1)
+            else:
+                mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+                position_ids, _ = self.get_rope_index(
+                    input_ids, image_grid_thw, video_grid_thw, mask_2d, second_per_grid_ts
+                )
+        elif position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        if position_ids.shape != (3, batch, q_len):
+            raise ValueError(
+                f"`position_ids` must have shape (3, batch, seq) = (3, {batch}, {q_len}) or (batch, seq), "
+                f"got {tuple(position_ids.shape)}"
+            )
+        if cache is not None and not cached:
+            cache.position_ids = position_ids
+
+        is_causal = not self.config.full_attn_mask
+        k_len = cache.get_seq_length() if cached else q_len
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (batch, k_len):
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch, seq) = ({batch}, {k_len}), got {tuple(attention_mask.shape)}"
+                )
+            # Without padding SDPA runs mask-free (one host sync; the decoding loop decides this once).
+            padding = None if bool(attention_mask.all()) else attention_mask
+            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device)
+        elif attention_mask is None:
+            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device)
+        # A prepared 4-D mask already holds the causal part; SDPA's own flag is for the mask-free case.
+        is_causal = is_causal and attention_mask is None
+
+        hidden_states, all_hidden, all_attn = self.model(
+            inputs_embeds,
+            position_ids,
+            attention_mask,
+            is_causal,
+            cache=cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        if isinstance(logits_to_keep, int):
+            logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden_states[:, logits_to_keep])
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        if not return_dict:
+            out = (logits, cache, all_hidden, all_attn)
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden, attentions=all_attn
+        )
+
+
+__all__ = ["DimpleModel", "DimplePreTrainedModel", "DimplePrefixCache", "DimpleVisionTransformer"]

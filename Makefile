@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 
-.PHONY: demo test test-compat venv tiny-dimple bench bench-cpu check-layout clean
+.PHONY: demo test test-compat venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu check-layout clean
 
 # The pinned development set (requirements-dev.txt) in .venv; reinstalled when the pins change.
 $(VENV)/.installed: requirements-dev.txt
@@ -19,8 +19,19 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) demo.py
 
-test: venv
+# The web demo's packages (gradio, selenium) and Debian's chromium + chromedriver for its browser test;
+# idempotent, and it never fails the build (the browser test then skips, saying why).
+demo-deps: venv
+	bash scripts/install_browser.sh
+
+test: venv demo-deps
 	$(PY) -m pytest -q tests
+
+web-demo: demo-deps
+	$(PY) app.py
+
+trajectory: venv
+	$(PY) scripts/trajectory.py --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
 
 # The suite on transformers 4.46.2, the version of the original model card, in a second environment.
 $(COMPAT_VENV)/.installed: requirements-compat.txt

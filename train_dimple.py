@@ -309,6 +309,22 @@ def save_checkpoint(model, processor, output_dir: str) -> None:
     register_auto_classes(model, processor)
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
+    write_preprocessor_config(processor, output_dir)
+
+
+def write_preprocessor_config(processor, output_dir: str) -> None:
+    """transformers 5 keeps the image processor inside processor_config.json; 4.x reads
+    preprocessor_config.json (with min_pixels / max_pixels). Writing both keeps checkpoints loadable on both."""
+    path = pathlib.Path(output_dir) / "preprocessor_config.json"
+    if path.exists():
+        return
+    config = processor.image_processor.to_dict()
+    size = config.get("size") or {}
+    config.setdefault("min_pixels", size.get("shortest_edge", getattr(processor.image_processor, "min_pixels", None)))
+    config.setdefault("max_pixels", size.get("longest_edge", getattr(processor.image_processor, "max_pixels", None)))
+    config["processor_class"] = type(processor).__name__
+    config["auto_map"] = {"AutoProcessor": f"processing_dimple.{type(processor).__name__}"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def train(args: DimpleTrainingArguments) -> dict:

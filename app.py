@@ -1,0 +1,360 @@
+"""A local web demo of Dimple: ask about an image and watch the answer being unmasked.
+
+    pip install -r requirements-demo.txt
+    python app.py                                  # the shipped tiny-dimple/, on http://127.0.0.1:7860
+    python app.py --model path/or/hub-id --port 8000 --save-trajectory trajectory.png
+
+Upload an image, type a question, pick the decoding settings (algorithm, confidence threshold, steps,
+answer length, prefilling) and press "Ask". The answer canvas starts as `max_new_tokens` masks (░) and
+fills in live: every decoding step (one forward pass) commits some masks, which a streamer sends to the
+page. At the end the page shows the answer, the number of forward passes and the time, and the decoding
+trajectory (which token was committed at which step; see scripts/trajectory.py). `--save-trajectory PATH`
+also writes that picture for each generation (`{n}` in PATH numbers the files, otherwise PATH is
+overwritten).
+
+The server binds 127.0.0.1 unless `--host` says otherwise. Bad input (no image, an empty question, a file
+that is not an image, settings out of range) is reported on the page; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import itertools
+import os
+import pathlib
+import queue
+import sys
+import threading
+import traceback
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo phones nobody
+
+import gradio as gr  # noqa: E402  (pip install -r requirements-demo.txt)
+from PIL import Image  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import demo  # noqa: E402  (`answer` asks one question: the same code path as the CLI demo)
+from trajectory import CanvasRecorder, load, plot_trajectory  # noqa: E402
+
+ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
+MAX_ANSWER_LENGTH = 512
+MAX_STEPS = 512
+MASK_GLYPH = "░"
+END_GLYPH = "·"
+QUESTION_PLACEHOLDER = "What color is the shape?"
+
+CSS = """
+#canvas .canvas {font-family: ui-monospace, monospace; font-size: 1.15em; line-height: 1.9; white-space: pre-wrap;}
+#canvas .mask {color: #9aa0a6;}
+#canvas .end {color: #c0c4c8;}
+#canvas .new {background: #ffe08a; border-radius: 3px;}
+.dimple-error {border: 1px solid #e0a800; background: #fff8e1; color: #5d4200; padding: 0.6em 0.9em;
+  border-radius: 6px; font-weight: 600;}
+#answer {font-size: 1.3em;}
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming the canvas
+# --------------------------------------------------------------------------------------------------
+
+
+class QueueStreamer(CanvasRecorder):
+    """`diffusion_generate` streamer: keeps every answer canvas (row 0, for the trajectory) and hands
+    it to the page through a queue; iterating yields the canvases until `end()`."""
+
+    _END = object()
+
+    def __init__(self):
+        super().__init__()
+        self.queue = queue.Queue()
+
+    def put(self, value):
+        super().put(value)
+        self.queue.put(self.canvases[-1])
+
+    def end(self):
+        super().end()
+        self.queue.put(self._END)
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not self._END:
+            yield item
+
+
+def render_canvas(canvas, previous, tokenizer, mask_token_id) -> str:
+    """The answer canvas as HTML: masks as ░, end-of-text as ·, tokens committed this step highlighted."""
+    end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    spans = []
+    for position, token in enumerate(canvas):
+        if token == mask_token_id:
+            spans.append(f'<span class="mask">{MASK_GLYPH}</span>')
+            continue
+        new = previous is not None and previous[position] == mask_token_id
+        if token in end_ids:
+            text, css = END_GLYPH, "end"
+        else:
+            text, css = html.escape(tokenizer.decode([token], skip_special_tokens=False)), "tok"
+        spans.append(f'<span class="{css}{" new" if new else ""}">{text}</span>')
+    return f'<div class="canvas">{"".join(spans)}</div>'
+
+
+def error_box(message: str) -> str:
+    return f'<div class="dimple-error" role="alert">⚠ {html.escape(message)}</div>'
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+
+
+class UnreadableImage:
+    """What the image input passes on when the upload is not an image it can read."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def image_input(**kwargs) -> gr.Image:
+    """A `gr.Image` whose unreadable uploads (a text file named .png, a truncated picture, ...) reach the
+    handler as an `UnreadableImage`, so that the page gets a readable message instead of a failure inside
+    gradio. (The instance's `preprocess` is wrapped: subclassing a gradio component writes a .pyi file.)"""
+    image = gr.Image(**kwargs)
+    plain = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return plain(payload)
+        except Exception as error:  # noqa: BLE001  (PIL raises several kinds)
+            name = getattr(payload, "orig_name", None) or "the upload"
+            return UnreadableImage(f"{name}: {type(error).__name__}")
+
+    image.preprocess = preprocess
+    return image
+
+
+def _as_int(value, name, low, high):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, f"{name} must be a whole number from {low} to {high} (got {value!r})."
+    if not number.is_integer() or not low <= number <= high:
+        return None, f"{name} must be a whole number from {low} to {high} (got {value:g})."
+    return int(number), None
+
+
+def check_request(image, question, alg, threshold, steps, max_new_tokens):
+    """A readable message for the first problem with the request, or None; also the cleaned settings."""
+    if image is None:
+        return "Please upload an image: this model answers questions about an image (or click an example below).", None
+    if isinstance(image, UnreadableImage):
+        return f"The uploaded file is not an image that can be read ({image.reason}); upload a PNG, JPEG or WebP picture.", None
+    if not isinstance(image, Image.Image):
+        return f"The image input must be a picture, got {type(image).__name__}.", None
+    if not isinstance(question, str) or not question.strip():
+        return "Please type a question about the image.", None
+    if alg not in ALGORITHMS:
+        return f"Algorithm must be one of {', '.join(ALGORITHMS)} (got {alg!r}).", None
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        return f"Confidence threshold must be a number from 0 to 1 (got {threshold!r}).", None
+    if not 0 <= threshold <= 1:
+        return f"Confidence threshold must be from 0 to 1 (got {threshold:g}).", None
+    steps, problem = _as_int(steps, "Steps", 1, MAX_STEPS)
+    if problem:
+        return problem, None
+    max_new_tokens, problem = _as_int(max_new_tokens, "Answer length", 1, MAX_ANSWER_LENGTH)
+    if problem:
+        return problem, None
+    settings = dict(alg=alg, alg_p_threshold=threshold, steps=steps, max_new_tokens=max_new_tokens)
+    return None, settings
+
+
+# --------------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------------
+
+
+def save_trajectory(canvases, mask_token_id, processor, path, title=None):
+    """Write the trajectory picture of one generation (its streamed answer canvases) as a PNG at `path`."""
+    return plot_trajectory(canvases, 0, mask_token_id, processor, path, title=title)
+
+
+class DimpleDemo:
+    """The model, its processor and the request handler (`ask`, a generator of page updates)."""
+
+    def __init__(self, model, processor, save_trajectory_to=None):
+        self.model, self.processor = model, processor
+        self.mask_token_id = model.config.mask_token_id
+        self.save_trajectory_to = save_trajectory_to
+        self.counter = itertools.count(1)
+        self.lock = threading.Lock()  # one generation at a time on the shared model
+        # The page starts from the checkpoint's generation_config.json (only the fields it sets: transformers'
+        # GenerationConfig defaults, e.g. use_cache=True, are not Dimple's).
+        config = getattr(model, "generation_config", None)
+        config = config.to_diff_dict() if config is not None else {}
+        length = min(int(config.get("max_new_tokens") or 64), MAX_ANSWER_LENGTH)
+        self.defaults = dict(
+            alg=config.get("alg") if config.get("alg") in ALGORITHMS else "maskgit_plus",
+            alg_p_threshold=float(config.get("alg_p_threshold") or 0.0),
+            steps=min(int(config.get("steps") or length), MAX_STEPS),
+            max_new_tokens=length,
+            use_cache=bool(config.get("use_cache", False)),
+        )
+
+    def ask(self, image, question, alg, threshold, steps, max_new_tokens, use_cache):
+        """Yields (message, canvas, answer, stats, trajectory) page updates for one question."""
+        problem, settings = check_request(image, question, alg, threshold, steps, max_new_tokens)
+        if problem:
+            gr.Warning(problem)
+            yield error_box(problem), "", "", "", None
+            return
+        tokenizer = self.processor.tokenizer
+        blank = [self.mask_token_id] * settings["max_new_tokens"]
+        yield "", render_canvas(blank, None, tokenizer, self.mask_token_id), "", "decoding…", None
+
+        streamer = QueueStreamer()
+        result = {}
+
+        def work():
+            try:
+                with self.lock:
+                    result["answer"] = demo.answer(
+                        self.model, self.processor, image.convert("RGB"), question.strip(),
+                        streamer=streamer, use_cache=bool(use_cache), **settings,
+                    )
+            except Exception as error:  # noqa: BLE001  (reported on the page, logged here)
+                if isinstance(error, ValueError):  # bad input the processor / decoder explained
+                    print(f"request refused: {error}", file=sys.stderr, flush=True)
+                else:
+                    traceback.print_exc()
+                result["error"] = error
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        previous = blank
+        for step, canvas in enumerate(streamer, start=1):
+            left = sum(token == self.mask_token_id for token in canvas)
+            html_canvas = render_canvas(canvas, previous, tokenizer, self.mask_token_id)
+            yield gr.skip(), html_canvas, gr.skip(), f"step {step}: {left} masks left", gr.skip()
+            previous = canvas
+        thread.join()
+
+        if "error" in result:
+            message = f"Could not answer: {result['error']}"
+            gr.Warning(message)
+            yield error_box(message), gr.skip(), "", "", None
+            return
+        text, passes, seconds = result["answer"]
+        stats = (
+            f"**{passes} forward pass{'es' if passes != 1 else ''}** · {seconds * 1000:.0f} ms · {settings['alg']}, threshold "
+            f"{settings['alg_p_threshold']:g}, ≤ {settings['steps']} steps, {settings['max_new_tokens']} tokens"
+            f"{', prefilling' if use_cache else ''}"
+        )
+        picture = self.trajectory_picture(streamer.canvases, f"Q: {question.strip()}   A: {text}")
+        yield "", gr.skip(), text if text.strip() else "(empty answer)", stats, picture
+
+    def trajectory_picture(self, canvases, title):
+        """The trajectory as a PIL image for the page (and saved when `--save-trajectory` was given)."""
+        try:
+            figure = plot_trajectory(canvases, 0, self.mask_token_id, self.processor, None, title=title)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png")
+            if self.save_trajectory_to:
+                path = str(self.save_trajectory_to)
+                path = path.replace("{n}", str(next(self.counter)))
+                pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+                pathlib.Path(path).write_bytes(buffer.getvalue())
+                print(f"trajectory saved to {path}", flush=True)
+            buffer.seek(0)
+            return Image.open(buffer)
+        except Exception:  # noqa: BLE001  (the answer is already on the page; the picture is extra)
+            traceback.print_exc()
+            return None
+
+
+def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Blocks:
+    """The gradio Blocks of the demo for a loaded model and processor."""
+    dimple = DimpleDemo(model, processor, save_trajectory_to)
+    defaults = dimple.defaults
+    with gr.Blocks(title="Dimple demo") as app:
+        gr.Markdown(
+            "# Dimple: discrete-diffusion answers about an image\n"
+            f"Model: `{model_name}`. The answer starts as masks ({MASK_GLYPH}); every decoding step (one forward "
+            "pass) commits some of them — newly committed tokens are highlighted, end-of-text shows as "
+            f"{END_GLYPH}."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = image_input(label="Image", type="pil", sources=["upload", "clipboard"], elem_id="image", height=260)
+                question = gr.Textbox(label="Question", placeholder=QUESTION_PLACEHOLDER, elem_id="question", lines=1)
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                with gr.Accordion("Decoding settings", open=True):
+                    alg = gr.Dropdown(list(ALGORITHMS), value=defaults["alg"], label="Algorithm (alg)", elem_id="alg")
+                    threshold = gr.Slider(
+                        0, 1, value=defaults["alg_p_threshold"], step=0.01, elem_id="threshold",
+                        label="Confidence threshold (alg_p_threshold; 0 = off)",
+                    )
+                    steps = gr.Slider(1, MAX_STEPS, value=defaults["steps"], step=1, label="Steps (most forward passes)", elem_id="steps")
+                    length = gr.Slider(
+                        1, MAX_ANSWER_LENGTH, value=defaults["max_new_tokens"], step=1, elem_id="length",
+                        label="Answer length (max_new_tokens)",
+                    )
+                    use_cache = gr.Checkbox(value=defaults["use_cache"], label="Prefilling (use_cache)", elem_id="use_cache")
+            with gr.Column():
+                message = gr.HTML(elem_id="message")
+                gr.Markdown("**Answer canvas** (live)")
+                blank = [dimple.mask_token_id] * defaults["max_new_tokens"]
+                canvas = gr.HTML(render_canvas(blank, None, processor.tokenizer, dimple.mask_token_id), elem_id="canvas")
+                answer = gr.Textbox(label="Answer", elem_id="answer", interactive=False)
+                stats = gr.Markdown(elem_id="stats")
+                trajectory = gr.Image(label="Decoding trajectory", type="pil", interactive=False, elem_id="trajectory")
+        gr.Examples(
+            examples=[[demo.sample_image(), q] for q in demo.DEFAULT_QUESTIONS],
+            inputs=[image, question],
+            label="Example: the sample image (a red circle)",
+        )
+        inputs = [image, question, alg, threshold, steps, length, use_cache]
+        outputs = [message, canvas, answer, stats, trajectory]
+        ask.click(dimple.ask, inputs, outputs, api_name="ask")
+        question.submit(dimple.ask, inputs, outputs, api_name=False)
+        image.upload(_warn_if_unreadable, [image], [message], api_name=False)
+    app.queue(default_concurrency_limit=1)
+    app.dimple = dimple
+    return app
+
+
+def _warn_if_unreadable(image):
+    if isinstance(image, UnreadableImage):
+        problem, _ = check_request(image, "", None, 0, 1, 1)
+        gr.Warning(problem)
+        return error_box(problem)
+    return ""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "tiny-dimple"), help="checkpoint folder or hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--save-trajectory", default=None, metavar="PATH", help="write each generation's trajectory PNG")
+    args = parser.parse_args(argv)
+
+    model, processor = load(args.model)
+    name = args.model
+    if pathlib.Path(name).resolve().is_relative_to(ROOT):
+        name = str(pathlib.Path(name).resolve().relative_to(ROOT))  # e.g. "tiny-dimple"
+    app = build_app(model, processor, args.save_trajectory, model_name=name)
+    print(f"Dimple demo: {args.model} on http://{args.host}:{args.port}", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)
+
+
+if __name__ == "__main__":
+    main()

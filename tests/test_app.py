@@ -1,0 +1,460 @@
+"""Tests of the web demo (`app.py`) and the decoding-trajectory picture (`scripts/trajectory.py`).
+
+* The trajectory: on a hand-made history every committed position is listed and drawn exactly once, at the
+  step that committed it; the same on a real decode of a tiny random model (`output_history=True`), and
+  through the CLI with the shipped tiny model.
+* The app's request handler (in process, shipped tiny model): the canvas streams one update per forward
+  pass, starting from all masks; bad requests give readable messages.
+* The app in a real browser: `app.py` starts in a subprocess on 127.0.0.1, headless Chromium (Debian's
+  `chromium` + `chromium-driver`, driven by selenium; never a browser download) uploads the sample image,
+  asks "What color is the shape?" and finds the tiny model's answer "red" on the page, with a screenshot;
+  an empty question, a missing image and a file that is not an image give readable messages, and the
+  server answers afterwards. Skipped, with the reason, only where Chromium / chromedriver or the demo
+  requirements (requirements-demo.txt) are not installed: `scripts/install_browser.sh` installs them.
+
+The model is the shipped `tiny-dimple/` (skipped while it is not built); `DIMPLE_TEST_MODEL=path` points the
+app tests at another checkpoint folder, whose answers are then only checked to appear. Set
+`DIMPLE_DEMO_SCREENSHOT=assets/demo_screenshot.png` to also write the browser screenshot there.
+"""
+
+import collections
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_configs import MASK_ID, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION = "What color is the shape?"
+EXPECTED = "red"  # the sample image is a red circle
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"dimple_scripts_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+trajectory = _load_script("trajectory")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: intra-op threads only slow the decode down on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    """(checkpoint folder, whether its answers must be correct)."""
+    override = os.environ.get("DIMPLE_TEST_MODEL")
+    if override:
+        return Path(override), False
+    path = REPO / "tiny-dimple"
+    if not (path / "config.json").is_file():
+        pytest.skip("tiny-dimple/ is not built (`make tiny-dimple`): the demo tests use the shipped tiny model")
+    return path, True
+
+
+# --------------------------------------------------------------------------------------------------
+# The trajectory
+# --------------------------------------------------------------------------------------------------
+
+M = 9  # mask id of the hand-made history
+PROMPT = [1, 2, 3]
+# Answer of 5 positions: step 1 commits position 2, step 2 positions 0 and 4, step 3 nothing, step 4
+# position 1; position 3 stays masked.
+HAND_CANVASES = [
+    [M, M, 40, M, M],
+    [41, M, 40, M, 42],
+    [41, M, 40, M, 42],
+    [41, 43, 40, M, 42],
+]
+HAND_TRAJECTORY = [(0, 2, 41), (1, 4, 43), (2, 1, 40), (4, 2, 42)]
+
+
+def drawn_cells(figure):
+    """(position, step, text) of every token written in the picture."""
+    (axes, *_) = figure.axes
+    return sorted((round(t.get_position()[0]), round(t.get_position()[1]), t.get_text()) for t in axes.texts)
+
+
+@pytest.mark.parametrize("form", ["lists", "tensors_1d", "tensors_2d", "batch_row_1"])
+def test_trajectory_of_a_hand_made_history(form):
+    sequences = [PROMPT + canvas for canvas in HAND_CANVASES]
+    row = 0
+    if form == "lists":
+        history = sequences
+    elif form == "tensors_1d":
+        history = [torch.tensor(s) for s in sequences]
+    elif form == "tensors_2d":
+        history = [torch.tensor([s]) for s in sequences]
+    else:  # the row of interest is the second of a batch; the first is all masks
+        history = [torch.tensor([PROMPT + [M] * 5, s]) for s in sequences]
+        row = 1
+    assert trajectory.decoding_trajectory(history, len(PROMPT), M, row=row) == HAND_TRAJECTORY
+    figure = trajectory.plot_trajectory(history, len(PROMPT), M, tokenizer=None, path=None, row=row)
+    # every committed position is drawn exactly once, in the cell of its commit step, with its token
+    assert drawn_cells(figure) == [(p, s, str(t)) for p, s, t in HAND_TRAJECTORY]
+
+
+def test_trajectory_png_and_labels(tmp_path):
+    class Tokenizer:  # decode() of a tiny vocabulary; 0 is the end-of-text (special) token
+        all_special_ids = [0]
+        words = {0: "<|endoftext|>", 40: " red", 41: "a", 42: "\n", 43: " "}
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(self.words[i] for i in ids)
+
+    history = [PROMPT + canvas for canvas in HAND_CANVASES] + [PROMPT + [41, 43, 40, 0, 42]]
+    figure = trajectory.plot_trajectory(history, len(PROMPT), M, Tokenizer(), path=None)
+    assert drawn_cells(figure) == [(0, 2, "a"), (1, 4, "␣"), (2, 1, "red"), (3, 5, "<eot>"), (4, 2, "⏎")]
+    from PIL import Image
+
+    path = trajectory.plot_trajectory(history, len(PROMPT), M, Tokenizer(), path=tmp_path / "sub" / "t.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 150
+
+
+def test_trajectory_of_an_empty_or_unfinished_decode():
+    assert trajectory.decoding_trajectory([], 0, M) == []
+    assert drawn_cells(trajectory.plot_trajectory([], 0, M)) == []
+    history = [[M, M, M], [M, 5, M]]
+    assert trajectory.decoding_trajectory(history, 0, M) == [(1, 2, 5)]
+    assert drawn_cells(trajectory.plot_trajectory(history, 0, M)) == [(1, 2, "5")]
+
+
+@pytest.mark.parametrize("alg, threshold", [("maskgit_plus", None), ("origin", None), ("entropy", 0.05)])
+def test_trajectory_of_a_real_decode(alg, threshold):
+    """A tiny random model's decode with `output_history`: each position that ends with a token is listed
+    and drawn once, at the first step whose canvas shows it, with the token it keeps to the end; the
+    streamer's canvases give the same trajectory."""
+    from dimple.modeling_dimple import DimpleModel
+
+    torch.manual_seed(0)
+    model = DimpleModel(tiny_config(initializer_range=0.2)).eval()
+    prompt = torch.tensor([[1, 20, 21, 22, 23, 24]])
+    recorder = trajectory.CanvasRecorder()
+    out = model.diffusion_generate(
+        prompt, max_new_tokens=12, steps=12, alg=alg, alg_p_threshold=threshold, output_history=True,
+        return_dict_in_generate=True, streamer=recorder, generator=torch.Generator().manual_seed(0),
+    )
+    n = prompt.shape[1]
+    history = [h[0, n:].tolist() for h in out.history]
+    final = out.sequences[0, n:].tolist()
+    assert len(history) == out.num_forward_passes and recorder.finished
+
+    found = trajectory.decoding_trajectory(out.history, n, MASK_ID)
+    assert [p for p, _, _ in found] == [p for p, token in enumerate(final) if token != MASK_ID]
+    for position, step, token in found:
+        assert 1 <= step <= len(history)
+        assert history[step - 1][position] == token == final[position]
+        assert step == 1 or history[step - 2][position] == MASK_ID
+    assert trajectory.decoding_trajectory(recorder.canvases, 0, MASK_ID) == found
+
+    cells = drawn_cells(trajectory.plot_trajectory(out.history, n, MASK_ID))
+    assert [(p, s) for p, s, _ in cells] == [(p, s) for p, s, _ in found]
+    assert all(count == 1 for count in collections.Counter(p for p, _, _ in cells).values())
+
+
+def test_trajectory_cli_with_the_shipped_model(model_dir, tmp_path, capsys):
+    path, _ = model_dir
+    out = tmp_path / "trajectory.png"
+    trajectory.main(["--model", str(path), "--question", QUESTION, "--out", str(out)])
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "forward passes" in printed
+
+
+# --------------------------------------------------------------------------------------------------
+# The app's handler, in process
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    pytest.importorskip("gradio", reason="the demo's requirements are not installed (pip install -r requirements-demo.txt)")
+    import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir, app_module):
+    path, correct = model_dir
+    model, processor = app_module.load(path)
+    return model, processor, correct
+
+
+def test_check_request_messages(app_module):
+    from PIL import Image
+
+    image = Image.new("RGB", (56, 56), "white")
+    ok = dict(image=image, question=QUESTION, alg="maskgit_plus", threshold=0.9, steps=8, max_new_tokens=8)
+    assert app_module.check_request(**ok) == (
+        None, dict(alg="maskgit_plus", alg_p_threshold=0.9, steps=8, max_new_tokens=8)
+    )
+    cases = {
+        "upload an image": dict(image=None),
+        "not an image": dict(image=app_module.UnreadableImage("notes.png: UnidentifiedImageError")),
+        "type a question": dict(question="   "),
+        "Algorithm": dict(alg="beam"),
+        "threshold must be from 0 to 1": dict(threshold=1.5),
+        "threshold must be a number": dict(threshold="high"),
+        "Steps must be a whole number from 1 to": dict(steps=0),
+        "Answer length must be a whole number from 1 to 512": dict(max_new_tokens=100000),
+    }
+    for expected, change in cases.items():
+        message, settings = app_module.check_request(**{**ok, **change})
+        assert expected in message and settings is None, (change, message)
+    assert app_module.check_request(**{**ok, "steps": 2.5})[0].startswith("Steps must be a whole number")
+
+
+def test_ask_streams_the_canvas(loaded, app_module, tmp_path):
+    import demo
+    from PIL import Image
+
+    model, processor, correct = loaded
+    dimple = app_module.DimpleDemo(model, processor, save_trajectory_to=tmp_path / "t-{n}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gr.Warning outside a request
+        updates = list(dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, False))
+    message, first, *_ = updates[0]
+    assert message == "" and first.count(app_module.MASK_GLYPH) == 8  # all masks before the first pass
+    message, _, text, stats, picture = updates[-1]
+    passes = int(stats.split("**")[1].split()[0])
+    assert len(updates) == passes + 2  # the blank canvas, one per forward pass, the result
+    assert all(f"step {k}:" in u[3] for k, u in enumerate(updates[1:-1], start=1))
+    assert updates[-2][1].count(app_module.MASK_GLYPH) == 0
+    assert message == "" and text.strip()
+    if correct:
+        assert text.strip() == EXPECTED
+    assert isinstance(picture, Image.Image) and (tmp_path / "t-1.png").is_file()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for image, question, expected in [
+            (None, QUESTION, "upload an image"),
+            (demo.sample_image(), "", "type a question"),
+            (Image.new("RGB", (1000, 2)), QUESTION, "aspect ratio"),  # refused by the processor
+        ]:
+            updates = list(dimple.ask(image, question, "maskgit_plus", 0.9, 16, 8, False))
+            assert expected in updates[-1][0] and "dimple-error" in updates[-1][0]
+            assert "Traceback" not in updates[-1][0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The app in a browser
+# --------------------------------------------------------------------------------------------------
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+DRIVERS = ("chromedriver", "/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver")
+
+
+def _find(env, names):
+    for name in ([os.environ[env]] if os.environ.get(env) else []) + list(names):
+        found = shutil.which(name) or (name if os.path.isfile(name) and os.access(name, os.X_OK) else None)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, app_module):
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -r requirements-demo.txt)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _find("CHROMIUM", BROWSERS), _find("CHROMEDRIVER", DRIVERS)
+    if not binary or not driver_path:
+        pytest.skip(
+            f"Chromium ({binary or 'not found'}) and chromedriver ({driver_path or 'not found'}) are needed: "
+            "run scripts/install_browser.sh (Debian: apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, app_module, tmp_path_factory):
+    """`python app.py --model ... --port P` in a subprocess; yields (url, log path, trajectory folder)."""
+    path, _ = model_dir
+    work = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    log = work / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(REPO / "app.py"), "--model", str(path), "--port", str(port),
+               "--save-trajectory", str(work / "trajectory-{n}.png")]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not serve {url} within 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, log, work
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_demo_in_a_browser(browser, server, model_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import demo
+
+    url, log, work = server
+    _, correct = model_dir
+    assert f"on {url.rstrip('/')}" in log.read_text()  # binds 127.0.0.1 (the default --host)
+    sample = tmp_path / "sample.png"
+    demo.sample_image().save(sample)
+    not_an_image = tmp_path / "notes.png"  # passes the page's file-type filter, but PIL cannot read it
+    not_an_image.write_text("this is not a picture\n")
+
+    d = browser
+    wait = WebDriverWait(d, 180, poll_frequency=0.25)
+    find = lambda css: d.find_element(By.CSS_SELECTOR, css)  # noqa: E731
+    d.get(url)
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+
+    def message():
+        return find("#message").text
+
+    def answer():
+        return find("#answer textarea").get_property("value")
+
+    def ask_and_wait_for_error(expected):
+        find("#ask").click()
+        wait.until(lambda _: expected in message())
+        assert "Traceback" not in d.page_source
+        return message()
+
+    def set_question(text):
+        box = find("#question textarea")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)  # typed, so that the page sees it (WebElement.clear() fires no input event)
+        if text:
+            box.send_keys(text)
+
+    def upload(file):
+        find("#image input[type=file]").send_keys(str(file))
+
+    def remove_image():
+        find("#image button[aria-label='Remove Image']").click()
+        wait.until(lambda _: not d.find_elements(By.CSS_SELECTOR, "#image button[aria-label='Remove Image']"))
+
+    def set_number(css, value):  # the number box of a slider
+        box = find(f"{css} input[type=number]")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(str(value), Keys.TAB)
+        wait.until(lambda _: float(box.get_property("value")) == value)
+
+    def passes():
+        return int(find("#stats").text.split()[0])
+
+    # 1. the sample image and the question, decoded by the schedule (threshold 0: the tiny model then takes
+    #    several passes instead of one): the canvas fills in, then the answer, passes and time appear
+    upload(sample)
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#image img"))
+    set_question(QUESTION)
+    set_number("#threshold", 0)
+    find("#ask").click()
+    wait.until(lambda _: "forward pass" in find("#stats").text and answer().strip())
+    assert message() == ""
+    text = answer().strip()
+    if correct:
+        assert text == EXPECTED, f"the tiny model answered {text!r}"
+    stats = find("#stats").text
+    assert " ms" in stats and "threshold 0," in stats
+    if correct:
+        assert passes() > 1
+    canvas = find("#canvas").text
+    assert "░" not in canvas and text.split()[0] in canvas  # the final canvas holds the answer
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#trajectory img"))
+    assert sorted(p.name for p in work.glob("trajectory-*.png")) == ["trajectory-1.png"]  # --save-trajectory
+    time.sleep(0.5)  # let the trajectory picture paint
+    d.save_screenshot(str(tmp_path / "demo_screenshot.png"))
+    target = os.environ.get("DIMPLE_DEMO_SCREENSHOT")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "demo_screenshot.png", target)
+
+    # 2. an empty question
+    set_question("")
+    ask_and_wait_for_error("Please type a question")
+    assert answer() == ""  # the old answer is gone
+
+    # 3. no image: the model needs one
+    remove_image()
+    set_question(QUESTION)
+    ask_and_wait_for_error("Please upload an image")
+
+    # 4. a file that is not an image: reported as soon as it is uploaded, and again on "Ask"
+    upload(not_an_image)
+    wait.until(lambda _: "not an image that can be read" in message() and "notes.png" in message())
+    ask_and_wait_for_error("not an image that can be read")
+    d.save_screenshot(str(tmp_path / "error_screenshot.png"))
+    remove_image()
+
+    # 5. still serving after the errors: the next question gets its answer
+    upload(sample)
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#image img"))
+    set_question("What shape is this?")
+    set_number("#threshold", 0.9)  # confident decoding again
+    find("#ask").click()
+    wait.until(lambda _: (work / "trajectory-2.png").is_file())  # written just before the last page update
+    wait.until(lambda _: "forward pass" in find("#stats").text and answer().strip())
+    assert message() == "" and "threshold 0.9," in find("#stats").text
+    if correct:
+        assert answer().strip() == "circle"
+        assert passes() < 8  # confident decoding commits several tokens per pass

@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+import transformers
 from transformers import AutoModel, AutoProcessor
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -24,6 +25,17 @@ def sample_image():
     from shapes_task import sample_image as make
 
     return make()
+
+
+def load(model_path):
+    """(model, processor) loaded as users do (`trust_remote_code`), on the GPU in bf16 when there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # The keyword is `dtype` from transformers 4.56 on (`torch_dtype` before, as in 4.46.2).
+    dtype_key = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+    processor = AutoProcessor.from_pretrained(str(model_path), trust_remote_code=True)
+    model = AutoModel.from_pretrained(str(model_path), trust_remote_code=True, **{dtype_key: dtype})
+    return model.to(device).eval(), processor
 
 
 def answer(model, processor, image, question: str, **generate_kwargs):
@@ -50,17 +62,14 @@ def main(argv=None):
     parser.add_argument("--alg-p-threshold", type=float, default=None)
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(device).eval()
+    model, processor = load(args.model)
     image = args.image or sample_image()
     generate_kwargs = {"use_cache": args.use_cache}
     for name in ("max_new_tokens", "steps", "alg_p_threshold"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
 
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device})")
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.device})")
     print(f"image: {args.image or 'generated sample (a red circle)'}")
     for question in args.question or DEFAULT_QUESTIONS:
         text, passes, seconds = answer(model, processor, image, question, **generate_kwargs)

@@ -309,13 +309,28 @@ def save_checkpoint(model, processor, output_dir: str) -> None:
     register_auto_classes(model, processor)
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
-    write_preprocessor_config(processor, output_dir)
+    write_portable_processor_files(processor, output_dir)
 
 
-def write_preprocessor_config(processor, output_dir: str) -> None:
-    """transformers 5 keeps the image processor inside processor_config.json; 4.x reads
-    preprocessor_config.json (with min_pixels / max_pixels). Writing both keeps checkpoints loadable on both."""
-    path = pathlib.Path(output_dir) / "preprocessor_config.json"
+def write_portable_processor_files(processor, output_dir: str) -> None:
+    """Keep processor files loadable by transformers 4.x and 5.x alike. 5.x nests the image processor in
+    processor_config.json, which 4.x passes on as a duplicate `image_processor` argument, and keeps the chat
+    template in chat_template.jinja, which 4.x does not read. So the image processor goes to
+    preprocessor_config.json only (with min_pixels / max_pixels for 4.x) and the template also into
+    tokenizer_config.json."""
+    folder = pathlib.Path(output_dir)
+    template, tokenizer_config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    if template.exists() and tokenizer_config.exists():
+        values = json.loads(tokenizer_config.read_text())
+        if "chat_template" not in values:
+            values["chat_template"] = template.read_text()
+            tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+    processor_config = folder / "processor_config.json"
+    if processor_config.exists():
+        values = json.loads(processor_config.read_text())
+        if values.pop("image_processor", None) is not None:
+            processor_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    path = folder / "preprocessor_config.json"
     if path.exists():
         return
     config = processor.image_processor.to_dict()

@@ -175,15 +175,11 @@ class CanvasRecorder(BaseStreamer):
 
 
 def load(model_path):
-    """(model, processor) loaded as users do (`trust_remote_code`), on the GPU in bf16 when there is one."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
+    """(model, processor) loaded as users do; see demo.load."""
+    sys.path.insert(0, str(ROOT))
+    import demo
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(str(model_path), trust_remote_code=True)
-    model = AutoModel.from_pretrained(str(model_path), trust_remote_code=True, dtype=dtype).to(device).eval()
-    return model, processor
+    return demo.load(model_path)
 
 
 def main(argv=None):

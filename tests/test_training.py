@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -463,6 +464,10 @@ def mask_free(sequences, prompt_length, mask_id) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.x's Trainer resumes with torch.load of pickled RNG state, which torch >= 2.6 refuses",
+)
 def test_resume_continues_from_saved_step(tiny, tmp_path, monkeypatch):
     out = tmp_path / "resume"
     run(tiny, out, "--save_strategy", "steps", "--save_steps", "10", steps=10)

@@ -37,11 +37,10 @@ class DimpleRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # Normalise in fp32, scale in the activation dtype (Qwen2's order); F.rms_norm is one fused kernel on
+        # CUDA instead of five elementwise ones.
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
 
 
 class DimpleMLP(nn.Module):

@@ -6,7 +6,9 @@ tokens never change. Decoding is built from small pieces on one loop:
 
 * `score_positions`: logits -> (token, confidence) for every canvas position;
 * a pipeline (`DimPipeline`, `DreamPipeline`): how many positions each row commits at a step;
-* `choose_positions`: which ones, by `alg` (random, leftmost, most confident, or sampled by confidence).
+* `choose_positions`: which ones, by `alg` (random, leftmost, most confident, or sampled by confidence);
+* `plan_blocks`: optional block-wise decoding (blocks left to right, each its own run of the pipeline),
+  with `DenoisingForward` running only what changed (prefilling, Fast-dLLM's dual cache).
 
 All decisions are per row, so a row's answer does not depend on the rest of the batch. Inside a step
 the only host synchronisation is the "any mask left?" check that ends `dim` decoding early.
@@ -48,8 +50,15 @@ class DimpleGenerationConfig(GenerationConfig):
             its masks after k become `<|endoftext|>` at once (saves passes; the release does not do this).
         use_cache (`bool`, defaults to `False` here): prefilling: reuse the prompt's keys/values.
         output_history (`bool`, defaults to `False`): keep the sequences after every step.
-        use_cuda_graph (`bool`, defaults to `True`): on CUDA, capture the fixed-shape prefilled step once as
-            a CUDA graph and replay it (same kernels, same results, no per-kernel launch cost).
+        block_length (`int`, *optional*): block-wise (semi-autoregressive) decoding: the canvas is split into
+            blocks of this many positions, decoded left to right, each with its share of `steps`; positions of
+            later blocks stay masks until their block comes. Must divide `max_new_tokens`.
+        dual_cache (`bool`, defaults to `False`): with `block_length`, Fast-dLLM's dual cache: each block's first
+            step runs the sequence and caches every position's keys/values; its later steps recompute only the
+            block (and the position before it), reading the prompt and the other blocks from the cache. With
+            `use_cache` too, the prompt's keys/values stay those of the first step (refreshes run the canvas).
+        use_cuda_graph (`bool`, defaults to `True`): on CUDA, capture the fixed-shape cached steps once as
+            CUDA graphs and replay them (same kernels, same results, no per-kernel launch cost).
     """
 
     def __init__(self, **kwargs):
@@ -63,6 +72,8 @@ class DimpleGenerationConfig(GenerationConfig):
         self.mask_token_id = kwargs.pop("mask_token_id", None)
         self.stop_at_eos = kwargs.pop("stop_at_eos", False)
         self.output_history = kwargs.pop("output_history", False)
+        self.block_length = kwargs.pop("block_length", None)
+        self.dual_cache = kwargs.pop("dual_cache", False)
         self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
         kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
         # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
@@ -112,6 +123,18 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
         fail("num_return_sequences", "an integer >= 1", config.num_return_sequences)
     if config.mask_token_id is None:
         fail("mask_token_id", "set (in the generation config or the model config)", None)
+    if config.block_length is not None:
+        if not isinstance(config.block_length, int) or config.block_length < 1:
+            fail("block_length", "an integer >= 1 (or None)", config.block_length)
+        if config.max_new_tokens % config.block_length:
+            fail("block_length", f"a divisor of max_new_tokens ({config.max_new_tokens})", config.block_length)
+        n_blocks = config.max_new_tokens // config.block_length
+        if config.steps < n_blocks:
+            fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {config.block_length})",
+                 config.steps)
+    if config.dual_cache and config.block_length is None:
+        fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
+             config.dual_cache)
 
 
 @dataclass
@@ -210,14 +233,31 @@ def choose_positions(alg, is_mask, count, ratio, confidence, alg_temp, generator
     return top_k_per_row(priority.float(), is_mask, count)
 
 
+def schedule_points(eps: float, steps: int, device=None) -> torch.Tensor:
+    """τ = linspace(1, eps, steps + 1) in float64 (the fraction of masks left after each step)."""
+    return torch.linspace(1, eps, steps + 1, dtype=torch.float64, device=device)
+
+
+def plan_blocks(canvas_len: int, block_length: Optional[int], steps: int) -> list:
+    """(start, end, steps) of each block, decoded left to right; `steps` is shared out evenly (the first
+    blocks take the remainder). Without `block_length` the whole canvas is one block."""
+    block_length = block_length or canvas_len
+    n_blocks = canvas_len // block_length
+    return [
+        (i * block_length, (i + 1) * block_length, steps // n_blocks + (i < steps % n_blocks))
+        for i in range(n_blocks)
+    ]
+
+
 class DimPipeline:
     """Dimple's decoding: confident decoding, then a ratio schedule over the masks left; early exit."""
 
     early_exit = True
     original_confidence_allowed = True
 
-    def __init__(self, config, taus: torch.Tensor):
-        self.config, self.taus = config, taus
+    def __init__(self, config, steps: int, device=None):
+        self.config, self.steps = config, steps
+        self.taus = schedule_points(config.eps, steps, device)
 
     def schedule(self, step: int, masks_left: torch.Tensor, masks_start: torch.Tensor):
         """(count, ratio) per row. With r = masks_left / masks_start, take the first schedule point s ≥ step+1
@@ -239,7 +279,7 @@ class DimPipeline:
 
     def commit(self, step, is_mask, masks_start, confidence, generator):
         config = self.config
-        last_step = step == config.steps - 1
+        last_step = step == self.steps - 1
         count, ratio = self.schedule(step, is_mask.sum(-1), masks_start)
         chosen = choose_positions(config.alg, is_mask, count, ratio, confidence, config.alg_temp, generator)
         if config.alg_p_threshold:
@@ -254,13 +294,14 @@ class DreamPipeline:
     early_exit = False
     original_confidence_allowed = False
 
-    def __init__(self, config, taus: torch.Tensor):
-        self.config, self.taus = config, taus.tolist()  # Python floats: no device sync per step
+    def __init__(self, config, steps: int, device=None):
+        self.config, self.steps = config, steps
+        self.taus = schedule_points(config.eps, steps).tolist()  # Python floats: no device sync per step
 
     def commit(self, step, is_mask, masks_start, confidence, generator):
         config = self.config
         t, s = self.taus[step], self.taus[step + 1]
-        last_step = step == config.steps - 1
+        last_step = step == self.steps - 1
         ratio = 1.0 if last_step else 1 - s / t
         masks_left = is_mask.sum(-1)
         count = masks_left if last_step else torch.floor(masks_left.double() * ratio).long()
@@ -270,69 +311,121 @@ class DreamPipeline:
 
 
 class DenoisingForward:
-    """The model call of one denoising step, returning the canvas logits `(batch, canvas, vocab)`
-    (`logits[:, j]` predicts canvas position j, from the hidden state one position earlier).
+    """The model call of one denoising step, returning the logits of the canvas positions `[lo, hi)` (the
+    block being decoded; the whole canvas without blocks): `logits[:, j]` predicts canvas position `lo + j`,
+    from the hidden state one position earlier.
 
     Holds what does not change across steps: the prompt embeddings (images encoded once) in a buffer whose
-    tail receives the canvas embeddings, the positions and the attention mask. Without prefilling every
-    step runs the whole sequence. With prefilling the first step fills the prefix cache and later steps run
-    the last prompt token and the canvas; on CUDA that fixed-shape step is captured once as a CUDA graph.
+    tail receives the canvas embeddings, the positions and the attention mask. Three kinds of pass:
+
+    * full: the whole sequence (every step without a cache; the first step, which fills the cache);
+    * tail: the last prompt token and the canvas, the prompt's keys/values read from the cache (prefilling);
+    * window: the position before the block and the block, everything else read from the cache (the dual
+      cache of block-wise decoding; the cache is refreshed by a full or tail pass at each block's first step).
+
+    Tail and window passes have fixed shapes: on CUDA each is captured once as a CUDA graph and replayed, the
+    block's positions being device tensors written before the replay.
     """
 
-    def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, use_cache, use_cuda_graph):
+    def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, block_length,
+                 use_cache, dual_cache, use_cuda_graph):
         batch, prompt_len, hidden = prompt_embeds.shape
+        device = prompt_embeds.device
         self.model, self.prompt_len, self.canvas_len = model, prompt_len, canvas_len
         self.embeds = prompt_embeds.new_empty(batch, prompt_len + canvas_len, hidden)
         self.embeds[:, :prompt_len] = prompt_embeds
-        self.position_ids, self.attn_mask = position_ids, attn_mask
-        self.cache = model.new_prefix_cache() if use_cache else None
+        self.canvas = torch.empty(batch, canvas_len, dtype=torch.long, device=device)
+        self.position_ids = position_ids
+        self.attn_mask = attn_mask
+        self.cache = model.new_prefix_cache() if use_cache or dual_cache else None
+        self.freeze_prompt, self.dual_cache = use_cache, dual_cache
+        block = block_length or canvas_len
+        # Logits only for the block; the whole canvas is a constant slice.
+        self.keep = slice(0, canvas_len) if block == canvas_len else torch.arange(block, device=device)
+        self.window = torch.arange(prompt_len - 1, prompt_len + block, device=device)  # absolute positions
+        self.block_start = 0
         self.use_cuda_graph = use_cuda_graph
-        self.graph = None
+        self.graphs = {}
 
-    def __call__(self, canvas: torch.Tensor) -> torch.Tensor:
-        if self.cache is None or not self.cache.is_filled:
-            self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(canvas)
-            return self.model(
-                inputs_embeds=self.embeds,
-                attention_mask=self.attn_mask,
-                position_ids=self.position_ids,
-                past_key_values=self.cache,
-                logits_to_keep=slice(self.prompt_len - 1, self.prompt_len - 1 + self.canvas_len),
-            ).logits
-        if self.use_cuda_graph and self.graph is None:
-            self._capture(canvas)
-        if self.graph is not None:
-            self.static_canvas.copy_(canvas)
-            self.graph.replay()
-            return self.static_logits
-        return self._prefilled_step(canvas)
+    def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
+        self.canvas.copy_(canvas)
+        if lo != self.block_start:
+            self.block_start = lo
+            self.window.copy_(torch.arange(self.prompt_len - 1 + lo, self.prompt_len + hi, device=self.window.device))
+            if torch.is_tensor(self.keep):
+                self.keep.copy_(torch.arange(lo, hi, device=self.keep.device))
+        if self.cache is None or not self.cache.is_filled or (
+            self.dual_cache and first_step_of_block and not self.freeze_prompt
+        ):
+            return self._full_pass(lo, hi)
+        if self.dual_cache and not first_step_of_block:
+            return self._replay("window", self._window_pass)
+        return self._replay("tail", self._tail_pass)
 
-    def _prefilled_step(self, canvas: torch.Tensor) -> torch.Tensor:
+    def _embed_canvas(self) -> None:
+        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)
+
+    def _full_pass(self, lo: int, hi: int) -> torch.Tensor:
+        self._embed_canvas()
+        first = self.prompt_len - 1
+        return self.model(
+            inputs_embeds=self.embeds,
+            attention_mask=self.attn_mask,
+            position_ids=self.position_ids,
+            past_key_values=self.cache,
+            logits_to_keep=slice(first + lo, first + hi),
+        ).logits
+
+    def _tail_pass(self) -> torch.Tensor:
         tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
-        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(canvas)
+        self._embed_canvas()
         return self.model(
             inputs_embeds=self.embeds[:, tail:],
             attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
             position_ids=self.position_ids[..., tail:],
             past_key_values=self.cache,
-            logits_to_keep=slice(0, self.canvas_len),
+            logits_to_keep=self.keep,
         ).logits
 
-    def _capture(self, canvas: torch.Tensor) -> None:
-        """Record the prefilled step. The warm-up and capture runs write only the canvas part of the cache,
-        which every step rewrites anyway; on any capture failure decoding continues uncaptured."""
-        self.static_canvas = canvas.clone()
+    def _window_pass(self) -> torch.Tensor:
+        self._embed_canvas()
+        self.cache.write_index = self.window
         try:
-            stream = torch.cuda.Stream(device=canvas.device)
-            stream.wait_stream(torch.cuda.current_stream(canvas.device))
+            return self.model(
+                inputs_embeds=self.embeds.index_select(1, self.window),
+                attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, self.window),
+                position_ids=self.position_ids.index_select(-1, self.window),
+                past_key_values=self.cache,
+                logits_to_keep=slice(0, self.window.shape[0] - 1),  # the block's last token predicts past it
+            ).logits
+        finally:
+            self.cache.write_index = None
+
+    def _replay(self, name: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run `step`, or on CUDA its captured graph (captured at the first call)."""
+        if self.use_cuda_graph and name not in self.graphs:
+            self._capture(name, step)
+        if name in self.graphs:
+            graph, logits = self.graphs[name]
+            graph.replay()
+            return logits
+        return step()
+
+    def _capture(self, name: str, step: Callable[[], torch.Tensor]) -> None:
+        """Record a fixed-shape pass. The warm-up and capture runs write only the keys/values that this pass
+        rewrites at every call anyway; on any capture failure decoding continues uncaptured."""
+        device = self.canvas.device
+        try:
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # allocator and library handles settle before capture
-                    self._prefilled_step(self.static_canvas)
-            torch.cuda.current_stream(canvas.device).wait_stream(stream)
+                    step()
+            torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.static_logits = self._prefilled_step(self.static_canvas)
-            self.graph = graph
+                logits = step()
+            self.graphs[name] = (graph, logits)
         except RuntimeError as error:  # e.g. an attention kernel that cannot be captured
             warnings.warn(f"CUDA graph capture failed, decoding without it: {error}")
             self.use_cuda_graph = False
@@ -399,8 +492,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 `generation_config.json`; keyword arguments override single fields.
             attention_mask, pixel_values, image_grid_thw: the processor outputs.
             max_new_tokens / max_length, steps, eps, temperature, top_p, top_k, alg, alg_temp,
-            alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, stop_at_eos,
-            output_history, return_dict_in_generate, num_return_sequences, mask_token_id, pad_token_id,
+            alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, block_length, dual_cache,
+            stop_at_eos, output_history, return_dict_in_generate, num_return_sequences, mask_token_id, pad_token_id,
             eos_token_id: see `DimpleGenerationConfig` and the model card.
             response_prior (`str`, `list[int]`, 1-D or `(batch, length)` tensor, *optional*): the start of the
                 answer canvas, fixed; mask tokens in it are generated, other tokens never change, and an
@@ -409,7 +502,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 before the first step, then after every step; may rewrite the sequences `x`.
             generation_logits_hook_func (`Callable[[step, x, logits], logits]`, *optional*): may rewrite the
                 logits of a step. The logits passed to both hooks are those of the answer canvas,
-                `(batch, max_new_tokens, vocab)`: `logits[:, j]` predicts `x[:, prompt_length + j]`.
+                `(batch, max_new_tokens, vocab)`: `logits[:, j]` predicts `x[:, prompt_length + j]`; with
+                `block_length`, those of the current block, `logits[:, j]` predicting `x[:, prompt_length + start + j]`.
             streamer (`BaseStreamer`, *optional*): `put` receives the answer canvas after every step, `end`
                 is called at the end.
             generator (`torch.Generator`, *optional*): random source for sampling.
@@ -491,37 +585,37 @@ class DimpleGenerationMixin(GenerationMixin):
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)  # images encoded once
         denoise = DenoisingForward(
             self, embeds.repeat_interleave(n_rep, 0), position_ids,
-            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len,
-            use_cache=config.use_cache, use_cuda_graph=config.use_cuda_graph and device.type == "cuda",
+            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
+            use_cache=config.use_cache, dual_cache=config.dual_cache,
+            use_cuda_graph=config.use_cuda_graph and device.type == "cuda",
         )
-
-        taus = torch.linspace(1, config.eps, config.steps + 1, dtype=torch.float64)
-        pipeline = (DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline)(config, taus.to(device))
-        original_confidence = config.use_original_confidence and pipeline.original_confidence_allowed
+        pipeline_class = DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline
+        original_confidence = config.use_original_confidence and pipeline_class.original_confidence_allowed
 
         x = tokens_hook(None, x, None)
         history = [] if config.output_history else None
-        masks_start = (x[:, prompt_len:] == mask_id).sum(-1)
         forward_passes = 0
-        for step in range(config.steps):
-            canvas = x[:, prompt_len:]
-            is_mask = canvas == mask_id
-            if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
-                break
-            step_logits = denoise(canvas)
-            forward_passes += 1
-            logits = logits_hook(step, x, step_logits)
-            tokens, confidence = score_positions(logits, config, original_confidence, generator)
-            chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
-            canvas = torch.where(chosen, tokens, canvas)
-            if config.stop_at_eos:
-                canvas = fill_after_end_of_text(canvas, mask_id, end_ids, config.pad_token_id)
-            x[:, prompt_len:] = canvas
-            x = tokens_hook(step, x, logits)
-            if history is not None:
-                history.append(x.clone())
-            if streamer is not None:
-                streamer.put(x[:, prompt_len:].clone())
+        for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
+            pipeline = pipeline_class(config, block_steps, device)
+            block = slice(prompt_len + lo, prompt_len + hi)
+            masks_start = (x[:, block] == mask_id).sum(-1)
+            for step in range(block_steps):
+                is_mask = x[:, block] == mask_id
+                if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
+                    break
+                step_logits = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
+                forward_passes += 1
+                logits = logits_hook(forward_passes - 1, x, step_logits)
+                tokens, confidence = score_positions(logits, config, original_confidence, generator)
+                chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
+                x[:, block] = torch.where(chosen, tokens, x[:, block])
+                if config.stop_at_eos:
+                    x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
+                x = tokens_hook(forward_passes - 1, x, logits)
+                if history is not None:
+                    history.append(x.clone())
+                if streamer is not None:
+                    streamer.put(x[:, prompt_len:].clone())
         if streamer is not None:
             streamer.end()
         if return_dict:

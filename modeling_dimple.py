@@ -282,18 +282,21 @@ class DimpleImageProjector(nn.Module):
 
 
 class DimplePrefixCache:
-    """Keys and values kept across the steps of one diffusion decode (prefilling).
+    """Keys and values kept across the steps of one diffusion decode (prefilling, block-wise dual cache).
 
     The first forward stores each layer's keys/values for the whole sequence (one tensor per layer,
-    allocated once). Later forwards run only the last `q_len` positions: their new keys/values are
-    written in place into the tail of that tensor, so the prefix computed at the first step is reused
-    with no per-step allocation. `position_ids` keeps the full multimodal positions of the first step.
+    allocated once). A later forward runs only some positions and writes their new keys/values in place,
+    then attends over the whole cached sequence, so no step allocates. By default those are the last
+    `q_len` positions (prefilling: the prompt's prefix is reused); block-wise decoding with a dual cache
+    sets `write_index` (a `(q_len,)` tensor of positions) to recompute a window in the middle, with the
+    prompt and the other blocks read from the cache. `position_ids` keeps the full positions of the first step.
     """
 
     def __init__(self):
         self.keys: list = []
         self.values: list = []
         self.position_ids: Optional[torch.Tensor] = None
+        self.write_index: Optional[torch.Tensor] = None
 
     @property
     def is_filled(self) -> bool:
@@ -306,6 +309,10 @@ class DimplePrefixCache:
         if len(self.keys) <= layer_idx:
             self.keys.append(key.contiguous())
             self.values.append(value.contiguous())
+        elif self.write_index is not None:
+            # A device tensor of positions (not Python ints): one captured CUDA graph serves every window.
+            self.keys[layer_idx].index_copy_(-2, self.write_index, key)
+            self.values[layer_idx].index_copy_(-2, self.write_index, value)
         else:
             q_len = key.shape[-2]
             self.keys[layer_idx][..., -q_len:, :].copy_(key)
@@ -351,16 +358,20 @@ class DimpleAttention(nn.Module):
 
 
 def build_attention_mask(
-    padding_mask: Optional[torch.Tensor], q_len: int, k_len: int, is_causal: bool, device=None
+    padding_mask: Optional[torch.Tensor], q_len: int, k_len: int, is_causal: bool, device=None,
+    query_positions: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Boolean (batch, 1, q_len, k_len) mask, True = may attend; the queries are the last q_len of the
-    k_len positions. Padding (0 in the (batch, k_len) `padding_mask`) is excluded as key and every
-    query may attend to itself, so a padded query row is never empty; causal masking is folded in.
-    Returns None when SDPA needs no mask (no padding, and not causal or square causal)."""
+    k_len positions, or `query_positions` (a window of a cached sequence). Padding (0 in the (batch, k_len)
+    `padding_mask`) is excluded as key and every query may attend to itself, so a padded query row is never
+    empty; causal masking is folded in. Returns None when SDPA needs no mask (no padding, and not causal or
+    square causal)."""
     if padding_mask is None and (not is_causal or q_len == k_len):
         return None
     device = padding_mask.device if padding_mask is not None else device
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    if query_positions is None:
+        query_positions = torch.arange(k_len - q_len, k_len, device=device)
+    q_pos = query_positions.to(device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     if padding_mask is None:
         mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
@@ -683,7 +694,8 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             image_grid_thw (`torch.LongTensor`, *optional*): `(images, 3)` patch grid of every image.
             labels (`torch.LongTensor`, *optional*): targets aligned with `input_ids`; the loss is the mean
                 cross-entropy of logits at j − 1 against labels at j, ignoring -100.
-            past_key_values (`DimplePrefixCache`, *optional*): prefilling cache of a diffusion decode.
+            past_key_values (`DimplePrefixCache`, *optional*): the cache of a diffusion decode: once filled,
+                the inputs are its last positions, or those of its `write_index`.
             logits_to_keep (`int`, `slice` or `torch.Tensor`): positions whose logits are computed; an int
                 keeps the last n (0 keeps all).
         """
@@ -701,7 +713,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         cache = past_key_values
         cached = cache is not None and cache.is_filled
         if position_ids is None:
-            if cached and cache.position_ids is not None:
+            if cached and cache.position_ids is not None and cache.write_index is not None:
+                position_ids = cache.position_ids.index_select(-1, cache.write_index)
+            elif cached and cache.position_ids is not None:
                 position_ids = cache.position_ids[..., -q_len:]
             elif input_ids is None:
                 position_ids = torch.arange(q_len, device=inputs_embeds.device).expand(3, batch, -1)
@@ -722,6 +736,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
         is_causal = not self.config.full_attn_mask
         k_len = cache.get_seq_length() if cached else q_len
+        window = cache.write_index if cached else None  # the positions of a recomputed window
+        if window is not None and window.shape != (q_len,):
+            raise ValueError(f"the cache's `write_index` must have shape ({q_len},), got {tuple(window.shape)}")
         if attention_mask is not None and attention_mask.dim() == 2:
             if tuple(attention_mask.shape) != (batch, k_len):
                 raise ValueError(
@@ -729,9 +746,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 )
             # Without padding SDPA runs mask-free (one host sync; the decoding loop decides this once).
             padding = None if bool(attention_mask.all()) else attention_mask
-            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device)
+            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device, window)
         elif attention_mask is None:
-            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device)
+            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device, window)
         # A prepared 4-D mask already holds the causal part; SDPA's own flag is for the mask-free case.
         is_causal = is_causal and attention_mask is None
 

@@ -111,9 +111,10 @@ def ask(model, processor, image, question: str, **generate_kwargs):
 
 def evaluate(model, processor, n: int, seed: int, **generate_kwargs) -> dict:
     """Exact-answer accuracy on freshly generated images, and forward passes per answer by answer length."""
-    correct, passes_by_length, start = 0, {}, time.perf_counter()
+    correct, passes_by_length, answers, start = 0, {}, [], time.perf_counter()
     for image, question, expected, _ in generate_samples(n, seed=seed, image_size=IMAGE_SIZE):
         answer, passes = ask(model, processor, image, question, **generate_kwargs)
+        answers.append(answer)
         correct += answer_is_correct(answer, expected)
         length = len(processor.tokenizer(expected, add_special_tokens=False)["input_ids"])
         passes_by_length.setdefault(length, []).append(passes)
@@ -124,7 +125,33 @@ def evaluate(model, processor, n: int, seed: int, **generate_kwargs) -> dict:
         "forward_passes_by_answer_tokens": {k: sum(v) / len(v) for k, v in sorted(passes_by_length.items())},
         "seconds": round(time.perf_counter() - start, 2),
         "generate_kwargs": generate_kwargs,
+        "answers": answers,
     }
+
+
+# Decoding settings evaluated on the held-out questions (eval_results.json): the release's decoding with and
+# without prefilling, then our options (stop_at_eos, block-wise decoding, Fast-dLLM's dual cache).
+EVAL_SETTINGS = {
+    "eval_prefill_off": dict(use_cache=False),
+    "eval_prefill_on": dict(use_cache=True),
+    "eval_stop_at_eos": dict(use_cache=False, stop_at_eos=True),
+    "eval_blocks_4": dict(block_length=4),
+    "eval_dual_cache_blocks_4": dict(block_length=4, dual_cache=True),
+    "eval_dual_cache_prefill_blocks_4": dict(block_length=4, dual_cache=True, use_cache=True),
+    "eval_dual_cache_blocks_2": dict(block_length=2, dual_cache=True),
+    "eval_dual_cache_blocks_4_stop_at_eos": dict(block_length=4, dual_cache=True, stop_at_eos=True),
+}
+
+
+def evaluate_settings(model, processor, n: int) -> dict:
+    """Every setting of EVAL_SETTINGS on the same n held-out questions (seed 1), with how many answers equal
+    those of the reference decoding (prefilling off)."""
+    results = {name: evaluate(model, processor, n, seed=1, **kwargs) for name, kwargs in EVAL_SETTINGS.items()}
+    reference = results["eval_prefill_off"]["answers"]
+    for result in results.values():
+        answers = result.pop("answers")
+        result["same_answers_as_prefill_off"] = sum(a == b for a, b in zip(answers, reference))
+    return results
 
 
 def plot_losses(histories: dict, path: pathlib.Path) -> None:
@@ -169,7 +196,18 @@ def main(argv=None):
     parser.add_argument("--ar-steps", type=int, default=400)
     parser.add_argument("--diffusion-steps", type=int, default=500)
     parser.add_argument("--eval-samples", type=int, default=300)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-run the held-out evaluation of the built folder (--out) and update eval_results.json")
     args = parser.parse_args(argv)
+    if args.evaluate_only:
+        out = pathlib.Path(args.out)
+        results = json.loads((out / "eval_results.json").read_text())
+        model = DimpleModel.from_pretrained(out).eval()
+        processor = DimpleProcessor.from_pretrained(out, trust_remote_code=True)
+        results.update(evaluate_settings(model, processor, args.eval_samples))
+        (out / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps(results, indent=1))
+        return
     torch.manual_seed(0)
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
     if work.exists():
@@ -203,12 +241,8 @@ def main(argv=None):
 
     model = DimpleModel.from_pretrained(out).eval()
     processor = DimpleProcessor.from_pretrained(out, trust_remote_code=True)
-    results = {
-        "parameters": n_params, "train_seconds": round(train_seconds, 1),
-        "eval_prefill_off": evaluate(model, processor, args.eval_samples, seed=1, use_cache=False),
-        "eval_prefill_on": evaluate(model, processor, args.eval_samples, seed=1, use_cache=True),
-        "eval_stop_at_eos": evaluate(model, processor, args.eval_samples, seed=1, use_cache=False, stop_at_eos=True),
-    }
+    results = {"parameters": n_params, "train_seconds": round(train_seconds, 1)}
+    results.update(evaluate_settings(model, processor, args.eval_samples))
     (out / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 

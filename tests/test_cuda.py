@@ -1,6 +1,7 @@
 """CUDA checks (skipped without a GPU): the optimised bf16 decoding paths give the plain path's tokens.
 
-- The CUDA-graph prefilled step gives exactly the tokens of the uncaptured step (same kernels).
+- The CUDA-graph cached steps (prefilling, the dual cache's windows) give exactly the tokens of the
+  uncaptured steps (same kernels).
 - bf16 CUDA decoding of the shipped tiny model gives the answers of CPU fp32 decoding.
 """
 
@@ -24,14 +25,22 @@ def image_prompt(device):
     return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 4, 4]], device=device)}
 
 
+CACHES = [
+    dict(use_cache=True),
+    dict(block_length=4, dual_cache=True),  # window passes captured; refreshes are full passes
+    dict(block_length=4, dual_cache=True, use_cache=True),  # window and tail passes captured
+]
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=lambda c: "-".join(sorted(c)))
 @pytest.mark.parametrize("alg", ["maskgit_plus", "autoregressive", "entropy"])
 @pytest.mark.parametrize("threshold", [None, 0.05])
-def test_cuda_graph_step_gives_the_uncaptured_tokens(alg, threshold):
+def test_cuda_graph_step_gives_the_uncaptured_tokens(alg, threshold, cache):
     torch.manual_seed(0)
     model = DimpleModel(tiny_config(initializer_range=0.2)).eval().cuda().to(torch.bfloat16)
     inputs = image_prompt("cuda")
-    kwargs = dict(max_new_tokens=12, steps=12, alg=alg, alg_p_threshold=threshold, use_cache=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(max_new_tokens=12, steps=12, alg=alg, alg_p_threshold=threshold, return_dict_in_generate=True,
+                  **cache)
     graphed = model.diffusion_generate(**inputs, use_cuda_graph=True, **kwargs)
     plain = model.diffusion_generate(**inputs, use_cuda_graph=False, **kwargs)
     assert torch.equal(graphed.sequences, plain.sequences)

@@ -225,8 +225,7 @@ def test_schedule_matches_hand_computation(steps, step, left, start, expected):
     count, ratio = hand_schedule(step, left, start, steps, eps)
     assert count == expected  # the Python-float helper against the numbers worked out on paper above
     config = DimpleGenerationConfig(steps=steps, eps=eps)
-    taus = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
-    got_count, got_ratio = DimPipeline(config, taus).schedule(step, torch.tensor([left]), torch.tensor([start]))
+    got_count, got_ratio = DimPipeline(config, steps).schedule(step, torch.tensor([left]), torch.tensor([start]))
     assert got_count.tolist() == [expected]
     assert got_ratio.item() == pytest.approx(ratio, rel=1e-6)
 
@@ -235,14 +234,13 @@ def test_schedule_per_row():
     steps, eps, step = 8, 1e-3, 1
     lefts, starts = [16, 9, 3, 1, 16, 2], [16, 16, 8, 16, 20, 3000]
     config = DimpleGenerationConfig(steps=steps, eps=eps)
-    taus = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
-    count, ratio = DimPipeline(config, taus).schedule(step, torch.tensor(lefts), torch.tensor(starts))
+    count, ratio = DimPipeline(config, steps).schedule(step, torch.tensor(lefts), torch.tensor(starts))
     expected = [hand_schedule(step, l, s, steps, eps) for l, s in zip(lefts, starts)]
     assert count.tolist() == [c for c, _ in expected]
     assert ratio.tolist() == pytest.approx([r for _, r in expected], rel=1e-6)
     # Rows are independent: each row alone gives the same count as inside the batch.
     for i, (l, s) in enumerate(zip(lefts, starts)):
-        alone, _ = DimPipeline(config, taus).schedule(step, torch.tensor([l]), torch.tensor([s]))
+        alone, _ = DimPipeline(config, steps).schedule(step, torch.tensor([l]), torch.tensor([s]))
         assert alone.item() == count[i].item()
 
 
@@ -797,6 +795,10 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
         (dict(response_prior=[20] * 9, max_new_tokens=8), "`response_prior`"),
         (dict(response_prior="{ }"), "tokenizer"),
         (dict(num_return_sequences=0), "`num_return_sequences`"),
+        (dict(block_length=0), "`block_length`"),
+        (dict(block_length=3, max_new_tokens=8), "`block_length` must be a divisor of max_new_tokens"),
+        (dict(block_length=2, max_new_tokens=8, steps=3), "`steps` must be >= the number of blocks"),
+        (dict(dual_cache=True), "`dual_cache`"),
     ],
 )
 def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, match):

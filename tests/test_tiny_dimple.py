@@ -62,6 +62,20 @@ def test_prefilling_gives_the_same_answers(tiny):
         )[0]
 
 
+@pytest.mark.parametrize("settings", [dict(block_length=4, dual_cache=True),
+                                      dict(block_length=2, dual_cache=True, use_cache=True)])
+def test_block_decoding_with_the_dual_cache_keeps_the_accuracy(tiny, settings):
+    model, processor = tiny
+    samples = generate_samples(60, seed=99, image_size=IMAGE_SIZE)
+    correct = same = 0
+    for image, question, expected, _ in samples:
+        answer, _ = ask(model, processor, image, question, **settings)
+        correct += answer_is_correct(answer, expected)
+        same += answer == ask(model, processor, image, question)[0]
+    assert correct / len(samples) >= 0.95
+    assert same >= 0.95 * len(samples)
+
+
 def test_batched_answers_equal_single_answers(tiny):
     model, processor = tiny
     samples = generate_samples(6, seed=5, image_size=IMAGE_SIZE)

@@ -12,7 +12,12 @@ values) wrapped by vision_start / vision_end, plus 40 random text tokens: 298 to
 Settings (`--settings`, comma list; default all, in this order):
 
   floor     weight bytes ÷ measured device-to-device copy bandwidth (a 2 GiB bf16 `dst.copy_(src)` reads
-            and writes, so bandwidth = 2·bytes / time) → the time to read every weight once.
+            and writes, so bandwidth = 2·bytes / time) → the time to read every weight once (memory floor);
+            and the rate of one large bf16 matmul (8192³) → with each decode's FLOPs (counted by torch's
+            FlopCounterMode in an extra untimed run; attention on the CPU has no FLOP formula and is not
+            counted), its compute floor per pass. Every decode reports
+            ms per pass ÷ max(memory floor, compute floor) ("x bound"): near 1 it is bound by memory or
+            compute, far above by what is neither (launches, small kernels, host work).
   forward   one forward over the prompt + 64 masks: (i) input_ids + pixel_values (vision tower included,
             logits everywhere), (ii) language model only from inputs_embeds with the canvas logits (a decoding
             pass without prefilling), (iii) a prefilled pass (last prompt token + 64 masks against the
@@ -25,6 +30,9 @@ Settings (`--settings`, comma list; default all, in this order):
             confident answer is also given as the estimate 64 / (22 × ms per pass) (marked "derived").
   batch     batch 1 / 4 / 16 (the prompt repeated), use_cache True, 64 tokens: tokens/s over the batch.
   length    answers of 64 and 256 tokens (steps = length), use_cache True: ms per pass, total time.
+  dual      the same answers decoded block-wise with Fast-dLLM's dual cache (block_length `--block-length`,
+            with and without use_cache), against prefilling alone (the length runs, reused): same steps, so
+            the ratio is the per-pass saving of recomputing only the block.
   baseline  transformers' Qwen2_5_VLForConditionalGeneration of the same shape, greedy, 64 tokens
             (min_new_tokens 64), static cache (falls back to a dynamic cache; the JSON says which), plus a
             dynamic-cache run. The Dimple model is freed first so both fit on an 80 GB card.
@@ -67,7 +75,7 @@ import dimple_package  # noqa: E402,F401
 from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 
-SETTINGS = ("floor", "forward", "vision", "generate", "batch", "length", "baseline")
+SETTINGS = ("floor", "forward", "vision", "generate", "batch", "length", "dual", "baseline")
 GIB = 1024**3
 
 # Prompt layout: 20 text tokens, vision_start, 256 image tokens, vision_end, 20 text tokens = 298.
@@ -356,6 +364,8 @@ class Context:
         self.partial = {}  # what a setting finished before it failed or timed out
         self.memo = {}  # identical diffusion_generate configurations are timed once per run
         self.current_setting = None
+        self.floor_ms = None  # memory floor per pass, set by the floor setting
+        self.matmul_flop_s = None  # measured matmul rate, set by the floor setting
 
     def dimple(self) -> DimpleModel:
         if self.model is None:
@@ -401,17 +411,39 @@ def run_floor(ctx: Context) -> dict:
     del src, dst
     free_memory(ctx.device)
     floor_ms = weight_bytes / bandwidth * 1e3
+    ctx.floor_ms, ctx.matmul_flop_s = floor_ms, matmul_throughput(ctx)
     return {
+        "matmul_tflop_s": ctx.matmul_flop_s / 1e12,
         "weight_bytes": weight_bytes,
         "weight_gib": weight_bytes / GIB,
         "copy_bytes": numel * 2,
         "copy_ms": per_copy * 1e3,
         "copy_bandwidth_tb_s": bandwidth / 1e12,
         "floor_ms": floor_ms,
-        "measured": ["copy_ms", "copy_bandwidth_tb_s"],
+        "measured": ["copy_ms", "copy_bandwidth_tb_s", "matmul_tflop_s"],
         "derived": {"floor_ms": "weight_bytes / copy_bandwidth (reading every weight once)"},
         "rows": [{"label": "floor: weights ÷ copy BW", "ms_per_pass": floor_ms, "kind": "derived"}],
     }
+
+
+def matmul_throughput(ctx: Context) -> float:
+    """FLOP/s of one large square matmul in the model's dtype: the compute rate a pass can at best reach."""
+    n = 8192 if ctx.bench.cuda else 1024
+    a = torch.randn(n, n, device=ctx.device, dtype=ctx.dtype)
+    b = torch.randn(n, n, device=ctx.device, dtype=ctx.dtype)
+    seconds, _, _ = ctx.bench.time(lambda: a @ b, repeats=max(3, ctx.bench.repeats), warmup=2)
+    del a, b
+    free_memory(ctx.device)
+    return 2 * n**3 / seconds
+
+
+def count_flops(fn) -> int:
+    """FLOPs of the matmuls and attention that `fn` dispatches (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
@@ -489,14 +521,16 @@ def run_vision(ctx: Context) -> dict:
     }
 
 
-def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, threshold, use_cache: bool, label: str) -> dict:
-    """Time `diffusion_generate` (median of repeats, after a short warm-up of the same shapes)."""
+def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, threshold, use_cache: bool, label: str,
+                  **decoding) -> dict:
+    """Time `diffusion_generate` (median of repeats, after a short warm-up of the same shapes); `decoding`:
+    further keyword arguments (block_length, dual_cache)."""
     model, bench = ctx.dimple(), ctx.bench
     input_ids, pixel_values, grid = ctx.prompt(batch)
     kwargs = dict(
         pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=new_tokens, steps=steps,
         alg="maskgit_plus", temperature=0.0, alg_p_threshold=threshold, decoding_pipeline="dim",
-        use_cache=use_cache, return_dict_in_generate=True,
+        use_cache=use_cache, return_dict_in_generate=True, **decoding,
     )
     kwargs.update(ctx.gen_kwargs)
 
@@ -504,6 +538,8 @@ def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, thresho
         return model.diffusion_generate(input_ids, **{**kwargs, **override})
 
     warm_steps = min(steps, ctx.args.warmup_steps) if ctx.args.warmup_steps else steps
+    if decoding.get("block_length"):  # two steps per block: a refresh and a window pass (captured on CUDA)
+        warm_steps = min(steps, max(warm_steps, 2 * new_tokens // decoding["block_length"]))
     bench.reset_peak()
     seconds, times, out = bench.time(call, warmup_fn=lambda: call(steps=warm_steps))
     passes = getattr(out, "num_forward_passes", None)
@@ -514,6 +550,7 @@ def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, thresho
     total_new = batch * new_tokens
     result = {
         "batch": batch, "new_tokens": new_tokens, "steps": steps, "alg_p_threshold": threshold, "use_cache": use_cache,
+        **decoding,
         "total_ms": seconds * 1e3, "all_total_ms": [t * 1e3 for t in times],
         "forward_passes": passes, "forward_passes_reported_by_model": passes_known,
         "ms_per_pass": seconds * 1e3 / max(passes, 1),
@@ -522,9 +559,26 @@ def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, thresho
         "peak_gib": bench.peak_gib(),
         "kind": "measured (whole diffusion_generate call, vision + every pass + sampling; ms_per_pass = total / passes)",
     }
+    # The bounds of this decode: reading every weight once per pass (memory floor) and its FLOPs at the
+    # measured matmul rate (compute floor), counted in an untimed run without CUDA graphs (a graph replay
+    # dispatches no operators to count).
+    try:
+        flops = count_flops(lambda: call(use_cuda_graph=False))
+    except Exception as error:  # e.g. an older torch without a FLOP formula for this attention kernel
+        flops, result["flop_count_error"] = None, f"{type(error).__name__}: {error}"
+    if flops:
+        result["tflop_per_pass"] = flops / max(passes, 1) / 1e12
+    if flops and ctx.matmul_flop_s:
+        result["compute_floor_ms_per_pass"] = flops / max(passes, 1) / ctx.matmul_flop_s * 1e3
+    if ctx.floor_ms:
+        result["memory_floor_ms_per_pass"] = ctx.floor_ms
+    bound = max(result.get("compute_floor_ms_per_pass") or 0, ctx.floor_ms or 0)
+    if bound:
+        result["ms_per_pass_vs_bound"] = result["ms_per_pass"] / bound
     result["row"] = {
         "label": label, "ms_per_pass": result["ms_per_pass"], "passes": passes, "total_ms": result["total_ms"],
         "tokens_per_s": result["tokens_per_s"], "peak_gib": result["peak_gib"], "kind": "measured",
+        "vs_bound": result.get("ms_per_pass_vs_bound"),
     }
     return result
 
@@ -605,6 +659,28 @@ def run_length(ctx: Context) -> dict:
     ]
     runs, rows = collect_runs(ctx, plans)
     return {"runs": runs, "rows": rows}
+
+
+def run_dual(ctx: Context) -> dict:
+    block = ctx.args.block_length
+    plans = []
+    for n in ctx.args.lengths:
+        common = dict(batch=1, new_tokens=n, steps=n, threshold=None)
+        plans += [
+            (f"len{n}_prefill", dict(**common, use_cache=True, label=f"answer {n} tok, {n} passes cache on")),
+            (f"len{n}_dual", dict(**common, use_cache=False, block_length=block, dual_cache=True,
+                                  label=f"answer {n} tok, dual cache b{block}")),
+            (f"len{n}_dual_prefill", dict(**common, use_cache=True, block_length=block, dual_cache=True,
+                                          label=f"answer {n} tok, dual cache b{block} + prefill")),
+        ]
+    runs, rows = collect_runs(ctx, plans)
+    derived = {}
+    for n in ctx.args.lengths:
+        base = runs.get(f"len{n}_prefill", {}).get("total_ms")
+        for key in (f"len{n}_dual", f"len{n}_dual_prefill"):
+            if base and "total_ms" in runs.get(key, {}):
+                derived[f"speedup_{key}_vs_prefill"] = base / runs[key]["total_ms"]
+    return {"runs": runs, "rows": rows, "derived": derived}
 
 
 @torch.no_grad()
@@ -704,7 +780,7 @@ def run_baseline(ctx: Context) -> dict:
 
 RUNNERS = {
     "floor": run_floor, "forward": run_forward, "vision": run_vision, "generate": run_generate,
-    "batch": run_batch, "length": run_length, "baseline": run_baseline,
+    "batch": run_batch, "length": run_length, "dual": run_dual, "baseline": run_baseline,
 }
 
 
@@ -745,6 +821,20 @@ def summarise(report: dict) -> dict:
         "batch16_vs_1": get(s, "batch", "derived", "throughput_ratio_batch16_vs_1"),
         "length_ms_per_pass": {k: v.get("ms_per_pass") for k, v in (get(s, "length", "runs") or {}).items()},
         "length_total_ms": {k: v.get("total_ms") for k, v in (get(s, "length", "runs") or {}).items()},
+        "dual_total_ms": {k: v.get("total_ms") for k, v in (get(s, "dual", "runs") or {}).items()},
+        "dual_speedups": get(s, "dual", "derived"),
+        "ms_per_pass_vs_bound": {
+            f"{name}.{key}": run.get("ms_per_pass_vs_bound")
+            for name in ("generate", "batch", "length", "dual")
+            for key, run in (get(s, name, "runs") or {}).items()
+            if isinstance(run, dict) and run.get("ms_per_pass_vs_bound") and "reused_from" not in run
+        },
+        "compute_floor_ms_per_pass": {
+            f"{name}.{key}": run.get("compute_floor_ms_per_pass")
+            for name in ("generate", "batch", "length", "dual")
+            for key, run in (get(s, name, "runs") or {}).items()
+            if isinstance(run, dict) and run.get("compute_floor_ms_per_pass") and "reused_from" not in run
+        },
         "baseline_tokens_per_s": get(s, "baseline", "headline", "tokens_per_s"),
         "baseline_cache": get(s, "baseline", "headline", "cache_used"),
     }
@@ -784,12 +874,14 @@ def format_table(report: dict) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    header = f"{'setting':<38} {'ms/pass':>9} {'passes':>6} {'total ms':>10} {'tok/s':>9} {'peak GiB':>9}  kind"
+    header = (f"{'setting':<38} {'ms/pass':>9} {'passes':>6} {'total ms':>10} {'tok/s':>9} {'peak GiB':>9} "
+              f"{'x bound':>8}  kind")
     lines = [header, "-" * len(header)]
     for row in all_rows(report):
         lines.append(
             f"{row['label'][:38]:<38} {fmt(row.get('ms_per_pass'), '9.3f')} {fmt(row.get('passes'), '6d')} "
-            f"{fmt(row.get('total_ms'), '10.1f')} {fmt(row.get('tokens_per_s'), '9.1f')} {fmt(row.get('peak_gib'), '9.2f')}  {row.get('kind', '')}"
+            f"{fmt(row.get('total_ms'), '10.1f')} {fmt(row.get('tokens_per_s'), '9.1f')} {fmt(row.get('peak_gib'), '9.2f')} "
+            f"{fmt(row.get('vs_bound'), '8.2f')}  {row.get('kind', '')}"
         )
     for name, entry in report["settings"].items():
         if entry.get("status") != "ok":
@@ -851,7 +943,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing")
     parser.add_argument("--warmup-steps", type=int, default=4, help="steps of the warm-up diffusion_generate (0 = the full run)")
     parser.add_argument("--batches", default="1,4,16", help="batch sizes of the batch setting")
-    parser.add_argument("--lengths", default="64,256", help="answer lengths of the length setting")
+    parser.add_argument("--lengths", default="64,256", help="answer lengths of the length and dual settings")
+    parser.add_argument("--block-length", type=int, default=32, help="block length of the dual setting")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the bandwidth copy (CUDA)")
     parser.add_argument("--gen-kwargs", default="", help="JSON dict of extra diffusion_generate keyword arguments")
     parser.add_argument("--setting-timeout", type=float, default=None, help="seconds per setting (0 = none); default 240 on CUDA, 0 on CPU")

@@ -28,7 +28,8 @@ Settings (`--settings`, comma list; default all, in this order):
             plus a run with steps 22 (a forced 22-pass answer, measured). Random weights are never 95 %
             confident, so the threshold runs take the 64-pass schedule too; the tokens/s of a ≤ 22-pass
             confident answer is also given as the estimate 64 / (22 × ms per pass) (marked "derived").
-  batch     batch 1 / 4 / 16 (the prompt repeated), use_cache True, 64 tokens: tokens/s over the batch.
+  batch     batch 1 / 4 / 16 (the prompt repeated), use_cache True, 64 tokens: tokens/s over the batch;
+            the same with the dual cache (block_length `--block-length`).
   length    answers of 64 and 256 tokens (steps = length), use_cache True: ms per pass, total time.
   dual      the same answers decoded block-wise with Fast-dLLM's dual cache (block_length `--block-length`,
             with and without use_cache), against prefilling alone (the length runs, reused): same steps, so
@@ -637,18 +638,23 @@ def run_generate(ctx: Context) -> dict:
 
 
 def run_batch(ctx: Context) -> dict:
-    plans = [
-        (f"batch{b}", dict(batch=b, new_tokens=NEW_TOKENS, steps=NEW_TOKENS, threshold=None, use_cache=True, label=f"batch {b} gen64 cache on"))
-        for b in ctx.args.batches
-    ]
+    """Batches with prefilling, then with the dual cache too (a row recomputes its block, not its canvas)."""
+    block = ctx.args.block_length
+    dual = dict(block_length=block, dual_cache=True)
+    plans = []
+    for suffix, extra, name in (("", {}, "cache on"), ("_dual", dual, f"dual b{block}")):
+        plans += [
+            (f"batch{b}{suffix}", dict(batch=b, new_tokens=NEW_TOKENS, steps=NEW_TOKENS, threshold=None, use_cache=True,
+                                       label=f"batch {b} gen64 {name}", **extra))
+            for b in ctx.args.batches
+        ]
     runs, rows = collect_runs(ctx, plans)
-    results = {"runs": runs, "rows": rows}
-    base = runs.get("batch1", {}).get("tokens_per_s")
-    if base:
-        results["derived"] = {
-            f"throughput_ratio_batch{b}_vs_1": runs[f"batch{b}"]["tokens_per_s"] / base
-            for b in ctx.args.batches if "tokens_per_s" in runs.get(f"batch{b}", {})
-        }
+    results = {"runs": runs, "rows": rows, "derived": {}}
+    for suffix in ("", "_dual"):
+        base = runs.get(f"batch1{suffix}", {}).get("tokens_per_s")
+        for b in ctx.args.batches:
+            if base and "tokens_per_s" in runs.get(f"batch{b}{suffix}", {}):
+                results["derived"][f"throughput_ratio_batch{b}{suffix}_vs_1{suffix}"] = runs[f"batch{b}{suffix}"]["tokens_per_s"] / base
     return results
 
 
@@ -819,6 +825,7 @@ def summarise(report: dict) -> dict:
         "gen_tokens_per_s_22_passes_derived": get(s, "generate", "derived", "tokens_per_s_at_22_passes_est"),
         "batch_tokens_per_s": {k: v.get("tokens_per_s") for k, v in (get(s, "batch", "runs") or {}).items()},
         "batch16_vs_1": get(s, "batch", "derived", "throughput_ratio_batch16_vs_1"),
+        "batch16_dual_vs_1_dual": get(s, "batch", "derived", "throughput_ratio_batch16_dual_vs_1_dual"),
         "length_ms_per_pass": {k: v.get("ms_per_pass") for k, v in (get(s, "length", "runs") or {}).items()},
         "length_total_ms": {k: v.get("total_ms") for k, v in (get(s, "length", "runs") or {}).items()},
         "dual_total_ms": {k: v.get("total_ms") for k, v in (get(s, "dual", "runs") or {}).items()},

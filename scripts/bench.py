@@ -9,7 +9,7 @@ meta device, materialised with `to_empty` and initialised in place on the GPU (n
 The prompt: one image of 256 visual tokens (image_grid_thw [[1, 32, 32]], 1024 random patch rows of 1176
 values) wrapped by vision_start / vision_end, plus 40 random text tokens: 298 tokens per row.
 
-Settings (`--settings`, comma list; default all, in this order):
+Settings (`--settings`, comma list; default all but `compile`, in this order):
 
   floor     weight bytes ÷ measured device-to-device copy bandwidth (a 2 GiB bf16 `dst.copy_(src)` reads
             and writes, so bandwidth = 2·bytes / time) → the time to read every weight once (memory floor);
@@ -34,6 +34,9 @@ Settings (`--settings`, comma list; default all, in this order):
   dual      the same answers decoded block-wise with Fast-dLLM's dual cache (block_length `--block-length`,
             with and without use_cache), against prefilling alone (the length runs, reused): same steps, so
             the ratio is the per-pass saving of recomputing only the block.
+  compile   (not in the default list) the prefilled 64-token decode and the dual-cache 64 / 256-token decodes
+            with `use_torch_compile=True` (compiled during the untimed warm-up), against the same decodes eager
+            (reused). Give it time: `--settings floor,compile --setting-timeout 900 --run-timeout 400 --deadline 0`.
   baseline  transformers' Qwen2_5_VLForConditionalGeneration of the same shape, greedy, 64 tokens
             (min_new_tokens 64), static cache (falls back to a dynamic cache; the JSON says which), plus a
             dynamic-cache run. The Dimple model is freed first so both fit on an 80 GB card.
@@ -76,7 +79,8 @@ import dimple_package  # noqa: E402,F401
 from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 
-SETTINGS = ("floor", "forward", "vision", "generate", "batch", "length", "dual", "baseline")
+SETTINGS = ("floor", "forward", "vision", "generate", "batch", "length", "dual", "compile", "baseline")
+DEFAULT_SETTINGS = tuple(s for s in SETTINGS if s != "compile")  # compiling the 7B shape takes minutes
 GIB = 1024**3
 
 # Prompt layout: 20 text tokens, vision_start, 256 image tokens, vision_end, 20 text tokens = 298.
@@ -564,7 +568,7 @@ def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, thresho
     # measured matmul rate (compute floor), counted in an untimed run without CUDA graphs (a graph replay
     # dispatches no operators to count).
     try:
-        flops = count_flops(lambda: call(use_cuda_graph=False))
+        flops = count_flops(lambda: call(use_cuda_graph=False, use_torch_compile=False))
     except Exception as error:  # e.g. an older torch without a FLOP formula for this attention kernel
         flops, result["flop_count_error"] = None, f"{type(error).__name__}: {error}"
     if flops:
@@ -689,6 +693,29 @@ def run_dual(ctx: Context) -> dict:
     return {"runs": runs, "rows": rows, "derived": derived}
 
 
+def run_compile(ctx: Context) -> dict:
+    block = ctx.args.block_length
+    dual = dict(block_length=block, dual_cache=True, use_cache=True)
+    plans = []
+    for suffix, extra in (("", {}), ("_compiled", dict(use_torch_compile=True))):
+        name = " compiled" if extra else ""
+        plans += [
+            (f"gen64_prefill{suffix}", dict(batch=1, new_tokens=NEW_TOKENS, steps=NEW_TOKENS, threshold=None,
+                                            use_cache=True, label=f"gen64 cache on{name}", **extra)),
+        ] + [
+            (f"len{n}_dual_prefill{suffix}", dict(batch=1, new_tokens=n, steps=n, threshold=None, **dual,
+                                                  label=f"answer {n} tok, dual b{block} + prefill{name}", **extra))
+            for n in ctx.args.lengths
+        ]
+    runs, rows = collect_runs(ctx, plans)
+    derived = {}
+    for key in [p[0] for p in plans if not p[0].endswith("_compiled")]:
+        eager, compiled = runs.get(key, {}).get("ms_per_pass"), runs.get(f"{key}_compiled", {}).get("ms_per_pass")
+        if eager and compiled:
+            derived[f"speedup_{key}_compiled_vs_eager"] = eager / compiled
+    return {"runs": runs, "rows": rows, "derived": derived}
+
+
 @torch.no_grad()
 def run_baseline(ctx: Context) -> dict:
     """Autoregressive Qwen2.5-VL of the same shape, greedy, 64 new tokens."""
@@ -786,7 +813,7 @@ def run_baseline(ctx: Context) -> dict:
 
 RUNNERS = {
     "floor": run_floor, "forward": run_forward, "vision": run_vision, "generate": run_generate,
-    "batch": run_batch, "length": run_length, "dual": run_dual, "baseline": run_baseline,
+    "batch": run_batch, "length": run_length, "dual": run_dual, "compile": run_compile, "baseline": run_baseline,
 }
 
 
@@ -830,15 +857,16 @@ def summarise(report: dict) -> dict:
         "length_total_ms": {k: v.get("total_ms") for k, v in (get(s, "length", "runs") or {}).items()},
         "dual_total_ms": {k: v.get("total_ms") for k, v in (get(s, "dual", "runs") or {}).items()},
         "dual_speedups": get(s, "dual", "derived"),
+        "compile_speedups": get(s, "compile", "derived"),
         "ms_per_pass_vs_bound": {
             f"{name}.{key}": run.get("ms_per_pass_vs_bound")
-            for name in ("generate", "batch", "length", "dual")
+            for name in ("generate", "batch", "length", "dual", "compile")
             for key, run in (get(s, name, "runs") or {}).items()
             if isinstance(run, dict) and run.get("ms_per_pass_vs_bound") and "reused_from" not in run
         },
         "compute_floor_ms_per_pass": {
             f"{name}.{key}": run.get("compute_floor_ms_per_pass")
-            for name in ("generate", "batch", "length", "dual")
+            for name in ("generate", "batch", "length", "dual", "compile")
             for key, run in (get(s, name, "runs") or {}).items()
             if isinstance(run, dict) and run.get("compute_floor_ms_per_pass") and "reused_from" not in run
         },
@@ -945,7 +973,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default if available) or cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke run)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list out of {','.join(SETTINGS)}")
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                        help=f"comma list out of {','.join(SETTINGS)} (default: all but compile)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median); default 5 on CUDA, 1 on CPU")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing")
     parser.add_argument("--warmup-steps", type=int, default=4, help="steps of the warm-up diffusion_generate (0 = the full run)")

@@ -187,3 +187,16 @@ def test_stop_at_eos_skips_the_later_blocks():
     answer = out.sequences[0, prompt_len:]
     assert answer[1].item() == EOS_ID and (answer[2:] == PAD_ID).all()
     assert out.num_forward_passes <= 2  # at most one more pass for position 0; blocks 2 and 3 need none
+
+
+def test_torch_compile_gives_the_eager_tokens():
+    # The compiled forward runs the cached passes (prefilled tail and dual-cache windows); fp32 on the CPU it
+    # gives the eager tokens. (Compiling takes ~20 s here, once per shape.)
+    model, inputs = tiny_model(0.2), image_inputs(batch=2)
+    common = dict(max_new_tokens=12, steps=12, block_length=4, dual_cache=True, use_cache=True, alg="maskgit_plus",
+                  output_history=True)
+    compiled = run(model, inputs, use_torch_compile=True, **common)
+    eager = run(model, inputs, **common)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(compiled.history, eager.history))
+    assert "_dimple_compiled_forward" in model.__dict__  # compiled once, kept for the next decode

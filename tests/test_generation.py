@@ -851,6 +851,8 @@ def test_mask_in_prompt_without_cache_is_allowed(model):
         dict(alg="maskgit_plus", alg_p_threshold=0.05),
         dict(alg="origin", temperature=1.0, top_p=0.9, top_k=20),
         dict(alg="entropy", decoding_pipeline="dream"),
+        dict(alg="maskgit_plus", alg_p_threshold=0.05, block_length=4, dual_cache=True),
+        dict(alg="entropy", decoding_pipeline="dream", block_length=6),
     ],
 )
 def test_no_host_sync_inside_a_step(use_cache, settings):
@@ -880,5 +882,6 @@ def test_no_host_sync_inside_a_step(use_cache, settings):
     for step in range(len(events)):
         inside = [w for w in caught[boundaries[step] : boundaries[step + 1]] if "synchroniz" in str(w.message)]
         where = [f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}" for w in inside]
-        assert len(inside) <= 1, f"step {step}: host syncs at {where}"
+        # One check per step; with blocks, a finished block's last check is followed by the next block's.
+        assert len(inside) <= (2 if "block_length" in settings else 1), f"step {step}: host syncs at {where}"
         assert all("is_mask.any()" in line for line in where), where

@@ -59,6 +59,9 @@ class DimpleGenerationConfig(GenerationConfig):
             `use_cache` too, the prompt's keys/values stay those of the first step (refreshes run the canvas).
         use_cuda_graph (`bool`, defaults to `True`): on CUDA, capture the fixed-shape cached steps once as
             CUDA graphs and replay them (same kernels, same results, no per-kernel launch cost).
+        use_torch_compile (`bool`, defaults to `False`): run the cached steps (prefilled, dual-cache window)
+            through `torch.compile` of the model's forward, which fuses the small element-wise kernels (rotary,
+            residual adds, casts). Compiled once per model and shape; the first decode pays the compilation.
     """
 
     def __init__(self, **kwargs):
@@ -75,6 +78,7 @@ class DimpleGenerationConfig(GenerationConfig):
         self.block_length = kwargs.pop("block_length", None)
         self.dual_cache = kwargs.pop("dual_cache", False)
         self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
+        self.use_torch_compile = kwargs.pop("use_torch_compile", False)
         kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
         # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
         temperature = kwargs.pop("temperature", 0.0)
@@ -328,7 +332,7 @@ class DenoisingForward:
     """
 
     def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, block_length,
-                 use_cache, dual_cache, use_cuda_graph):
+                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False):
         batch, prompt_len, hidden = prompt_embeds.shape
         device = prompt_embeds.device
         self.model, self.prompt_len, self.canvas_len = model, prompt_len, canvas_len
@@ -346,6 +350,8 @@ class DenoisingForward:
         self.block_start = 0
         self.use_cuda_graph = use_cuda_graph
         self.graphs = {}
+        # The repeated passes may run compiled; the full pass runs once per decode (or block), eagerly.
+        self.cached_forward = compiled_forward(model) if use_torch_compile else model
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
         self.canvas.copy_(canvas)
@@ -379,7 +385,7 @@ class DenoisingForward:
     def _tail_pass(self) -> torch.Tensor:
         tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
         self._embed_canvas()
-        return self.model(
+        return self.cached_forward(
             inputs_embeds=self.embeds[:, tail:],
             attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
             position_ids=self.position_ids[..., tail:],
@@ -391,7 +397,7 @@ class DenoisingForward:
         self._embed_canvas()
         self.cache.write_index = self.window
         try:
-            return self.model(
+            return self.cached_forward(
                 inputs_embeds=self.embeds.index_select(1, self.window),
                 attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, self.window),
                 position_ids=self.position_ids.index_select(-1, self.window),
@@ -429,6 +435,15 @@ class DenoisingForward:
         except RuntimeError as error:  # e.g. an attention kernel that cannot be captured
             warnings.warn(f"CUDA graph capture failed, decoding without it: {error}")
             self.use_cuda_graph = False
+
+
+def compiled_forward(model) -> Callable:
+    """`torch.compile` of `model.forward`, made once per model so that every decode reuses its compiled code."""
+    compiled = model.__dict__.get("_dimple_compiled_forward")
+    if compiled is None:
+        compiled = torch.compile(model.forward)
+        model.__dict__["_dimple_compiled_forward"] = compiled
+    return compiled
 
 
 def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):
@@ -493,8 +508,9 @@ class DimpleGenerationMixin(GenerationMixin):
             attention_mask, pixel_values, image_grid_thw: the processor outputs.
             max_new_tokens / max_length, steps, eps, temperature, top_p, top_k, alg, alg_temp,
             alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, block_length, dual_cache,
-            stop_at_eos, output_history, return_dict_in_generate, num_return_sequences, mask_token_id, pad_token_id,
-            eos_token_id: see `DimpleGenerationConfig` and the model card.
+            stop_at_eos, use_cuda_graph, use_torch_compile, output_history, return_dict_in_generate,
+            num_return_sequences, mask_token_id, pad_token_id, eos_token_id: see `DimpleGenerationConfig` and the
+            model card.
             response_prior (`str`, `list[int]`, 1-D or `(batch, length)` tensor, *optional*): the start of the
                 answer canvas, fixed; mask tokens in it are generated, other tokens never change, and an
                 end-of-text at position k ends the answer there. A string needs `tokenizer=`.
@@ -587,7 +603,7 @@ class DimpleGenerationMixin(GenerationMixin):
             self, embeds.repeat_interleave(n_rep, 0), position_ids,
             self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
             use_cache=config.use_cache, dual_cache=config.dual_cache,
-            use_cuda_graph=config.use_cuda_graph and device.type == "cuda",
+            use_cuda_graph=config.use_cuda_graph and device.type == "cuda", use_torch_compile=config.use_torch_compile,
         )
         pipeline_class = DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline
         original_confidence = config.use_original_confidence and pipeline_class.original_confidence_allowed

@@ -49,15 +49,6 @@ def _load_script(name):
 trajectory = _load_script("trajectory")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only slow the decode down on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir():
     """(checkpoint folder, whether its answers must be correct)."""

@@ -15,14 +15,6 @@ from test_generation import capture_logits, image_inputs, mixed_batch, run, tiny
 from tiny_configs import EOS_ID, MASK_ID, PAD_ID, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CACHES = {
     "no-cache": dict(use_cache=False),
     "prefilling": dict(use_cache=True),

@@ -52,16 +52,6 @@ def tiny_model(init: float = 0.02) -> DimpleModel:
     return _MODELS[init]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are far too small for intra-op threads: on a busy 2-core machine they
-    make every decode ~50x slower. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model():
     return tiny_model()

@@ -27,8 +27,6 @@ if not hasattr(transformers, "Qwen2_5_VLConfig"):  # transformers < 4.49 has no 
     pytest.skip("this transformers version has no Qwen2.5-VL", allow_module_level=True)
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from dimple.modeling_dimple import DimpleModel  # noqa: E402
-
 # Dimple's language model is Dream's: these sizes define it (head_dim 16 -> mrope_section sums to 8).
 TEXT = dict(
     vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -42,22 +40,6 @@ VISION = dict(
     depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1],
     window_size=112, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, tokens_per_second=2,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    classes = [DimpleModel, DimpleModel.config_class]
-    auto = {c: c.__dict__.get("_auto_class") for c in classes}
-    yield
-    torch.set_num_threads(threads)
-    for c, value in auto.items():  # init_dimple registers the auto classes (a class attribute)
-        if value is None:
-            if "_auto_class" in c.__dict__:
-                delattr(c, "_auto_class")
-        else:
-            c._auto_class = value
 
 
 def _save_qwen2_5_vl(folder: Path) -> Path:

@@ -5,13 +5,11 @@ is tiny-dimple/eval_results.json); these tests re-check a fresh held-out sample 
 AutoProcessor with trust_remote_code, as a user loads it.
 """
 
-import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModel, AutoProcessor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +22,6 @@ from shapes_task import answer_is_correct, generate_samples  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     processor = AutoProcessor.from_pretrained(FOLDER, trust_remote_code=True)
     model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True).eval()
     return model, processor

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -48,23 +46,6 @@ MODULES = ("visual", "img_projector", "model", "lm_head")
 # --------------------------------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_single_thread():
-    """One thread (the machine is shared); undo the class-level `register_for_auto_class` of the runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    classes = (DimpleModel, DimpleConfig, DimpleProcessor)
-    auto = {c: c.__dict__.get("_auto_class", None) for c in classes}
-    yield
-    torch.set_num_threads(threads)
-    for c, value in auto.items():
-        if value is None:
-            if "_auto_class" in c.__dict__:
-                delattr(c, "_auto_class")
-        else:
-            c._auto_class = value
 
 
 def tiny_dimple_config(ids: dict) -> DimpleConfig:

@@ -14,7 +14,6 @@ All decisions are per row, so a row's answer does not depend on the rest of the 
 the only host synchronisation is the "any mask left?" check that ends `dim` decoding early.
 """
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union

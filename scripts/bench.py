@@ -34,6 +34,12 @@ Settings (`--settings`, comma list; default all but `compile`, in this order):
   dual      the same answers decoded block-wise with Fast-dLLM's dual cache (block_length `--block-length`,
             with and without use_cache), against prefilling alone (the length runs, reused): same steps, so
             the ratio is the per-pass saving of recomputing only the block.
+  profile   where a decoding pass's time goes: the steady-state pass (the difference between decodes of 8 and
+            24 steps, so the vision tower and the first pass cancel) of prefilling and of the dual cache, eager
+            without the CUDA graph (the whole decoding step: forward, scoring, committing): wall ms
+            (unprofiled), kernels per pass and their device time by kind
+            (GEMM, attention, other); wall − kernel time is launch/host overhead (what the graph removes),
+            "other" kernels are what fusion (torch.compile) removes. On the CPU: operators, not kernels.
   compile   (not in the default list) the prefilled 64-token decode and the dual-cache 64 / 256-token decodes
             with `use_torch_compile=True` (compiled during the untimed warm-up), against the same decodes eager
             (reused). Give it time: `--settings floor,compile --setting-timeout 900 --run-timeout 400 --deadline 0`.
@@ -79,7 +85,7 @@ import dimple_package  # noqa: E402,F401
 from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 
-SETTINGS = ("floor", "forward", "vision", "generate", "batch", "length", "dual", "compile", "baseline")
+SETTINGS = ("floor", "forward", "vision", "generate", "batch", "length", "dual", "profile", "compile", "baseline")
 DEFAULT_SETTINGS = tuple(s for s in SETTINGS if s != "compile")  # compiling the 7B shape takes minutes
 GIB = 1024**3
 
@@ -693,6 +699,76 @@ def run_dual(ctx: Context) -> dict:
     return {"runs": runs, "rows": rows, "derived": derived}
 
 
+KERNEL_KINDS = (
+    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "matmul", "addmm", "aten::mm", "aten::bmm", "linear")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(key in lowered for key in keys):
+            return kind
+    return "other"
+
+
+def profile_kernels(ctx: Context, fn) -> dict:
+    """Kernels (CUDA) or operators (CPU) that `fn` runs: count and self time in ms, by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if ctx.bench.cuda else [ProfilerActivity.CPU]
+    ctx.bench.sync()
+    with profile(activities=activities) as prof:
+        fn()
+        ctx.bench.sync()
+    totals = {}
+    for event in prof.key_averages():
+        on_device = str(getattr(event, "device_type", "")).endswith("CUDA")
+        if ctx.bench.cuda != on_device:
+            continue
+        self_us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) \
+            if ctx.bench.cuda else event.self_cpu_time_total
+        kind = totals.setdefault(kernel_kind(event.key), {"count": 0, "ms": 0.0})
+        kind["count"] += event.count
+        kind["ms"] += self_us / 1e3
+    return totals
+
+
+def run_profile(ctx: Context) -> dict:
+    model, bench = ctx.dimple(), ctx.bench
+    input_ids, pixel_values, grid = ctx.prompt(1)
+    block = ctx.args.block_length
+    modes = {"prefill": dict(use_cache=True), "dual_prefill": dict(use_cache=True, block_length=block, dual_cache=True)}
+    short, long = 8, 24  # steps of the two decodes whose difference is the steady state (a multiple of the blocks)
+    results, rows = {}, []
+    for name, mode in modes.items():
+        kwargs = dict(pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=NEW_TOKENS, alg="maskgit_plus",
+                      temperature=0.0, use_cuda_graph=False, return_dict_in_generate=True, **mode)
+
+        def decode(steps):
+            return model.diffusion_generate(input_ids, steps=steps, **kwargs)
+
+        passes = {steps: decode(steps).num_forward_passes for steps in (short, long)}
+        extra = passes[long] - passes[short]
+        wall = {steps: bench.time(lambda: decode(steps))[0] for steps in (short, long)}
+        kernels = {steps: profile_kernels(ctx, lambda: decode(steps)) for steps in (short, long)}
+        per_pass = {}
+        for kind in sorted(set(kernels[short]) | set(kernels[long])):
+            a, b = kernels[short].get(kind, {"count": 0, "ms": 0.0}), kernels[long].get(kind, {"count": 0, "ms": 0.0})
+            per_pass[kind] = {"count": (b["count"] - a["count"]) / extra, "ms": (b["ms"] - a["ms"]) / extra}
+        wall_ms = (wall[long] - wall[short]) * 1e3 / extra
+        kernel_ms = sum(k["ms"] for k in per_pass.values())
+        results[name] = {
+            "steady_state_passes": extra, "wall_ms_per_pass": wall_ms, "kernel_ms_per_pass": kernel_ms,
+            "kernels_per_pass": sum(k["count"] for k in per_pass.values()), "by_kind": per_pass,
+            "overhead_ms_per_pass": wall_ms - kernel_ms, "unit": "CUDA kernels" if bench.cuda else "CPU operators",
+        }
+        rows.append({"label": f"profile {name}: wall (no graph)", "ms_per_pass": wall_ms, "kind": "measured"})
+        rows.append({"label": f"profile {name}: kernel time", "ms_per_pass": kernel_ms, "kind": "measured"})
+    return {"modes": results, "rows": rows}
+
+
 def run_compile(ctx: Context) -> dict:
     block = ctx.args.block_length
     dual = dict(block_length=block, dual_cache=True, use_cache=True)
@@ -813,7 +889,7 @@ def run_baseline(ctx: Context) -> dict:
 
 RUNNERS = {
     "floor": run_floor, "forward": run_forward, "vision": run_vision, "generate": run_generate,
-    "batch": run_batch, "length": run_length, "dual": run_dual, "compile": run_compile, "baseline": run_baseline,
+    "batch": run_batch, "length": run_length, "dual": run_dual, "profile": run_profile, "compile": run_compile, "baseline": run_baseline,
 }
 
 
@@ -858,6 +934,11 @@ def summarise(report: dict) -> dict:
         "dual_total_ms": {k: v.get("total_ms") for k, v in (get(s, "dual", "runs") or {}).items()},
         "dual_speedups": get(s, "dual", "derived"),
         "compile_speedups": get(s, "compile", "derived"),
+        "profile": {
+            name: {k: mode.get(k) for k in ("wall_ms_per_pass", "kernel_ms_per_pass", "kernels_per_pass", "overhead_ms_per_pass")}
+            | {f"{kind}_ms": v["ms"] for kind, v in mode.get("by_kind", {}).items()}
+            for name, mode in (get(s, "profile", "modes") or {}).items()
+        },
         "ms_per_pass_vs_bound": {
             f"{name}.{key}": run.get("ms_per_pass_vs_bound")
             for name in ("generate", "batch", "length", "dual", "compile")

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Operators that one decoder layer dispatches in a prefilled decoding pass (views excluded), on the CPU.
+
+Each non-view operator is at least one kernel launch on CUDA, so this counts what a pass costs in kernels
+besides its matrix products, without a GPU. (The CPU decomposes RMSNorm into 6 operators that CUDA runs as
+one fused kernel.) The count is the difference between a 2-layer and a 1-layer tiny model.
+
+Usage: python scripts/count_layer_ops.py
+"""
+
+import os
+import sys
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import dimple_package  # noqa: E402,F401  (makes `dimple.*` importable)
+from dimple.modeling_dimple import DimpleModel  # noqa: E402
+from tiny_configs import tiny_config  # noqa: E402
+
+VIEWS = {
+    "aten.view", "aten.t", "aten.slice", "aten._unsafe_view", "aten.transpose", "aten.select", "aten.unsqueeze",
+    "aten.split", "aten.split_with_sizes", "aten.expand", "aten.alias", "aten.detach", "aten.permute",
+}
+
+
+class OperatorCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def prefilled_pass_operators(layers: int, prompt: int = 20, canvas: int = 9) -> Counter:
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.num_hidden_layers = layers
+    model = DimpleModel(config).eval().to(torch.bfloat16)
+    total = prompt + canvas + 1
+    embeds = torch.randn(1, total, config.hidden_size, dtype=torch.bfloat16)
+    positions = torch.arange(total).expand(3, 1, total)
+    cache = model.new_prefix_cache()
+    model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache)  # fills the cache
+    with OperatorCounter() as counter:
+        model(inputs_embeds=embeds[:, prompt:], position_ids=positions[..., prompt:], past_key_values=cache,
+              logits_to_keep=slice(0, canvas))
+    return Counter({op: n for op, n in counter.counts.items() if op not in VIEWS})
+
+
+def main():
+    one, two = prefilled_pass_operators(1), prefilled_pass_operators(2)
+    per_layer = two - one
+    print(f"per layer: {sum(per_layer.values())} operators: {dict(per_layer.most_common())}")
+    print(f"outside the layers (rotary tables, final norm, head): {sum(one.values()) - sum(per_layer.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -505,6 +505,28 @@ def test_prefix_cache_with_new_tail_is_exact_for_causal_attention():
     assert (tail - full[:, -k:]).abs().max().item() <= ATOL
 
 
+def test_cache_window_in_the_middle_is_exact_for_causal_attention():
+    """A window in the middle of the cached sequence (`write_index`, as the dual cache of block decoding
+    uses): with causal attention its queries see the unchanged prefix and the fresh window only, so a changed
+    window must give the logits of a full forward of the changed sequence, with the padding mask, positions
+    and causal offsets of the window's own places."""
+    model = make_model(seed=17, full_attn_mask=False)
+    ids, mask = text_batch(seed=17)
+    start, k = ids.shape[1] - 6, 3  # three positions, with three after them
+    changed = ids.clone()
+    changed[:, start : start + k] = torch.tensor([42, 43, 44])
+    cache = DimplePrefixCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        cache.write_index = torch.arange(start, start + k)
+        window = model(input_ids=changed[:, start : start + k], attention_mask=mask, past_key_values=cache).logits
+        with pytest.raises(ValueError, match="write_index"):
+            model(input_ids=changed[:, start : start + k + 1], attention_mask=mask, past_key_values=cache)
+        cache.write_index = None
+        full = model(input_ids=changed, attention_mask=mask).logits
+    assert (window - full[:, start : start + k]).abs().max().item() <= ATOL
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. save_pretrained / AutoModel.from_pretrained(trust_remote_code=True) in a fresh process
 # --------------------------------------------------------------------------------------------------

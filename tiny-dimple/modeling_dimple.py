@@ -717,9 +717,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
         cache = past_key_values
         cached = cache is not None and cache.is_filled
+        window = cache.write_index if cached else None  # the positions of a recomputed window
+        if window is not None and window.shape != (q_len,):
+            raise ValueError(f"the cache's `write_index` must have shape ({q_len},), got {tuple(window.shape)}")
         if position_ids is None:
-            if cached and cache.position_ids is not None and cache.write_index is not None:
-                position_ids = cache.position_ids.index_select(-1, cache.write_index)
+            if cached and cache.position_ids is not None and window is not None:
+                position_ids = cache.position_ids.index_select(-1, window)
             elif cached and cache.position_ids is not None:
                 position_ids = cache.position_ids[..., -q_len:]
             elif input_ids is None:
@@ -741,9 +744,6 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
         is_causal = not self.config.full_attn_mask
         k_len = cache.get_seq_length() if cached else q_len
-        window = cache.write_index if cached else None  # the positions of a recomputed window
-        if window is not None and window.shape != (q_len,):
-            raise ValueError(f"the cache's `write_index` must have shape ({q_len},), got {tuple(window.shape)}")
         if attention_mask is not None and attention_mask.dim() == 2:
             if tuple(attention_mask.shape) != (batch, k_len):
                 raise ValueError(

@@ -1067,7 +1067,7 @@ def parse_args(argv=None):
     parser.add_argument("--setting-timeout", type=float, default=None, help="seconds per setting (0 = none); default 240 on CUDA, 0 on CPU")
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds per decode/generate measurement inside a setting (0 = none); default 150 on CUDA, 0 on CPU")
     parser.add_argument("--deadline", type=float, default=None, help="seconds after start by which every setting must end: later ones are "
-                        "skipped, a running one is cut off (0 = none); default 420 on CUDA (the whole run < 8 min), 0 on CPU")
+                        "skipped, a running one is cut off (0 = none); default 520 on CUDA (the whole run fits a 10-minute device call), 0 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 with --device cpu --tiny, "
                         "where more threads only add contention; else torch's default)")
     parser.add_argument("--out", default="bench_results.json", help="JSON output")
@@ -1095,7 +1095,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.setting_timeout = args.setting_timeout if args.setting_timeout is not None else (240 if cuda else 0)
     args.run_timeout = args.run_timeout if args.run_timeout is not None else (150 if cuda else 0)
-    args.deadline = args.deadline if args.deadline is not None else (420 if cuda else 0)
+    args.deadline = args.deadline if args.deadline is not None else (520 if cuda else 0)
     selected = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = sorted(set(selected) - set(SETTINGS))
     if unknown:

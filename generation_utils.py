@@ -14,6 +14,7 @@ All decisions are per row, so a row's answer does not depend on the rest of the 
 the only host synchronisation is the "any mask left?" check that ends `dim` decoding early.
 """
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -436,13 +437,16 @@ class DenoisingForward:
             self.use_cuda_graph = False
 
 
+_COMPILED_FORWARDS = {}  # model class -> torch.compile of its forward (holding no model: nothing is kept alive)
+
+
 def compiled_forward(model) -> Callable:
-    """`torch.compile` of `model.forward`, made once per model so that every decode reuses its compiled code."""
-    compiled = model.__dict__.get("_dimple_compiled_forward")
-    if compiled is None:
-        compiled = torch.compile(model.forward)
-        model.__dict__["_dimple_compiled_forward"] = compiled
-    return compiled
+    """`model.forward` through `torch.compile`, compiled once per model class and shape and reused by every
+    decode (the model is an argument, so a copy of the model runs its own weights)."""
+    cls = type(model)
+    if cls not in _COMPILED_FORWARDS:
+        _COMPILED_FORWARDS[cls] = torch.compile(cls.forward)
+    return functools.partial(_COMPILED_FORWARDS[cls], model)
 
 
 def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):

@@ -6,10 +6,12 @@ canvas unchanged since the refresh, or one pass per block); the length of every 
 decoded alone vs. inside a padded mixed batch.
 """
 
+import copy
+
 import pytest
 import torch
 
-from dimple.generation_utils import plan_blocks
+from dimple.generation_utils import compiled_forward, plan_blocks
 from dimple.modeling_dimple import DimpleModel
 from test_generation import capture_logits, image_inputs, mixed_batch, run, tiny_model
 from tiny_configs import EOS_ID, MASK_ID, PAD_ID, tiny_config
@@ -191,4 +193,9 @@ def test_torch_compile_gives_the_eager_tokens():
     eager = run(model, inputs, **common)
     assert torch.equal(compiled.sequences, eager.sequences)
     assert all(torch.equal(a, b) for a, b in zip(compiled.history, eager.history))
-    assert "_dimple_compiled_forward" in model.__dict__  # compiled once, kept for the next decode
+    # A copy of the model (other weights) runs its own weights through the same compiled code.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1)
+    assert not torch.equal(run(other, inputs, use_torch_compile=True, **common).sequences, compiled.sequences)
+    assert torch.equal(run(other, inputs, use_torch_compile=True, **common).sequences, run(other, inputs, **common).sequences)

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from dimple.generation_utils import compiled_forward, plan_blocks
+from dimple.generation_utils import plan_blocks
 from dimple.modeling_dimple import DimpleModel
 from test_generation import capture_logits, image_inputs, mixed_batch, run, tiny_model
 from tiny_configs import EOS_ID, MASK_ID, PAD_ID, tiny_config

@@ -63,7 +63,9 @@ def test_compiled_steps_in_a_cuda_graph(cache):
     assert agree >= 0.9, f"compiled vs eager bf16: {agree:.0%} of tokens agree"
 
 
-def test_bf16_cuda_answers_match_cpu_fp32_on_the_tiny_model():
+@pytest.mark.parametrize("settings", [dict(use_cache=True), dict(use_cache=True, block_length=4, dual_cache=True)],
+                         ids=["prefilling", "dual-cache"])
+def test_bf16_cuda_answers_match_cpu_fp32_on_the_tiny_model(settings):
     folder = ROOT / "tiny-dimple"
     if not (folder / "model.safetensors").exists():
         pytest.skip("tiny-dimple/ is not built")
@@ -88,7 +90,7 @@ def test_bf16_cuda_answers_match_cpu_fp32_on_the_tiny_model():
     same = 0
     samples = generate_samples(30, seed=7, image_size=IMAGE_SIZE)
     for image, question, _, _ in samples:
-        cpu_answer, _ = ask(cpu, processor, image, question, use_cache=True)
-        gpu_answer, _ = ask(OnDevice(gpu), processor, image, question, use_cache=True)
+        cpu_answer, _ = ask(cpu, processor, image, question, **settings)
+        gpu_answer, _ = ask(OnDevice(gpu), processor, image, question, **settings)
         same += cpu_answer == gpu_answer
     assert same >= 29, f"bf16 CUDA agreed with CPU fp32 on {same}/30 answers"

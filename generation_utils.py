@@ -382,13 +382,15 @@ class DenoisingForward:
             logits_to_keep=slice(first + lo, first + hi),
         ).logits
 
+    # The cached passes take their positions from the cache (kept from the first pass): its last ones, or
+    # those of its `write_index`.
+
     def _tail_pass(self) -> torch.Tensor:
         tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
         self._embed_canvas()
         return self.cached_forward(
             inputs_embeds=self.embeds[:, tail:],
             attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
-            position_ids=self.position_ids[..., tail:],
             past_key_values=self.cache,
             logits_to_keep=self.keep,
         ).logits
@@ -400,7 +402,6 @@ class DenoisingForward:
             return self.cached_forward(
                 inputs_embeds=self.embeds.index_select(1, self.window),
                 attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, self.window),
-                position_ids=self.position_ids.index_select(-1, self.window),
                 past_key_values=self.cache,
                 logits_to_keep=slice(0, self.window.shape[0] - 1),  # the block's last token predicts past it
             ).logits

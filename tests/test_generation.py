@@ -789,6 +789,11 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
         (dict(block_length=3, max_new_tokens=8), "`block_length` must be a divisor of max_new_tokens"),
         (dict(block_length=2, max_new_tokens=8, steps=3), "`steps` must be >= the number of blocks"),
         (dict(dual_cache=True), "`dual_cache`"),
+        # A string flag would be truthy: "false" must not switch prefilling on.
+        (dict(use_cache="false"), "`use_cache` must be True or False, got 'false'"),
+        (dict(use_torch_compile="yes"), "`use_torch_compile` must be True or False"),
+        (dict(block_length=4, dual_cache=1), "`dual_cache` must be True or False"),
+        (dict(stop_at_eos=None), "`stop_at_eos` must be True or False"),
     ],
 )
 def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, match):

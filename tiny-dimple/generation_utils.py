@@ -27,6 +27,10 @@ from transformers.utils import ModelOutput
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 PIPELINES = ("dim", "dream")
+BOOLEAN_FLAGS = (
+    "use_original_confidence", "stop_at_eos", "use_cache", "output_history", "dual_cache", "use_cuda_graph",
+    "use_torch_compile", "return_dict_in_generate",
+)
 CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
 
 
@@ -103,6 +107,9 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
     def fail(name, allowed, value):
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
 
+    for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
+        if not isinstance(getattr(config, flag), bool):
+            fail(flag, "True or False", getattr(config, flag))
     if config.alg not in ALGORITHMS:
         fail("alg", f"one of {ALGORITHMS}", config.alg)
     if config.decoding_pipeline not in PIPELINES:

@@ -199,3 +199,27 @@ def test_torch_compile_gives_the_eager_tokens():
         other.lm_head.weight.mul_(-1)
     assert not torch.equal(run(other, inputs, use_torch_compile=True, **common).sequences, compiled.sequences)
     assert torch.equal(run(other, inputs, use_torch_compile=True, **common).sequences, run(other, inputs, **common).sequences)
+
+
+def test_torch_compile_compiles_each_kind_of_pass_once_across_prompts_and_batches():
+    # The batch and the prompt's length change from one request to the next. Were each shape compiled anew,
+    # torch.compile would hit its recompile limit (8) after a few prompts and fall back to eager. The cached
+    # passes (here the block's tail pass and the dual-cache window) compile once for batch 1 and once for
+    # larger batches; other prompt lengths and batch sizes reuse them.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model(0.2)
+    common = dict(max_new_tokens=8, steps=8, block_length=4, dual_cache=True, use_cache=True, alg="maskgit_plus")
+    generator = torch.Generator().manual_seed(0)
+
+    def graphs_compiled_by(batch, prompt_len):
+        before = counters["stats"]["unique_graphs"]
+        prompt = torch.randint(10, 60, (batch, prompt_len), generator=generator)
+        compiled = model.diffusion_generate(prompt, use_torch_compile=True, **common)
+        assert torch.equal(compiled, model.diffusion_generate(prompt, **common))
+        return counters["stats"]["unique_graphs"] - before
+
+    assert graphs_compiled_by(batch=1, prompt_len=7) == 2  # tail and window
+    assert graphs_compiled_by(batch=2, prompt_len=7) == 2
+    assert [graphs_compiled_by(batch, n) for batch, n in [(1, 11), (3, 9), (2, 14), (4, 5)]] == [0, 0, 0, 0]

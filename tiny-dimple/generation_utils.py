@@ -65,7 +65,8 @@ class DimpleGenerationConfig(GenerationConfig):
             CUDA graphs and replay them (same kernels, same results, no per-kernel launch cost).
         use_torch_compile (`bool`, defaults to `False`): run the cached steps (prefilled, dual-cache window)
             through `torch.compile` of the model's forward, which fuses the small element-wise kernels (rotary,
-            residual adds, casts). Compiled once per model and shape; the first decode pays the compilation.
+            residual adds, casts). Compiled once per kind of pass (for batch 1 and for larger batches); other
+            prompt lengths and batch sizes reuse it. The first decodes pay the compilation.
     """
 
     def __init__(self, **kwargs):
@@ -358,6 +359,7 @@ class DenoisingForward:
         self.use_cuda_graph = use_cuda_graph
         self.graphs = {}
         # The repeated passes may run compiled; the full pass runs once per decode (or block), eagerly.
+        self.compiled = use_torch_compile
         self.cached_forward = compiled_forward(model) if use_torch_compile else model
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
@@ -395,25 +397,43 @@ class DenoisingForward:
     def _tail_pass(self) -> torch.Tensor:
         tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
         self._embed_canvas()
-        return self.cached_forward(
-            inputs_embeds=self.embeds[:, tail:],
+        return self._cached_pass(
+            # contiguous: a view's strides would depend on the prompt's length (a recompile for each length)
+            inputs_embeds=self.embeds[:, tail:].contiguous() if self.compiled else self.embeds[:, tail:],
             attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
-            past_key_values=self.cache,
             logits_to_keep=self.keep,
-        ).logits
+        )
 
     def _window_pass(self) -> torch.Tensor:
         self._embed_canvas()
         self.cache.write_index = self.window
         try:
-            return self.cached_forward(
+            return self._cached_pass(
                 inputs_embeds=self.embeds.index_select(1, self.window),
                 attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, self.window),
-                past_key_values=self.cache,
                 logits_to_keep=slice(0, self.window.shape[0] - 1),  # the block's last token predicts past it
-            ).logits
+            )
         finally:
             self.cache.write_index = None
+
+    def _cached_pass(self, inputs_embeds, attention_mask, logits_to_keep) -> torch.Tensor:
+        if self.compiled:
+            # The batch and the cached length change from one decode to the next; the pass's own length (the
+            # canvas, or a block) is fixed by the settings. Declaring the first two dynamic up front compiles
+            # each kind of pass once (twice with batch 1) instead of once per shape, which would reach
+            # torch.compile's recompile limit and fall back to eager after a few prompts.
+            for tensor in (inputs_embeds, attention_mask, *self.cache.keys, *self.cache.values):
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            for tensor in (attention_mask, *self.cache.keys, *self.cache.values):  # (..., keys, head_dim)
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 3 if tensor is attention_mask else 2)
+            torch._dynamo.maybe_mark_dynamic(self.cache.position_ids, 1)
+            torch._dynamo.maybe_mark_dynamic(self.cache.position_ids, 2)
+        return self.cached_forward(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=self.cache,
+            logits_to_keep=logits_to_keep,
+        ).logits
 
     def _replay(self, name: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run `step`, or on CUDA its captured graph (captured at the first call)."""
@@ -449,8 +469,8 @@ _COMPILED_FORWARDS = {}  # model class -> torch.compile of its forward (holding 
 
 
 def compiled_forward(model) -> Callable:
-    """`model.forward` through `torch.compile`, compiled once per model class and shape and reused by every
-    decode (the model is an argument, so a copy of the model runs its own weights)."""
+    """`model.forward` through `torch.compile`, built once per model class and reused by every decode (the
+    model is an argument, so a copy of the model runs its own weights)."""
     cls = type(model)
     if cls not in _COMPILED_FORWARDS:
         _COMPILED_FORWARDS[cls] = torch.compile(cls.forward)

@@ -740,7 +740,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 f"got {tuple(position_ids.shape)}"
             )
         if cache is not None and not cached:
-            cache.position_ids = position_ids
+            cache.position_ids = position_ids.clone()  # its own (contiguous) tensor, not a view of the caller's
 
         is_causal = not self.config.full_attn_mask
         k_len = cache.get_seq_length() if cached else q_len

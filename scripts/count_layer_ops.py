@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Operators that one decoder layer dispatches in a prefilled decoding pass (views excluded), on the CPU.
+"""Operators that one decoder layer dispatches in a prefilled decoding pass (views excluded), on the CPU, and
+those of a decoding step outside the forward pass (scoring and committing, which run uncaptured on CUDA).
 
 Each non-view operator is at least one kernel launch on CUDA, so this counts what a pass costs in kernels
 besides its matrix products, without a GPU. (The CPU decomposes RMSNorm into 6 operators that CUDA runs as
@@ -55,11 +56,44 @@ def prefilled_pass_operators(layers: int, prompt: int = 20, canvas: int = 9) -> 
     return Counter({op: n for op, n in counter.counts.items() if op not in VIEWS})
 
 
+class OutsideForwardCounter(OperatorCounter):
+    """Counts only the operators dispatched outside `model.forward` (and outside the canvas embedding)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.depth = 0
+        for module in (model, model.get_input_embeddings()):
+            module.register_forward_pre_hook(lambda *_: setattr(self, "depth", self.depth + 1))
+            module.register_forward_hook(lambda *_: setattr(self, "depth", self.depth - 1))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.depth:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@torch.no_grad()
+def decoding_step_operators(steps: int, **settings) -> tuple:
+    """(operators outside the model's forward passes, forward passes) of a prefilled greedy decode."""
+    torch.manual_seed(0)
+    model = DimpleModel(tiny_config()).eval()
+    prompt = torch.randint(10, 60, (1, 9))
+    with OutsideForwardCounter(model) as counter:
+        out = model.diffusion_generate(prompt, max_new_tokens=32, steps=steps, alg="maskgit_plus", use_cache=True,
+                                       return_dict_in_generate=True, **settings)
+    return sum(n for op, n in counter.counts.items() if op not in VIEWS), out.num_forward_passes
+
+
 def main():
     one, two = prefilled_pass_operators(1), prefilled_pass_operators(2)
     per_layer = two - one
     print(f"per layer: {sum(per_layer.values())} operators: {dict(per_layer.most_common())}")
     print(f"outside the layers (rotary tables, final norm, head): {sum(one.values()) - sum(per_layer.values())}")
+    # Per step: the difference of two decodes, so the set-up (prompt, positions, masks) cancels.
+    for name, settings in (("greedy", {}), ("confident decoding, alg_p_threshold=0.9", dict(alg_p_threshold=0.9))):
+        (ops_long, passes_long), (ops_short, passes_short) = (decoding_step_operators(n, **settings) for n in (16, 8))
+        per_step = (ops_long - ops_short) / (passes_long - passes_short)
+        print(f"per decoding step outside the forward (scoring, choosing, committing; {name}): {per_step:.0f}")
 
 
 if __name__ == "__main__":

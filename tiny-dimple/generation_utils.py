@@ -418,18 +418,16 @@ class DenoisingForward:
 
     def _cached_pass(self, inputs_embeds, attention_mask, logits_to_keep) -> torch.Tensor:
         if self.compiled:
-            # The batch and the cached length change from one decode to the next; the pass's own length (the
-            # canvas, or a block) is fixed by the settings. Declaring the first two dynamic up front compiles
-            # each kind of pass once (twice with batch 1) instead of once per shape, which would reach
-            # torch.compile's recompile limit and fall back to eager after a few prompts.
-            for tensor in (inputs_embeds, attention_mask, *self.cache.keys, *self.cache.values):
-                if tensor is not None:
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            for tensor in (attention_mask, *self.cache.keys, *self.cache.values):  # (..., keys, head_dim)
-                if tensor is not None:
-                    torch._dynamo.maybe_mark_dynamic(tensor, 3 if tensor is attention_mask else 2)
-            torch._dynamo.maybe_mark_dynamic(self.cache.position_ids, 1)
-            torch._dynamo.maybe_mark_dynamic(self.cache.position_ids, 2)
+            # The batch and the cached length change from one request to the next; the pass's own length (the
+            # canvas, or a block) is fixed by the settings. Declared dynamic up front, each kind of pass
+            # compiles once for batch 1 and once for larger batches, instead of once per shape (which reaches
+            # torch.compile's recompile limit after a few prompts, and then runs eager).
+            cache = self.cache
+            dynamic_dims = [(inputs_embeds, (0,)), (attention_mask, (0, 3)), (cache.position_ids, (1, 2))]
+            dynamic_dims += [(kv, (0, 2)) for kv in (*cache.keys, *cache.values)]  # (batch, heads, keys, dim)
+            for tensor, dims in dynamic_dims:
+                for dim in dims if tensor is not None else ():
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
         return self.cached_forward(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=self.cache,
             logits_to_keep=logits_to_keep,

@@ -28,6 +28,7 @@ def test_cpu_smoke_run_reports_every_setting(tmp_path):
     for run in (prefill, dual, runs["len64_dual"]):
         assert run["masks_left_at_end"] == 0
         assert run["ms_per_pass"] > 0 and run["compute_floor_ms_per_pass"] > 0 and run["ms_per_pass_vs_bound"] > 0
+        assert run["first_warmup_ms"] > 0 and run["warmup_steps"] >= 1  # what a first request pays
     # Per pass, the dual cache recomputes a 33-token window instead of the 65-token canvas (plus a refresh per
     # block): fewer FLOPs per pass, counted by torch's FLOP counter.
     assert dual["tflop_per_pass"] < 0.75 * prefill["tflop_per_pass"]

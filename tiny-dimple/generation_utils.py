@@ -359,7 +359,7 @@ class DenoisingForward:
         self.use_cuda_graph = use_cuda_graph
         self.graphs = {}
         # The repeated passes may run compiled; the full pass runs once per decode (or block), eagerly.
-        self.compiled = use_torch_compile
+        self.compiled, self.cache_marked = use_torch_compile, False
         self.cached_forward = compiled_forward(model) if use_torch_compile else model
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
@@ -422,9 +422,11 @@ class DenoisingForward:
             # canvas, or a block) is fixed by the settings. Declared dynamic up front, each kind of pass
             # compiles once for batch 1 and once for larger batches, instead of once per shape (which reaches
             # torch.compile's recompile limit after a few prompts, and then runs eager).
-            cache = self.cache
-            dynamic_dims = [(inputs_embeds, (0,)), (attention_mask, (0, 3)), (cache.position_ids, (1, 2))]
-            dynamic_dims += [(kv, (0, 2)) for kv in (*cache.keys, *cache.values)]  # (batch, heads, keys, dim)
+            dynamic_dims = [(inputs_embeds, (0,)), (attention_mask, (0, 3))]
+            if not self.cache_marked:  # the cache's tensors live for the whole decode: marked once
+                cache, self.cache_marked = self.cache, True
+                dynamic_dims.append((cache.position_ids, (1, 2)))
+                dynamic_dims += [(kv, (0, 2)) for kv in (*cache.keys, *cache.values)]  # (batch, heads, keys, dim)
             for tensor, dims in dynamic_dims:
                 for dim in dims if tensor is not None else ():
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)

@@ -5,11 +5,16 @@ decode (prompt kept, fixed tokens never change, masks filled, left-to-right for 
 a row decoded alone vs. inside a padded mixed batch; the same decode with and without prefilling.
 """
 
+import contextlib
 import linecache
 import math
+import traceback
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BatchFeature, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
@@ -31,6 +36,7 @@ from tiny_configs import (
     tiny_config,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ("dim", "dream")
 IMAGE_PROMPT = [BOS_ID, 10, 11, VISION_START_ID, IMAGE_ID, IMAGE_ID, IMAGE_ID, IMAGE_ID, VISION_END_ID, 12, 13]
 TEXT_PROMPT = [BOS_ID, 20, 21, 22, 23, 24]
@@ -834,11 +840,68 @@ def test_mask_in_prompt_without_cache_is_allowed(model):
 
 
 # --------------------------------------------------------------------------------------------------
-# 15. No host synchronisation inside a step except the "any mask left?" check (CUDA only)
+# 15. No host synchronisation inside a step except the "any mask left?" check
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation needs CUDA")
+class HostSyncRecorder(TorchDispatchMode):
+    """Records the operators that would make the host wait for a GPU: those reading a value back (`item()`,
+    `bool()`, `int()`) and those whose output shape depends on the data (`nonzero`, boolean indexing and
+    `x[mask] = v`, `masked_select`, `unique`, `equal`, `repeat_interleave` by a tensor), each as
+    "file:line: code" of the innermost repository frame. So the CPU runs catch what would stall a CUDA step.
+    `tolist()` of a CPU tensor bypasses the dispatcher and is not seen (on CUDA it copies to the host, which
+    `torch.cuda.set_sync_debug_mode` reports)."""
+
+    DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2",
+                      "unique_dim", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if (
+            name in self.DATA_DEPENDENT
+            or name in ("index", "index_put", "index_put_", "_index_put_impl_")
+            and any(i is not None and i.dtype == torch.bool for i in args[1])
+            or name == "repeat_interleave" and torch.is_tensor(args[1] if len(args) > 1 else args[0])
+            and kwargs.get("output_size") is None
+        ):
+            self.syncs.append(repository_frame(traceback.extract_stack()))
+        return func(*args, **kwargs)
+
+
+def repository_frame(stack) -> str:
+    """ "file:line: code" of the innermost frame in the repository's modules (not tests, not a venv)."""
+    ours = [f for f in stack if f.filename.startswith(str(REPO_ROOT)) and "/tests/" not in f.filename
+            and "/." not in f.filename[len(str(REPO_ROOT)):]]
+    frame = ours[-1] if ours else stack[-2]
+    return f"{frame.filename}:{frame.lineno}: {(frame.line or linecache.getline(frame.filename, frame.lineno)).strip()}"
+
+
+@contextlib.contextmanager
+def recording_host_syncs(device: str):
+    """Yields a function returning the host synchronisations so far ("file:line: code" each): on CUDA those
+    `torch.cuda.set_sync_debug_mode` reports, on the CPU those `HostSyncRecorder` sees."""
+    if device != "cuda":
+        with HostSyncRecorder() as recorder:
+            yield lambda: list(recorder.syncs)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield lambda: [
+                f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}"
+                for w in caught if "synchroniz" in str(w.message)
+            ]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("use_cache", [False, True])
 @pytest.mark.parametrize(
     "settings",
@@ -850,33 +913,27 @@ def test_mask_in_prompt_without_cache_is_allowed(model):
         dict(alg="entropy", decoding_pipeline="dream", block_length=6),
     ],
 )
-def test_no_host_sync_inside_a_step(use_cache, settings):
-    import warnings
-
+def test_no_host_sync_inside_a_step(device, use_cache, settings):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("host-device synchronisation on CUDA needs a GPU")
     torch.manual_seed(0)
-    model = DimpleModel(tiny_config(initializer_range=0.2)).eval().cuda()
+    model = DimpleModel(tiny_config(initializer_range=0.2)).eval().to(device)
     batch, _, _ = mixed_batch()
-    batch = {k: v.cuda() for k, v in batch.items()}
-    events = []
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with recording_host_syncs(device) as host_syncs:
+        at_hook = []  # how many syncs were recorded when the tokens hook ran: before the first step, then after each
 
-    def tokens_hook(step, x, logits):
-        events.append(("hook", step, len(caught)))
-        return x
+        def tokens_hook(step, x, logits):
+            at_hook.append(len(host_syncs()))
+            return x
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = run(model, batch, max_new_tokens=12, steps=12, use_cache=use_cache,
-                      generation_tokens_hook_func=tokens_hook, **settings)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        end = len(caught)
-    boundaries = [e[2] for e in events] + [end]
-    assert events[0][1] is None and len(events) == out.num_forward_passes + 1
-    for step in range(len(events)):
-        inside = [w for w in caught[boundaries[step] : boundaries[step + 1]] if "synchroniz" in str(w.message)]
-        where = [f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}" for w in inside]
+        out = run(model, batch, max_new_tokens=12, steps=12, use_cache=use_cache,
+                  generation_tokens_hook_func=tokens_hook, **settings)
+        syncs = host_syncs()
+    assert len(at_hook) == out.num_forward_passes + 1
+    boundaries = at_hook + [len(syncs)]
+    for step in range(len(at_hook)):
+        where = syncs[boundaries[step] : boundaries[step + 1]]
         # One check per step; with blocks, a finished block's last check is followed by the next block's.
-        assert len(inside) <= (2 if "block_length" in settings else 1), f"step {step}: host syncs at {where}"
+        assert len(where) <= (2 if "block_length" in settings else 1), f"step {step}: host syncs at {where}"
         assert all("is_mask.any()" in line for line in where), where

@@ -639,30 +639,33 @@ class DimpleGenerationMixin(GenerationMixin):
         pipeline_class = DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline
         original_confidence = config.use_original_confidence and pipeline_class.original_confidence_allowed
 
-        x = tokens_hook(None, x, None)
-        history = [] if config.output_history else None
-        forward_passes = 0
-        for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
-            pipeline = pipeline_class(config, block_steps, device)
-            block = slice(prompt_len + lo, prompt_len + hi)
-            masks_start = (x[:, block] == mask_id).sum(-1)
-            for step in range(block_steps):
-                is_mask = x[:, block] == mask_id
-                if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
-                    break
-                step_logits = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
-                forward_passes += 1
-                logits = logits_hook(forward_passes - 1, x, step_logits)
-                tokens, confidence = score_positions(logits, config, original_confidence, generator)
-                chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
-                x[:, block] = torch.where(chosen, tokens, x[:, block])
-                if config.stop_at_eos:
-                    x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
-                x = tokens_hook(forward_passes - 1, x, logits)
-                if history is not None:
-                    history.append(x.clone())
-                if streamer is not None:
-                    streamer.put(x[:, prompt_len:].clone())
+        # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
+        with self.stacked_qkv_projections():
+            x = tokens_hook(None, x, None)
+            history = [] if config.output_history else None
+            forward_passes = 0
+            for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
+                pipeline = pipeline_class(config, block_steps, device)
+                block = slice(prompt_len + lo, prompt_len + hi)
+                masks_start = (x[:, block] == mask_id).sum(-1)
+                for step in range(block_steps):
+                    is_mask = x[:, block] == mask_id
+                    if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
+                        break
+                    step_logits = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
+                    forward_passes += 1
+                    logits = logits_hook(forward_passes - 1, x, step_logits)
+                    tokens, confidence = score_positions(logits, config, original_confidence, generator)
+                    chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
+                    x[:, block] = torch.where(chosen, tokens, x[:, block])
+                    if config.stop_at_eos:
+                        answer = x[:, prompt_len:]
+                        x[:, prompt_len:] = fill_after_end_of_text(answer, mask_id, end_ids, config.pad_token_id)
+                    x = tokens_hook(forward_passes - 1, x, logits)
+                    if history is not None:
+                        history.append(x.clone())
+                    if streamer is not None:
+                        streamer.put(x[:, prompt_len:].clone())
         if streamer is not None:
             streamer.end()
         if return_dict:

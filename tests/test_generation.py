@@ -474,6 +474,36 @@ def test_prefilling_reuses_the_prefix_cache(model, monkeypatch):
     assert len(visual_calls) == 1
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_decoding_stacks_qkv_and_gives_the_tokens_of_separate_projections(model, use_cache):
+    """Decoding runs q/k/v as one product over stacked weights (only while it runs): the same tokens as the
+    separate projections, which a hooked q_proj keeps (its hook then sees every pass)."""
+    stacked_during_steps = []
+
+    def record_stacking(step, x, logits):
+        stacked_during_steps.append([layer.self_attn.qkv_weight is not None for layer in model.model.layers])
+        return x
+
+    settings = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", use_cache=use_cache,
+                    generation_tokens_hook_func=record_stacking)
+    stacked = run(model, image_inputs(), **settings)
+    assert stacked_during_steps == [[True, True]] * (stacked.num_forward_passes + 1)  # + the hook's step None
+    assert all(layer.self_attn.qkv_weight is None for layer in model.model.layers)  # freed after decoding
+
+    stacked_during_steps.clear()
+    hook_calls = []
+    handles = [layer.self_attn.q_proj.register_forward_hook(lambda *args: hook_calls.append(1))
+               for layer in model.model.layers]
+    try:
+        separate = run(model, image_inputs(), **settings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert stacked_during_steps == [[False, False]] * (separate.num_forward_passes + 1)
+    assert len(hook_calls) == 2 * separate.num_forward_passes
+    assert torch.equal(stacked.sequences, separate.sequences)
+
+
 # --------------------------------------------------------------------------------------------------
 # 7. Decisions per row
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ padding mask (SPEC §1) for the language model; transformers' `Qwen2ForCausalLM`
 hand-written M-RoPE positions for `get_rope_index`.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -525,6 +526,87 @@ def test_cache_window_in_the_middle_is_exact_for_causal_attention():
         cache.write_index = None
         full = model(input_ids=changed, attention_mask=mask).logits
     assert (window - full[:, start : start + k]).abs().max().item() <= ATOL
+
+
+def test_rms_norm_is_qwen2s_bit_for_bit_in_half_precision():
+    """F.rms_norm on bf16/fp16 input normalises in fp32 and rounds once, as Qwen2RMSNorm's explicit casts do."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from dimple.modeling_dimple import DimpleRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ours, qwen = DimpleRMSNorm(96, eps=1e-6).to(dtype), Qwen2RMSNorm(96, eps=1e-6).to(dtype)
+        weight = 1.0 + 0.2 * torch.randn(96, generator=gen)
+        ours.weight.data.copy_(weight)
+        qwen.weight.data.copy_(weight)
+        x = (5 * torch.randn(3, 17, 96, generator=gen)).to(dtype)
+        assert torch.equal(ours(x), qwen(x)), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_qkv_projections_compute_the_separate_layers(dtype):
+    model = make_model(seed=6).to(dtype)
+    batch = image_batch(seed=6)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attn = model.model.layers[0].self_attn
+    separate_products = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    with torch.no_grad():
+        separate = model(**batch).logits
+        with model.stacked_qkv_projections():
+            assert attn.qkv_weight.shape == (128, 64)  # 4 + 2 + 2 heads of 16, over the hidden size
+            assert torch.equal(attn.qkv_weight, torch.cat(separate_products))
+            assert model.state_dict().keys() == state.keys()  # the stacked copies are not in the state dict
+            stacked = model(**batch).logits
+    if dtype == torch.float32:
+        assert (stacked - separate).abs().max().item() <= 1e-6
+    else:
+        torch.testing.assert_close(stacked, separate)
+    assert all(layer.self_attn.qkv_weight is None and layer.self_attn.qkv_bias is None for layer in model.model.layers)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+
+
+def test_stacked_qkv_projections_leave_training_on_the_separate_layers():
+    """With gradients enabled the forward uses q_proj/k_proj/v_proj themselves, so they get their gradients."""
+    ids, mask = text_batch(seed=7)
+    grads = []
+    for stacked in (False, True):
+        model = make_model(seed=7)
+        with model.stacked_qkv_projections() if stacked else contextlib.nullcontext():
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append(model.model.layers[1].self_attn.k_proj.weight.grad)
+    assert grads[0].abs().max() > 0
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_stacked_qkv_projections_keep_peft_adapters_and_hooks():
+    """A LoRA-wrapped or hooked projection computes something the stacked weights do not: such layers are not
+    stacked, and the adapters change the decode's logits exactly as merging them into the weights does."""
+    peft = pytest.importorskip("peft")
+    model = make_model(seed=8)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op (B = 0); make it count
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    attention = [layer.self_attn for layer in model.model.layers]
+    assert not any(attn.can_stack_qkv() for attn in attention)
+    ids, mask = text_batch(seed=8)
+    with torch.no_grad():
+        with model.stacked_qkv_projections():
+            assert all(attn.qkv_weight is None for attn in attention)
+            adapted = model(input_ids=ids, attention_mask=mask).logits
+        merged = lora.merge_and_unload()
+        assert all(attn.can_stack_qkv() for attn in attention)
+        with merged.stacked_qkv_projections():
+            assert all(attn.qkv_weight is not None for attn in attention)
+            stacked = merged(input_ids=ids, attention_mask=mask).logits
+        handle = merged.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *args: None)
+        assert not merged.model.layers[1].self_attn.can_stack_qkv() and merged.model.layers[0].self_attn.can_stack_qkv()
+        handle.remove()
+    assert (adapted - stacked).abs().max().item() <= ATOL
 
 
 # --------------------------------------------------------------------------------------------------

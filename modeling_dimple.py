@@ -445,7 +445,7 @@ class DimpleTextModel(nn.Module):
         freqs = torch.cat([section[i] for i, section in enumerate(sections)], dim=-1)
         half = freqs.sin()
         # sin with its first half negated: rotate_half(x) * sin == x.roll(head_dim / 2) * signed_sin, which
-        # lets every layer apply the rotation in 3 kernels (mul, roll, addcmul) instead of 5.
+        # lets every layer rotate q and k in 3 kernels (mul, roll, addcmul), see `DimpleAttention`.
         signed_sin = torch.cat([-half, half], dim=-1)[:, :, None]
         cos = torch.cat([freqs, freqs], dim=-1)[:, :, None].cos()
         return cos.to(dtype), signed_sin.to(dtype)

@@ -609,6 +609,20 @@ def test_stacked_qkv_projections_keep_peft_adapters_and_hooks():
     assert (adapted - stacked).abs().max().item() <= ATOL
 
 
+def test_a_prefilled_decoding_pass_dispatches_19_operators_per_layer():
+    """Each operator is at least one CUDA kernel, and launches dominate the 7B step beyond its matrix products
+    (README, Performance): this keeps the decoding pass's operator count from creeping back up."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from count_layer_ops import prefilled_pass_operators
+
+    per_layer = prefilled_pass_operators(2) - prefilled_pass_operators(1)
+    assert per_layer["aten.addmm"] == 1  # q, k and v in one product (o_proj and the MLP have no bias: mm)
+    assert per_layer["aten.mm"] == 4
+    assert per_layer["aten.roll"] == per_layer["aten.addcmul"] == 1  # q and k rotated together
+    assert per_layer["rms_norm"] == 2 and "aten._to_copy" not in per_layer  # no casts around the norms
+    assert sum(per_layer.values()) == 19, dict(per_layer)
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. save_pretrained / AutoModel.from_pretrained(trust_remote_code=True) in a fresh process
 # --------------------------------------------------------------------------------------------------

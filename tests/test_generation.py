@@ -8,6 +8,7 @@ a row decoded alone vs. inside a padded mixed batch; the same decode with and wi
 import contextlib
 import linecache
 import math
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -502,6 +503,45 @@ def test_decoding_stacks_qkv_and_gives_the_tokens_of_separate_projections(model,
     assert stacked_during_steps == [[False, False]] * (separate.num_forward_passes + 1)
     assert len(hook_calls) == 2 * separate.num_forward_passes
     assert torch.equal(stacked.sequences, separate.sequences)
+
+
+def test_concurrent_decodes_share_the_stacked_copies(model):
+    """A decode in another thread that ends first must not free the stacked q/k/v copies a running decode (and
+    its captured CUDA graph) still uses: they live until the last decode ends."""
+    settings = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", use_cache=True)
+    alone = run(model, image_inputs(), **settings).sequences
+    other_done, results, stacked_after_other = threading.Event(), {}, []
+
+    def other_decode():
+        try:
+            results["other"] = run(model, image_inputs(), **settings).sequences
+        finally:
+            other_done.set()
+
+    other = threading.Thread(target=other_decode)
+
+    def run_the_other_decode_at_step_1(step, x, logits):
+        if step == 1:
+            other.start()
+            assert other_done.wait(120)
+            stacked_after_other.append([layer.self_attn.qkv_weight is not None for layer in model.model.layers])
+        return x
+
+    first = run(model, image_inputs(), generation_tokens_hook_func=run_the_other_decode_at_step_1, **settings)
+    other.join()
+    assert stacked_after_other == [[True, True]]
+    assert torch.equal(first.sequences, alone) and torch.equal(results["other"], alone)
+    assert all(layer.self_attn.qkv_weight is None for layer in model.model.layers)
+
+
+def test_nested_stacking_contexts_share_one_copy(model):
+    attn = model.model.layers[0].self_attn
+    with model.stacked_qkv_projections():
+        outer = attn.qkv_weight
+        with model.stacked_qkv_projections():
+            assert attn.qkv_weight is outer
+        assert attn.qkv_weight is outer
+    assert attn.qkv_weight is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ built on the meta device and materialised with `to_empty` needs no extra step.
 """
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -484,6 +485,10 @@ class DimpleTextModel(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------------
 
+# Guards the count of decodes using a model's stacked q/k/v copies (see `DimpleModel.stacked_qkv_projections`);
+# module-level, so that a model stays deep-copyable (a lock object is not).
+_QKV_STACKING_LOCK = threading.Lock()
+
 
 class DimplePreTrainedModel(PreTrainedModel):
     config_class = DimpleConfig
@@ -530,6 +535,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         self.img_projector = DimpleImageProjector(config)
         self.model = DimpleTextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._qkv_stacking_users = 0  # open `stacked_qkv_projections` contexts
         self.post_init()
 
     def get_input_embeddings(self):
@@ -543,22 +549,38 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         """Inside this context (decoding uses it), each attention layer computes its queries, keys and values
         with one matrix product over a stacked copy of the three weights, instead of three products: fewer
         kernels per pass. The copies take one more q/k/v's worth of memory (0.9 GB on the 7B shape, 5.6 % of
-        the weights) and are freed on exit; parameters and `state_dict()` are untouched. Only no-grad forwards
-        use them (training keeps the separate layers), and only layers where `can_stack_qkv()` holds."""
-        layers = [  # (layers stacked by an enclosing context stay as they are)
-            layer.self_attn for layer in self.model.layers
-            if layer.self_attn.qkv_weight is None and layer.self_attn.can_stack_qkv()
-        ]
+        the weights) and are freed when the last context using them exits (contexts nest, and concurrent
+        decodes in several threads share one copy); parameters and `state_dict()` are untouched. Only no-grad
+        forwards use them (training keeps the separate layers), and only layers where `can_stack_qkv()` holds."""
+        with _QKV_STACKING_LOCK:
+            self._qkv_stacking_users += 1
+            if self._qkv_stacking_users == 1:
+                try:
+                    self._stack_qkv_projections()
+                except BaseException:
+                    self._qkv_stacking_users = 0
+                    self._unstack_qkv_projections()
+                    raise
         try:
-            with torch.no_grad():
-                for attn in layers:
-                    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-                    attn.qkv_weight = torch.cat([proj.weight for proj in projections])
-                    attn.qkv_bias = torch.cat([proj.bias for proj in projections])
             yield
         finally:
-            for attn in layers:
-                attn.qkv_weight = attn.qkv_bias = None
+            with _QKV_STACKING_LOCK:
+                self._qkv_stacking_users -= 1
+                if self._qkv_stacking_users == 0:
+                    self._unstack_qkv_projections()
+
+    @torch.no_grad()
+    def _stack_qkv_projections(self) -> None:
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if attn.can_stack_qkv():
+                projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+                attn.qkv_weight = torch.cat([proj.weight for proj in projections])
+                attn.qkv_bias = torch.cat([proj.bias for proj in projections])
+
+    def _unstack_qkv_projections(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.qkv_weight = layer.self_attn.qkv_bias = None
 
     def prepare_attention_mask(self, padding_mask: Optional[torch.Tensor], q_len: int, k_len: int):
         """The boolean attention mask of this model's attention type (see `build_attention_mask`)."""

@@ -334,6 +334,10 @@ class DimpleAttention(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
 
+    @property
+    def qkv_projections(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj
+
     def can_stack_qkv(self) -> bool:
         """Whether one product over stacked weights computes what q_proj, k_proj and v_proj do: plain
         `nn.Linear` layers (not PEFT adapters or quantised layers) without hooks, with real weights."""
@@ -342,8 +346,18 @@ class DimpleAttention(nn.Module):
             type(proj) is nn.Linear and proj.bias is not None and not proj._forward_hooks
             and not proj._forward_pre_hooks and "forward" not in proj.__dict__  # accelerate's hooks
             and proj.weight.device == weight.device and proj.weight.dtype == proj.bias.dtype == weight.dtype
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
+            for proj in self.qkv_projections
         )
+
+    @torch.no_grad()
+    def stack_qkv(self) -> None:
+        """Build the stacked copy `project_qkv` uses (where `can_stack_qkv()`); `unstack_qkv` frees it."""
+        if self.can_stack_qkv():
+            self.qkv_weight = torch.cat([proj.weight for proj in self.qkv_projections])
+            self.qkv_bias = torch.cat([proj.bias for proj in self.qkv_projections])
+
+    def unstack_qkv(self) -> None:
+        self.qkv_weight = self.qkv_bias = None
 
     def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Queries, keys and values stacked along heads: (batch, q_len, heads + 2 * kv_heads, head_dim)."""
@@ -351,7 +365,7 @@ class DimpleAttention(nn.Module):
         if self.qkv_weight is not None and not torch.is_grad_enabled():
             qkv = F.linear(hidden_states, self.qkv_weight, self.qkv_bias)
         else:
-            qkv = torch.cat([proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj)], dim=-1)
+            qkv = torch.cat([proj(hidden_states) for proj in self.qkv_projections], dim=-1)
         return qkv.view(batch, q_len, -1, self.head_dim)
 
     def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, output_attentions=False):
@@ -552,35 +566,25 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         the weights) and are freed when the last context using them exits (contexts nest, and concurrent
         decodes in several threads share one copy); parameters and `state_dict()` are untouched. Only no-grad
         forwards use them (training keeps the separate layers), and only layers where `can_stack_qkv()` holds."""
+        attention = [layer.self_attn for layer in self.model.layers]
         with _QKV_STACKING_LOCK:
-            self._qkv_stacking_users += 1
-            if self._qkv_stacking_users == 1:
+            if self._qkv_stacking_users == 0:
                 try:
-                    self._stack_qkv_projections()
-                except BaseException:
-                    self._qkv_stacking_users = 0
-                    self._unstack_qkv_projections()
+                    for attn in attention:
+                        attn.stack_qkv()
+                except BaseException:  # e.g. out of memory half-way: free what was stacked
+                    for attn in attention:
+                        attn.unstack_qkv()
                     raise
+            self._qkv_stacking_users += 1
         try:
             yield
         finally:
             with _QKV_STACKING_LOCK:
                 self._qkv_stacking_users -= 1
                 if self._qkv_stacking_users == 0:
-                    self._unstack_qkv_projections()
-
-    @torch.no_grad()
-    def _stack_qkv_projections(self) -> None:
-        for layer in self.model.layers:
-            attn = layer.self_attn
-            if attn.can_stack_qkv():
-                projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-                attn.qkv_weight = torch.cat([proj.weight for proj in projections])
-                attn.qkv_bias = torch.cat([proj.bias for proj in projections])
-
-    def _unstack_qkv_projections(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.qkv_weight = layer.self_attn.qkv_bias = None
+                    for attn in attention:
+                        attn.unstack_qkv()
 
     def prepare_attention_mask(self, padding_mask: Optional[torch.Tensor], q_len: int, k_len: int):
         """The boolean attention mask of this model's attention type (see `build_attention_mask`)."""

@@ -737,6 +737,67 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
     # ---------------------------------------------------------------- forward
 
+    def decoder_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[DimplePrefixCache] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple:
+        """The language model on embedded inputs, without the head: `(hidden_states, all_hidden, all_attn)`,
+        the final normalised hidden states `(batch, seq, hidden)` and, when asked, those of every layer and the
+        attention probabilities. `forward` applies `lm_head` to it; decoding calls it directly, to apply the
+        head only at the positions it scores (the masked ones). Arguments as in `forward`; without
+        `position_ids` the positions are the cache's (once filled) or 0, 1, 2, … (text only)."""
+        batch, q_len = inputs_embeds.shape[:2]
+        cache = past_key_values
+        cached = cache is not None and cache.is_filled
+        window = cache.write_index if cached else None  # the positions of a recomputed window
+        if window is not None and window.shape != (q_len,):
+            raise ValueError(f"the cache's `write_index` must have shape ({q_len},), got {tuple(window.shape)}")
+        if position_ids is None:
+            if cached and cache.position_ids is not None and window is not None:
+                position_ids = cache.position_ids.index_select(-1, window)
+            elif cached and cache.position_ids is not None:
+                position_ids = cache.position_ids[..., -q_len:]
+            else:
+                position_ids = torch.arange(q_len, device=inputs_embeds.device).expand(3, batch, -1)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        if position_ids.shape != (3, batch, q_len):
+            raise ValueError(
+                f"`position_ids` must have shape (3, batch, seq) = (3, {batch}, {q_len}) or (batch, seq), "
+                f"got {tuple(position_ids.shape)}"
+            )
+        if cache is not None and not cached:
+            cache.position_ids = position_ids.clone()  # its own (contiguous) tensor, not a view of the caller's
+
+        is_causal = not self.config.full_attn_mask
+        k_len = cache.get_seq_length() if cached else q_len
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (batch, k_len):
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch, seq) = ({batch}, {k_len}), got {tuple(attention_mask.shape)}"
+                )
+            # Without padding SDPA runs mask-free (one host sync; the decoding loop decides this once).
+            padding = None if bool(attention_mask.all()) else attention_mask
+            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device, window)
+        elif attention_mask is None:
+            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device, window)
+        # A prepared 4-D mask already holds the causal part; SDPA's own flag is for the mask-free case.
+        is_causal = is_causal and attention_mask is None
+        return self.model(
+            inputs_embeds,
+            position_ids,
+            attention_mask,
+            is_causal,
+            cache=cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -783,58 +844,16 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             )
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("`pixel_values` needs `input_ids` (to find the image tokens), not `inputs_embeds`")
-        batch, q_len = inputs_embeds.shape[:2]
-
         cache = past_key_values
-        cached = cache is not None and cache.is_filled
-        window = cache.write_index if cached else None  # the positions of a recomputed window
-        if window is not None and window.shape != (q_len,):
-            raise ValueError(f"the cache's `write_index` must have shape ({q_len},), got {tuple(window.shape)}")
-        if position_ids is None:
-            if cached and cache.position_ids is not None and window is not None:
-                position_ids = cache.position_ids.index_select(-1, window)
-            elif cached and cache.position_ids is not None:
-                position_ids = cache.position_ids[..., -q_len:]
-            elif input_ids is None:
-                position_ids = torch.arange(q_len, device=inputs_embeds.device).expand(3, batch, -1)
-            else:
-                mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-                position_ids, _ = self.get_rope_index(
-                    input_ids, image_grid_thw, video_grid_thw, mask_2d, second_per_grid_ts
-                )
-        elif position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        if position_ids.shape != (3, batch, q_len):
-            raise ValueError(
-                f"`position_ids` must have shape (3, batch, seq) = (3, {batch}, {q_len}) or (batch, seq), "
-                f"got {tuple(position_ids.shape)}"
+        if position_ids is None and input_ids is not None and not (
+            cache is not None and cache.is_filled and cache.position_ids is not None
+        ):
+            mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            position_ids, _ = self.get_rope_index(
+                input_ids, image_grid_thw, video_grid_thw, mask_2d, second_per_grid_ts
             )
-        if cache is not None and not cached:
-            cache.position_ids = position_ids.clone()  # its own (contiguous) tensor, not a view of the caller's
-
-        is_causal = not self.config.full_attn_mask
-        k_len = cache.get_seq_length() if cached else q_len
-        if attention_mask is not None and attention_mask.dim() == 2:
-            if tuple(attention_mask.shape) != (batch, k_len):
-                raise ValueError(
-                    f"`attention_mask` must have shape (batch, seq) = ({batch}, {k_len}), got {tuple(attention_mask.shape)}"
-                )
-            # Without padding SDPA runs mask-free (one host sync; the decoding loop decides this once).
-            padding = None if bool(attention_mask.all()) else attention_mask
-            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device, window)
-        elif attention_mask is None:
-            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device, window)
-        # A prepared 4-D mask already holds the causal part; SDPA's own flag is for the mask-free case.
-        is_causal = is_causal and attention_mask is None
-
-        hidden_states, all_hidden, all_attn = self.model(
-            inputs_embeds,
-            position_ids,
-            attention_mask,
-            is_causal,
-            cache=cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+        hidden_states, all_hidden, all_attn = self.decoder_forward(
+            inputs_embeds, attention_mask, position_ids, cache, output_attentions, output_hidden_states
         )
         if isinstance(logits_to_keep, int):
             logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)

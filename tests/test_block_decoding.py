@@ -122,24 +122,26 @@ def test_dual_cache_with_one_pass_per_block_is_exact(alg):
 def test_dual_cache_recomputes_only_the_block(cache, monkeypatch):
     model, inputs = tiny_model(), image_inputs()
     prompt_len, new, block = inputs["input_ids"].shape[1], 8, 4
-    lengths, logits_rows, visual_calls = [], [], []
-    forward, visual_forward = model.forward, model.visual.forward
+    lengths, head_rows, visual_calls = [], [], []
+    forward, visual_forward = model.decoder_forward, model.visual.forward
 
     def counting_forward(*args, **kwargs):
         lengths.append(kwargs["inputs_embeds"].shape[1])
-        out = forward(*args, **kwargs)
-        logits_rows.append(out.logits.shape[1])
-        return out
+        return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", counting_forward)
+    monkeypatch.setattr(model, "decoder_forward", counting_forward)
+    head_hook = model.lm_head.register_forward_pre_hook(lambda m, args: head_rows.append(args[0].shape[:-1].numel()))
     monkeypatch.setattr(model.visual, "forward", lambda *a, **k: visual_calls.append(1) or visual_forward(*a, **k))
     out = run(model, inputs, max_new_tokens=new, steps=8, block_length=block, alg="autoregressive",
               decoding_pipeline="dream", **CACHES[cache])
+    head_hook.remove()
     assert out.num_forward_passes == 8  # Dream's pipeline runs every step: 4 per block
     full, canvas_pass, window = prompt_len + new, new + 1, block + 1
     refresh = full if cache == "dual" else canvas_pass  # with prefilling the prompt stays from the first pass
     assert lengths == [full, window, window, window, refresh, window, window, window]
-    assert logits_rows == [block] * 8  # the head runs on the block only
+    # The head runs on the block's masked positions only. Dream's schedule over τ = linspace(1, 1e-3, 5)
+    # commits floor(masks·(1 − τ_{i+1}/τ_i)) per step: 0 (floor(4·0.24975)), 1, 1, then the last 2.
+    assert head_rows == [4, 4, 3, 2] * 2
     assert len(visual_calls) == 1
 
 

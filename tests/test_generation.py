@@ -410,6 +410,49 @@ def test_top_k_one_is_greedy(model):
     assert torch.equal(greedy, sampled)
 
 
+SCORING_SETTINGS = [
+    dict(alg="maskgit_plus", alg_p_threshold=0.3, use_cache=True),
+    dict(alg="origin", temperature=1.0, top_p=0.9),
+    dict(alg="topk_margin", temperature=0.7, top_k=20, alg_temp=0.5),
+    dict(alg="entropy", temperature=1.0, decoding_pipeline="dream", use_cache=True),
+    dict(alg="origin", temperature=1.0, decoding_pipeline="dream"),
+    dict(alg="maskgit_plus", temperature=1.0, block_length=4, dual_cache=True),
+]
+
+
+@pytest.mark.parametrize("settings", SCORING_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_the_head_and_scoring_run_on_masked_positions_only(peaked, settings):
+    """Without hooks the head runs on the masked positions of the canvas only (those a step scores). A hook
+    gets the logits of every position; the tokens are the same, sampled ones included: scoring (and so the
+    random draws) covers the masked positions in both cases, as the reference's `logits[mask_index]`."""
+    inputs = image_inputs(batch=2)
+    prompt_len, new = inputs["input_ids"].shape[1], 8
+    common = dict(max_new_tokens=new, steps=8, output_history=True, **settings)
+    head_rows = []
+    handle = peaked.lm_head.register_forward_pre_hook(lambda m, args: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        plain = run(peaked, inputs, generator=torch.Generator().manual_seed(5), **common)
+        rows_without_hooks = list(head_rows)
+        head_rows.clear()
+        hooked = run(peaked, inputs, generator=torch.Generator().manual_seed(5), **common,
+                     generation_logits_hook_func=lambda step, x, logits: logits,
+                     generation_tokens_hook_func=lambda step, x, logits: x)
+    finally:
+        handle.remove()
+    assert torch.equal(plain.sequences, hooked.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.history, hooked.history))
+    block = settings.get("block_length", new)
+    assert head_rows == [2 * block] * hooked.num_forward_passes  # with hooks: every position of the block
+    canvases = [torch.full((2, new), MASK_ID)] + [x[:, prompt_len:] for x in plain.history[:-1]]
+    masked_per_pass = []
+    for canvas in canvases:
+        masks = canvas == MASK_ID
+        first_block = next(i for i in range(0, new, block) if masks[:, i : i + block].any() or i + block == new)
+        masked_per_pass.append(int(masks[:, first_block : first_block + block].sum()))
+    assert rows_without_hooks == masked_per_pass
+    assert sum(rows_without_hooks) < 2 * new * plain.num_forward_passes
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. Prefilling
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +495,7 @@ def test_prefilling_reuses_the_prefix_cache(model, monkeypatch):
     inputs = image_inputs()
     prompt_len, new = inputs["input_ids"].shape[1], 6
     lengths, visual_calls = [], []
-    forward = model.forward
+    forward = model.decoder_forward
     visual_forward = model.visual.forward
 
     def counting_forward(*args, **kwargs):
@@ -463,7 +506,7 @@ def test_prefilling_reuses_the_prefix_cache(model, monkeypatch):
         visual_calls.append(1)
         return visual_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", counting_forward)
+    monkeypatch.setattr(model, "decoder_forward", counting_forward)
     monkeypatch.setattr(model.visual, "forward", counting_visual)
     out = run(model, inputs, max_new_tokens=new, steps=new, alg="maskgit_plus", use_cache=True)
     assert lengths == [prompt_len + new] + [new + 1] * (out.num_forward_passes - 1)
@@ -874,7 +917,7 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
 )
 def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, match):
     calls = []
-    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward"))
+    monkeypatch.setattr(model, "decoder_forward", lambda *a, **k: calls.append("forward"))
     monkeypatch.setattr(model.visual, "forward", lambda *a, **k: calls.append("visual"))
     inputs = text_inputs()
     with pytest.raises(ValueError, match=match):
@@ -884,7 +927,7 @@ def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, matc
 
 def test_bad_prompts_raise_before_any_forward(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward"))
+    monkeypatch.setattr(model, "decoder_forward", lambda *a, **k: calls.append("forward"))
     monkeypatch.setattr(model.visual, "forward", lambda *a, **k: calls.append("visual"))
     with_mask = torch.tensor([[BOS_ID, 20, MASK_ID, 21]])
     with pytest.raises(ValueError, match="use_cache"):
@@ -1006,4 +1049,4 @@ def test_no_host_sync_inside_a_step(device, use_cache, settings):
         where = syncs[boundaries[step] : boundaries[step + 1]]
         # One check per step; with blocks, a finished block's last check is followed by the next block's.
         assert len(where) <= (2 if "block_length" in settings else 1), f"step {step}: host syncs at {where}"
-        assert all("is_mask.any()" in line for line in where), where
+        assert all("is_mask.flatten().nonzero()" in line for line in where), where

@@ -187,9 +187,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: Optional[floa
 
 
 def score_positions(logits: torch.Tensor, config, original_confidence: bool, generator=None):
-    """Token and confidence for every position: the token is sampled (temperature > 0) or the argmax of
-    the filtered distribution; the confidence depends on `alg` and is computed from the unmodified
-    distribution when `original_confidence`. Computed in fp32."""
+    """Token and confidence for every row of `logits` (decoding passes those of the masked positions): the
+    token is sampled (temperature > 0) or the argmax of the filtered distribution; the confidence depends on
+    `alg` and is computed from the unmodified distribution when `original_confidence`. Computed in fp32."""
     raw = logits.float()
     # `<|mask|>` is never a generated token: a committed mask would be re-opened at the next step (and `dim`
     # could end with masks in the answer). A trained model gives it ~0 probability, so this changes nothing there.
@@ -211,6 +211,17 @@ def score_positions(logits: torch.Tensor, config, original_confidence: bool, gen
     else:
         confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, confidence
+
+
+def scatter_scores(tokens, confidence, masked, block_tokens) -> tuple:
+    """The tokens and confidences scored at the flat positions `masked` of a `(batch, block)` canvas, placed
+    into `(batch, block)` tensors on the canvas's device: the block's own tokens and -inf confidence elsewhere
+    (never committed). (The head's device may differ from the canvas's when the model is split over devices.)"""
+    device = block_tokens.device
+    all_tokens = block_tokens.flatten().index_copy(0, masked, tokens.to(device)).view_as(block_tokens)
+    all_confidence = torch.full(block_tokens.shape, float("-inf"), device=device, dtype=confidence.dtype)
+    all_confidence.view(-1).index_copy_(0, masked, confidence.to(device))
+    return all_tokens, all_confidence
 
 
 def top_k_per_row(priority: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -323,9 +334,10 @@ class DreamPipeline:
 
 
 class DenoisingForward:
-    """The model call of one denoising step, returning the logits of the canvas positions `[lo, hi)` (the
-    block being decoded; the whole canvas without blocks): `logits[:, j]` predicts canvas position `lo + j`,
-    from the hidden state one position earlier.
+    """The model call of one denoising step, returning the final hidden states that predict the canvas
+    positions `[lo, hi)` (the block being decoded; the whole canvas without blocks): `hidden[:, j]` predicts
+    canvas position `lo + j` (it is the hidden state one position earlier). The head is left to the caller,
+    which applies it only where logits are needed.
 
     Holds what does not change across steps: the prompt embeddings (images encoded once) in a buffer whose
     tail receives the canvas embeddings, the positions and the attention mask. Three kinds of pass:
@@ -352,7 +364,7 @@ class DenoisingForward:
         self.cache = model.new_prefix_cache() if use_cache or dual_cache else None
         self.freeze_prompt, self.dual_cache = use_cache, dual_cache
         block = block_length or canvas_len
-        # Logits only for the block; the whole canvas is a constant slice.
+        # Hidden states only for the block; the whole canvas is a constant slice.
         self.keep = slice(0, canvas_len) if block == canvas_len else torch.arange(block, device=device)
         self.window = torch.arange(prompt_len - 1, prompt_len + block, device=device)  # absolute positions
         self.block_start = 0
@@ -360,7 +372,7 @@ class DenoisingForward:
         self.graphs = {}
         # The repeated passes may run compiled; the full pass runs once per decode (or block), eagerly.
         self.compiled, self.cache_marked = use_torch_compile, False
-        self.cached_forward = compiled_forward(model) if use_torch_compile else model
+        self.cached_forward = compiled_decoder(model) if use_torch_compile else model.decoder_forward
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
         self.canvas.copy_(canvas)
@@ -383,13 +395,13 @@ class DenoisingForward:
     def _full_pass(self, lo: int, hi: int) -> torch.Tensor:
         self._embed_canvas()
         first = self.prompt_len - 1
-        return self.model(
+        hidden = self.model.decoder_forward(
             inputs_embeds=self.embeds,
             attention_mask=self.attn_mask,
             position_ids=self.position_ids,
             past_key_values=self.cache,
-            logits_to_keep=slice(first + lo, first + hi),
-        ).logits
+        )[0]
+        return hidden[:, first + lo : first + hi]
 
     # The cached passes take their positions from the cache (kept from the first pass): its last ones, or
     # those of its `write_index`.
@@ -401,7 +413,7 @@ class DenoisingForward:
             # contiguous: a view's strides would depend on the prompt's length (a recompile for each length)
             inputs_embeds=self.embeds[:, tail:].contiguous() if self.compiled else self.embeds[:, tail:],
             attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
-            logits_to_keep=self.keep,
+            keep=self.keep,
         )
 
     def _window_pass(self) -> torch.Tensor:
@@ -411,12 +423,12 @@ class DenoisingForward:
             return self._cached_pass(
                 inputs_embeds=self.embeds.index_select(1, self.window),
                 attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, self.window),
-                logits_to_keep=slice(0, self.window.shape[0] - 1),  # the block's last token predicts past it
+                keep=slice(0, self.window.shape[0] - 1),  # the block's last token predicts past it
             )
         finally:
             self.cache.write_index = None
 
-    def _cached_pass(self, inputs_embeds, attention_mask, logits_to_keep) -> torch.Tensor:
+    def _cached_pass(self, inputs_embeds, attention_mask, keep) -> torch.Tensor:
         if self.compiled:
             # The batch and the cached length change from one request to the next; the pass's own length (the
             # canvas, or a block) is fixed by the settings. Declared dynamic up front, each kind of pass
@@ -430,10 +442,10 @@ class DenoisingForward:
             for tensor, dims in dynamic_dims:
                 for dim in dims if tensor is not None else ():
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        return self.cached_forward(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=self.cache,
-            logits_to_keep=logits_to_keep,
-        ).logits
+        hidden = self.cached_forward(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=self.cache
+        )[0]
+        return hidden[:, keep]
 
     def _replay(self, name: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run `step`, or on CUDA its captured graph (captured at the first call)."""
@@ -465,16 +477,17 @@ class DenoisingForward:
             self.use_cuda_graph = False
 
 
-_COMPILED_FORWARDS = {}  # model class -> torch.compile of its forward (holding no model: nothing is kept alive)
+# model class -> torch.compile of its decoder_forward (holding no model: nothing is kept alive)
+_COMPILED_DECODERS = {}
 
 
-def compiled_forward(model) -> Callable:
-    """`model.forward` through `torch.compile`, built once per model class and reused by every decode (the
-    model is an argument, so a copy of the model runs its own weights)."""
+def compiled_decoder(model) -> Callable:
+    """`model.decoder_forward` through `torch.compile`, built once per model class and reused by every decode
+    (the model is an argument, so a copy of the model runs its own weights)."""
     cls = type(model)
-    if cls not in _COMPILED_FORWARDS:
-        _COMPILED_FORWARDS[cls] = torch.compile(cls.forward)
-    return functools.partial(_COMPILED_FORWARDS[cls], model)
+    if cls not in _COMPILED_DECODERS:
+        _COMPILED_DECODERS[cls] = torch.compile(cls.decoder_forward)
+    return functools.partial(_COMPILED_DECODERS[cls], model)
 
 
 def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):
@@ -551,6 +564,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 logits of a step. The logits passed to both hooks are those of the answer canvas,
                 `(batch, max_new_tokens, vocab)`: `logits[:, j]` predicts `x[:, prompt_length + j]`; with
                 `block_length`, those of the current block, `logits[:, j]` predicting `x[:, prompt_length + start + j]`.
+                Without hooks the head runs only at the masked positions, the ones a step scores; with a hook
+                it runs at every position of the block (same tokens, sampled ones included).
             streamer (`BaseStreamer`, *optional*): `put` receives the answer canvas after every step, `end`
                 is called at the end.
             generator (`torch.Generator`, *optional*): random source for sampling.
@@ -568,8 +583,8 @@ class DimpleGenerationMixin(GenerationMixin):
         attention_mask = kwargs.pop("attention_mask", None)
         pixel_values = kwargs.pop("pixel_values", None)
         image_grid_thw = kwargs.pop("image_grid_thw", None)
-        tokens_hook = kwargs.pop("generation_tokens_hook_func", None) or (lambda step, x, logits: x)
-        logits_hook = kwargs.pop("generation_logits_hook_func", None) or (lambda step, x, logits: logits)
+        tokens_hook = kwargs.pop("generation_tokens_hook_func", None)
+        logits_hook = kwargs.pop("generation_logits_hook_func", None)
         streamer = kwargs.pop("streamer", None)
         generator = kwargs.pop("generator", None)
         response_prior = kwargs.pop("response_prior", None)
@@ -641,7 +656,8 @@ class DimpleGenerationMixin(GenerationMixin):
 
         # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
         with self.stacked_qkv_projections():
-            x = tokens_hook(None, x, None)
+            if tokens_hook is not None:
+                x = tokens_hook(None, x, None)
             history = [] if config.output_history else None
             forward_passes = 0
             for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
@@ -650,18 +666,30 @@ class DimpleGenerationMixin(GenerationMixin):
                 masks_start = (x[:, block] == mask_id).sum(-1)
                 for step in range(block_steps):
                     is_mask = x[:, block] == mask_id
-                    if pipeline.early_exit and not bool(is_mask.any()):  # the one host sync of a step
+                    # The one host sync of a step: which positions are masked (flat indices into the block).
+                    masked = is_mask.flatten().nonzero().squeeze(-1)
+                    if pipeline.early_exit and masked.numel() == 0:
                         break
-                    step_logits = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
+                    hidden = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
                     forward_passes += 1
-                    logits = logits_hook(forward_passes - 1, x, step_logits)
-                    tokens, confidence = score_positions(logits, config, original_confidence, generator)
+                    logits = None
+                    if tokens_hook is not None or logits_hook is not None:  # hooks see the whole block's logits
+                        logits = self.lm_head(hidden)
+                        if logits_hook is not None:
+                            logits = logits_hook(forward_passes - 1, x, logits)
+                        masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
+                    else:  # the head only where a token is scored
+                        masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
+                    tokens, confidence = scatter_scores(
+                        *score_positions(masked_logits, config, original_confidence, generator), masked, x[:, block]
+                    )
                     chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
                     x[:, block] = torch.where(chosen, tokens, x[:, block])
                     if config.stop_at_eos:
                         answer = x[:, prompt_len:]
                         x[:, prompt_len:] = fill_after_end_of_text(answer, mask_id, end_ids, config.pad_token_id)
-                    x = tokens_hook(forward_passes - 1, x, logits)
+                    if tokens_hook is not None:
+                        x = tokens_hook(forward_passes - 1, x, logits)
                     if history is not None:
                         history.append(x.clone())
                     if streamer is not None:

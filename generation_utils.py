@@ -438,7 +438,7 @@ class DenoisingForward:
             if not self.cache_marked:  # the cache's tensors live for the whole decode: marked once
                 cache, self.cache_marked = self.cache, True
                 dynamic_dims.append((cache.position_ids, (1, 2)))
-                dynamic_dims += [(kv, (0, 2)) for kv in (*cache.keys, *cache.values)]  # (batch, heads, keys, dim)
+                dynamic_dims += [(kv, (0, 1)) for kv in cache.key_values]  # (batch, keys, 2 * kv_heads, dim)
             for tensor, dims in dynamic_dims:
                 for dim in dims if tensor is not None else ():
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)

@@ -282,8 +282,8 @@ class DimpleImageProjector(nn.Module):
 class DimplePrefixCache:
     """Keys and values kept across the steps of one diffusion decode (prefilling, block-wise dual cache).
 
-    The first forward stores each layer's keys/values for the whole sequence (one tensor per layer,
-    allocated once). A later forward runs only some positions and writes their new keys/values in place,
+    The first forward stores each layer's keys and values for the whole sequence (one `(batch, seq,
+    2 * kv_heads, head_dim)` tensor per layer, the keys then the values of each position, allocated once). A later forward runs only some positions and writes their new keys/values in place,
     then attends over the whole cached sequence, so no step allocates. By default those are the last
     `q_len` positions (prefilling: the prompt's prefix is reused); block-wise decoding with a dual cache
     sets `write_index` (a `(q_len,)` tensor of positions) to recompute a window in the middle, with the
@@ -291,31 +291,28 @@ class DimplePrefixCache:
     """
 
     def __init__(self):
-        self.keys: list = []
-        self.values: list = []
+        self.key_values: list = []
         self.position_ids: Optional[torch.Tensor] = None
         self.write_index: Optional[torch.Tensor] = None
 
     @property
     def is_filled(self) -> bool:
-        return len(self.keys) > 0
+        return len(self.key_values) > 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[layer_idx].shape[-2] if len(self.keys) > layer_idx else 0
+        return self.key_values[layer_idx].shape[1] if len(self.key_values) > layer_idx else 0
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple:
-        if len(self.keys) <= layer_idx:
-            self.keys.append(key.contiguous())
-            self.values.append(value.contiguous())
+    def update(self, key_value: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Store the `(batch, q_len, 2 * kv_heads, head_dim)` keys and values of the positions run (one copy),
+        and return the layer's whole cached sequence."""
+        if len(self.key_values) <= layer_idx:
+            self.key_values.append(key_value.contiguous())
         elif self.write_index is not None:
             # A device tensor of positions (not Python ints): one captured CUDA graph serves every window.
-            self.keys[layer_idx].index_copy_(-2, self.write_index, key)
-            self.values[layer_idx].index_copy_(-2, self.write_index, value)
+            self.key_values[layer_idx].index_copy_(1, self.write_index, key_value)
         else:
-            q_len = key.shape[-2]
-            self.keys[layer_idx][..., -q_len:, :].copy_(key)
-            self.values[layer_idx][..., -q_len:, :].copy_(value)
-        return self.keys[layer_idx], self.values[layer_idx]
+            self.key_values[layer_idx][:, -key_value.shape[1] :].copy_(key_value)
+        return self.key_values[layer_idx]
 
 
 class DimpleAttention(nn.Module):
@@ -370,17 +367,21 @@ class DimpleAttention(nn.Module):
 
     def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, output_attentions=False):
         batch, q_len, _ = hidden_states.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.project_qkv(hidden_states)
-        cos, signed_sin = rotary  # (batch, q_len, 1, head_dim), already in the activation dtype
-        # q·cos + rotate_half(q)·sin, for q and k at once. Rotating the whole contiguous tensor (the values too,
-        # whose rotated copy is not used) costs 3 kernels and no copy: a slice would be copied by roll.
-        rotated = torch.addcmul(qkv * cos, qkv.roll(self.head_dim // 2, dims=-1), signed_sin)
-        heads, kv_heads = self.num_heads, self.num_kv_heads
+        # x·cos + rotate_half(x)·sin over the whole contiguous q/k/v tensor, in groups of kv_heads heads:
+        # (batch, q_len, heads / kv_heads + 2, 1, head_dim) tables, already in the activation dtype, rotate the
+        # query and key groups and leave the value group as it is (cos 1, sin 0: exact). 3 kernels, no copy (a
+        # slice would be copied by roll), and the keys and values come out side by side: one cache write.
+        cos, signed_sin = rotary
+        grouped = qkv.view(batch, q_len, -1, kv_heads, head_dim)
+        rotated = torch.addcmul(grouped * cos, grouped.roll(head_dim // 2, dims=-1), signed_sin)
+        rotated = rotated.view(batch, q_len, -1, head_dim)
         q = rotated[:, :, :heads].transpose(1, 2)  # (batch, heads, q_len, head_dim)
-        k = rotated[:, :, heads : heads + kv_heads].transpose(1, 2)
-        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        key_value = rotated[:, :, heads:]  # (batch, q_len, 2 * kv_heads, head_dim)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            key_value = cache.update(key_value, self.layer_idx)
+        k, v = key_value.transpose(1, 2).split(kv_heads, dim=1)  # (batch, kv_heads, keys, head_dim) each
         dropout = self.attention_dropout if self.training else 0.0
         if output_attentions:
             if is_causal:
@@ -449,8 +450,10 @@ class DimpleTextModel(nn.Module):
         self.gradient_checkpointing = False
 
     def rotary(self, position_ids: torch.Tensor, dtype) -> tuple:
-        """M-RoPE (cos, signed sin), each (batch, seq, 1, head_dim), from positions (3, batch, seq): the first
-        `mrope_section[0]` frequencies rotate with t, the next with h, the last with w."""
+        """M-RoPE (cos, signed sin) from positions (3, batch, seq): the first `mrope_section[0]` frequencies
+        rotate with t, the next with h, the last with w. Each table is (batch, seq, heads / kv_heads + 2, 1,
+        head_dim), one row per group of kv_heads heads of the stacked q/k/v (see `DimpleAttention`): the
+        query and key groups are rotated, the value group's angles are 0 (cos 1, sin 0)."""
         config = self.config
         head_dim = config.hidden_size // config.num_attention_heads
         inv_freq = rotary_inv_freq(head_dim, config.rope_theta, device=position_ids.device)
@@ -458,11 +461,17 @@ class DimpleTextModel(nn.Module):
         # Section i of the frequencies takes position component i (split/cat: no host-device copy).
         sections = freqs.split(list(config.mrope_section), dim=-1)
         freqs = torch.cat([section[i] for i, section in enumerate(sections)], dim=-1)
+        batch, seq, half_dim = freqs.shape
+        rotated_groups = config.num_attention_heads // config.num_key_value_heads + 1  # the queries', the keys'
+        freqs = torch.cat(
+            [freqs[:, :, None].expand(-1, -1, rotated_groups, -1), freqs.new_zeros(()).expand(batch, seq, 1, half_dim)],
+            dim=2,
+        )[:, :, :, None]
         half = freqs.sin()
         # sin with its first half negated: rotate_half(x) * sin == x.roll(head_dim / 2) * signed_sin, which
         # lets every layer rotate q and k in 3 kernels (mul, roll, addcmul), see `DimpleAttention`.
-        signed_sin = torch.cat([-half, half], dim=-1)[:, :, None]
-        cos = torch.cat([freqs, freqs], dim=-1)[:, :, None].cos()
+        signed_sin = torch.cat([-half, half], dim=-1)
+        cos = torch.cat([freqs, freqs], dim=-1).cos()
         return cos.to(dtype), signed_sin.to(dtype)
 
     def forward(

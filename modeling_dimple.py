@@ -283,8 +283,9 @@ class DimplePrefixCache:
     """Keys and values kept across the steps of one diffusion decode (prefilling, block-wise dual cache).
 
     The first forward stores each layer's keys and values for the whole sequence (one `(batch, seq,
-    2 * kv_heads, head_dim)` tensor per layer, the keys then the values of each position, allocated once). A later forward runs only some positions and writes their new keys/values in place,
-    then attends over the whole cached sequence, so no step allocates. By default those are the last
+    2 * kv_heads, head_dim)` tensor per layer, the keys then the values of each position, allocated once). A
+    later forward runs only some positions and writes their new keys/values in place, then attends over the
+    whole cached sequence, so no step allocates. By default those are the last
     `q_len` positions (prefilling: the prompt's prefix is reused); block-wise decoding with a dual cache
     sets `write_index` (a `(q_len,)` tensor of positions) to recompute a window in the middle, with the
     prompt and the other blocks read from the cache. `position_ids` keeps the full positions of the first step.
@@ -463,10 +464,8 @@ class DimpleTextModel(nn.Module):
         freqs = torch.cat([section[i] for i, section in enumerate(sections)], dim=-1)
         batch, seq, half_dim = freqs.shape
         rotated_groups = config.num_attention_heads // config.num_key_value_heads + 1  # the queries', the keys'
-        freqs = torch.cat(
-            [freqs[:, :, None].expand(-1, -1, rotated_groups, -1), freqs.new_zeros(()).expand(batch, seq, 1, half_dim)],
-            dim=2,
-        )[:, :, :, None]
+        value_group = freqs.new_zeros(()).expand(batch, seq, 1, half_dim)
+        freqs = torch.cat([freqs[:, :, None].expand(-1, -1, rotated_groups, -1), value_group], dim=2)[:, :, :, None]
         half = freqs.sin()
         # sin with its first half negated: rotate_half(x) * sin == x.roll(head_dim / 2) * signed_sin, which
         # lets every layer rotate q and k in 3 kernels (mul, roll, addcmul), see `DimpleAttention`.

@@ -83,7 +83,7 @@ def prefilled_pass_operators(layers: int, prompt: int = 20, canvas: int = 9) -> 
     return Counter({op: n for op, n in counter.counts.items() if op not in VIEWS})
 
 
-class OutsideForwardCounter(OperatorCounter):
+class OutsidePassCounter(OperatorCounter):
     """Counts only the operators dispatched outside the denoising pass (`DenoisingForward.__call__`: embedding
     the canvas and the decoder without the head, what a CUDA graph captures). The head, applied to the masked
     positions after the pass, is counted: it runs uncaptured."""
@@ -118,11 +118,11 @@ class OutsideForwardCounter(OperatorCounter):
 
 @torch.no_grad()
 def decoding_step_operators(steps: int, **settings) -> tuple:
-    """(operators outside the model's forward passes, forward passes) of a prefilled greedy decode."""
+    """(operators outside the denoising passes, forward passes) of a prefilled greedy decode."""
     torch.manual_seed(0)
     model = DimpleModel(tiny_config()).eval()
     prompt = torch.randint(10, 60, (1, 9))
-    with OutsideForwardCounter() as counter:
+    with OutsidePassCounter() as counter:
         out = model.diffusion_generate(prompt, max_new_tokens=32, steps=steps, alg="maskgit_plus", use_cache=True,
                                        return_dict_in_generate=True, **settings)
     return sum(n for op, n in counter.counts.items() if op not in VIEWS), out.num_forward_passes

@@ -352,7 +352,7 @@ def train(args: DimpleTrainingArguments) -> dict:
         processor.image_processor.max_pixels = args.max_pixels
         if isinstance(getattr(processor.image_processor, "size", None), dict):
             processor.image_processor.size["longest_edge"] = args.max_pixels
-    model = DimpleModel.from_pretrained(args.model_name_or_path)
+    model = DimpleModel.from_pretrained(args.model_name_or_path, use_safetensors=True)  # never a pickle
     register_auto_classes(model, processor)
     set_stage(model, args)
     if args.gradient_checkpointing:
@@ -370,17 +370,41 @@ def train(args: DimpleTrainingArguments) -> dict:
     dataset = ConversationDataset(samples, processor, args.max_seq_length, seed=args.seed + args.data_seed_offset)
     if args.lora_r:
         model = apply_lora(model, args)
+    # The Trainer's own pushes upload its intermediate checkpoints with their pickled states (training_args.bin,
+    # optimizer.pt); the final checkpoint is pushed below instead.
+    push_to_hub, args.push_to_hub = args.push_to_hub, False
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if dataset.truncated:
         logger.warning("%d sample(s) were truncated to --max_seq_length %d", dataset.truncated, args.max_seq_length)
-    save_checkpoint(trainer.model, processor, args.output_dir)
+    if trainer.is_world_process_zero():
+        save_checkpoint(trainer.model, processor, args.output_dir)
     trainer.save_state()
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    if push_to_hub and trainer.is_world_process_zero():
+        push_checkpoint(args.output_dir, args)
     return result.metrics
+
+
+# Never uploaded: the Trainer's intermediate checkpoints, logs, and anything pickled.
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
+
+
+def push_checkpoint(output_dir: str, args, api=None):
+    """Upload the final checkpoint written by `save_checkpoint` (safetensors weights, configs, processor files,
+    code modules) to `--hub_model_id` (default: the output folder's name), creating the repository if needed."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=args.hub_token)
+    repo_id = args.hub_model_id or pathlib.Path(output_dir).resolve().name
+    repo_id = api.create_repo(repo_id, private=bool(args.hub_private_repo), exist_ok=True).repo_id
+    logger.info("pushing %s to %s", output_dir, repo_id)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=output_dir, commit_message="Dimple checkpoint (train_dimple.py)",
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
+    )
 
 
 def main(argv=None) -> dict:

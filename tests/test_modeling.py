@@ -769,6 +769,20 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model):
     assert abs(out.loss.item() - nll.mean().item()) <= 1e-6
 
 
+def test_loss_with_num_items_in_batch_is_the_sum_over_that_count(model):
+    """Trainer passes the labelled positions of all micro-batches of an optimizer step: the micro-batch's
+    summed cross-entropy ÷ that count (hand-computed), so accumulated losses add up to the large batch's mean."""
+    batch = _training_batch(seed=12)
+    with torch.no_grad():
+        mean = model(**batch).loss
+        scaled = model(**batch, num_items_in_batch=torch.tensor(40))
+    valid = int((batch["labels"][:, 1:] != -100).sum())
+    assert valid == 12
+    assert torch.allclose(scaled.loss, mean * valid / 40, rtol=1e-6)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['pixel_value'\]"):
+        model(**batch, pixel_value=None)  # a misspelt input is not silently ignored
+
+
 def test_return_dict_false_and_logits_to_keep(model):
     ids, mask = text_batch(seed=13)
     with torch.no_grad():
@@ -798,6 +812,10 @@ def _bad_inputs():
         "pixel-values-width": (dict(batch, pixel_values=pixels[:, :1000]), r"`pixel_values`.*1176"),
         "pixel-values-1d": (dict(batch, pixel_values=pixels.flatten()), r"`pixel_values`"),
         "grid-vs-pixel-values": (dict(batch, image_grid_thw=wrong_grid), r"`image_grid_thw`"),
+        # equal totals (16 + 12 tokens), but each row's placeholders are the other image's
+        "grids-swapped-between-rows": (
+            dict(batch, image_grid_thw=grid.flip(0)), r"`input_ids` row 0 has a run of 16 .*`image_grid_thw` rows it takes in order \(\[0, 1\]\) give 28"
+        ),
         "grid-not-mergeable": (
             dict(batch, image_grid_thw=torch.tensor([[1, 8, 8], [1, 3, 16]])),
             r"`image_grid_thw`",
@@ -832,6 +850,37 @@ def test_bad_input_raises_before_running(model, monkeypatch, case):
     forbid_language_model(model, monkeypatch)
     with pytest.raises(ValueError, match=pattern):
         model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "values, pattern",
+    [
+        (dict(num_attention_heads=0), r"`num_attention_heads` must be an integer >= 1, got 0"),
+        (dict(num_key_value_heads=0), r"`num_key_value_heads` must be an integer >= 1, got 0"),
+        (dict(num_key_value_heads=3), r"num_attention_heads by num_key_value_heads \(3\)"),
+        (dict(hidden_size=100), r"hidden_size \(100\) must be divisible by num_attention_heads \(28\)"),
+        (dict(mrope_section=(16, 24, 16)), r"mrope_section \[16, 24, 16\] must sum to head_dim / 2 = 64"),
+    ],
+)
+def test_bad_config_values_are_named(values, pattern):
+    from dimple.configuration_dimple import DimpleConfig
+
+    with pytest.raises(ValueError, match=pattern):
+        DimpleConfig(**values)
+
+
+def test_repository_config_keeps_rope_scaling_null():
+    """config.json's `"rope_scaling": null` is an attribute on transformers 4.x and is saved again; 5.x
+    makes `rope_scaling` an alias of `rope_parameters`, which M-RoPE does not use."""
+    from transformers import PretrainedConfig
+
+    from dimple.configuration_dimple import DimpleConfig
+
+    if isinstance(getattr(PretrainedConfig, "rope_scaling", None), property):
+        pytest.skip("transformers 5: rope_scaling is rope_parameters")
+    config = DimpleConfig.from_pretrained(str(ROOT))
+    assert config.rope_scaling is None
+    assert "rope_scaling" in config.to_diff_dict() or config.to_dict()["rope_scaling"] is None
 
 
 def test_forbid_guard_is_effective(model, monkeypatch):

@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -501,6 +503,60 @@ def test_lora_run_saves_a_plain_checkpoint(tiny, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_gradient_accumulation_gives_the_large_batch_step(tiny, tmp_path):
+    """4 micro-batches of 2 give the loss and gradient of one batch of 8 (same samples, same masks): the
+    model takes Trainer's `num_items_in_batch` (the labelled positions of the whole step), on 4.46 and 5.x."""
+    logs = [
+        run(tiny, tmp_path / f"ga{accumulate}", "--per_device_train_batch_size", str(8 // accumulate),
+            "--gradient_accumulation_steps", str(accumulate), "--logging_steps", "1", steps=1, lr=0.0)[0]
+        for accumulate in (1, 4)
+    ]
+    assert logs[0]["grad_norm"] == pytest.approx(logs[1]["grad_norm"], rel=1e-5)
+    assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-4)
+
+
+class FakeHubApi:
+    """Records what `push_checkpoint` would upload, filtered as huggingface_hub filters it."""
+
+    def __init__(self, into: Path):
+        self.into, self.calls = into, []
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id, private))
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, ignore_patterns=ignore_patterns):
+            (self.into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(folder_path) / name, self.into / name)
+        self.calls.append(("upload_folder", repo_id))
+
+
+def test_push_to_hub_uploads_the_final_checkpoint_without_pickles(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHubApi(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+    out = tmp_path / "pushed-run"
+    run(tiny, out, "--push_to_hub", "true", "--hub_model_id", "me/dimple-ft", "--save_strategy", "steps",
+        "--save_steps", "2", steps=2)
+    assert (out / "checkpoint-2" / "training_args.bin").exists()  # the Trainer's pickled state stays local
+    assert hub.calls == [("create_repo", "me/dimple-ft", False), ("upload_folder", "me/dimple-ft")]
+    pushed = {p.relative_to(hub.into).as_posix() for p in hub.into.rglob("*") if p.is_file()}
+    assert not [f for f in pushed if f.endswith((".bin", ".pt", ".pth", ".pkl")) or f.startswith("checkpoint-")]
+    assert {"model.safetensors", "config.json", "modeling_dimple.py", "tokenizer.json"} <= pushed, pushed
+    assert "image_processor" not in json.loads((hub.into / "processor_config.json").read_text())  # 4.x-loadable
+    from transformers import AutoModel, AutoProcessor
+
+    pushed_model = AutoModel.from_pretrained(str(hub.into), trust_remote_code=True)
+    assert AutoProcessor.from_pretrained(str(hub.into), trust_remote_code=True).image_processor is not None
+    for name, tensor in weights(out).items():
+        assert torch.equal(pushed_model.state_dict()[name], tensor), name
+
+
 # --------------------------------------------------------------------------------------------------
 # 9. Bad input: clear errors before training; truncation is counted
 # --------------------------------------------------------------------------------------------------
@@ -561,6 +617,16 @@ def test_bad_flags_are_named(tiny, tmp_path, no_training, flag, value, pattern):
     stage = value if flag == "--stage" else "diffusion"
     with pytest.raises(ValueError, match=pattern):
         run(tiny, tmp_path / "out", *extra, stage=stage, steps=2)
+
+
+def test_a_pickled_checkpoint_is_refused_before_training(tiny, tmp_path, no_training):
+    """Only safetensors weights load (a pickle can run code): a folder with pytorch_model.bin only is refused."""
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny["init"], folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        run(tiny, tmp_path / "out", model_dir=folder, steps=2)
 
 
 def test_long_samples_are_truncated_with_a_warning_count(tiny, dataset, processor, tmp_path, caplog):

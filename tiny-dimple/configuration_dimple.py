@@ -143,7 +143,9 @@ class DimpleConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.rope_theta = rope_theta
-        if rope_scaling is not None:  # transformers 5 turns this into `rope_parameters` (with a warning)
+        # M-RoPE does not use it. transformers 5 makes `rope_scaling` an alias of `rope_parameters` (a setter that
+        # warns and converts), so there it is only set when given; 4.x keeps the plain attribute and its null.
+        if rope_scaling is not None or not isinstance(getattr(PretrainedConfig, "rope_scaling", None), property):
             self.rope_scaling = rope_scaling
         self.mrope_section = list(mrope_section)
         self.attention_dropout = attention_dropout
@@ -155,6 +157,9 @@ class DimpleConfig(PretrainedConfig):
         self.vision_token_id = vision_token_id
         self.mask_token_id = mask_token_id
 
+        for name, value in (("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
         head_dim = hidden_size // num_attention_heads
         if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
             raise ValueError(

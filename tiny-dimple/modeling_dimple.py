@@ -543,6 +543,27 @@ class _ImageInputs:
     name: str
 
 
+def check_placeholder_runs(input_ids, token_id: int, grid_thw, merge: int, grid_name: str) -> None:
+    """Each run of placeholder tokens (rows in order, left to right) must hold whole items of `grid_thw`, in
+    order: equal totals are not enough, since features are written over the placeholders in that order and
+    the positions of a row are built from its own items (a swap between rows would mix up two images)."""
+    is_token = F.pad((input_ids == token_id).int(), (1, 1))
+    edges = is_token.diff(dim=-1)
+    starts, ends = (edges == 1).nonzero().tolist(), (edges == -1).nonzero().tolist()  # row-major order
+    features = iter(enumerate((grid_thw.prod(-1) // merge**2).tolist()))
+    for (row, start), (_, end) in zip(starts, ends):
+        covered, items = 0, []
+        while covered < end - start:  # adjacent items without a separator form one run
+            item, count = next(features)  # the totals match, so items remain while tokens do
+            covered, items = covered + count, items + [item]
+        if covered != end - start:
+            raise ValueError(
+                f"`input_ids` row {row} has a run of {end - start} placeholder tokens (id {token_id}) at position "
+                f"{start}, but the `{grid_name}` rows it takes in order ({items}) give {covered} features: "
+                "every image's placeholders must match its own grid, in order"
+            )
+
+
 class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     """Dimple: vision tower + projector + bidirectional language model + head.
 
@@ -718,6 +739,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                         f"image tokens and image features do not match: `input_ids` has {n_tokens} placeholder "
                         f"tokens (id {token_id}) but `{name}` gives {n_features} features"
                     )
+                check_placeholder_runs(input_ids, token_id, grid, vision.spatial_merge_size, grid_name)
             found.append(_ImageInputs(pixels, grid, token_id, name))
         return found
 
@@ -824,7 +846,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         video_grid_thw: Optional[torch.LongTensor] = None,
         second_per_grid_ts: Optional[torch.Tensor] = None,
         logits_to_keep: Union[int, slice, torch.Tensor] = 0,
-        **kwargs,
+        **loss_kwargs,  # the name makes every Trainer (4.46 included) pass `num_items_in_batch`
     ) -> Union[tuple, CausalLMOutputWithPast]:
         r"""
         Args:
@@ -842,8 +864,15 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 the inputs are its last positions, or those of its `write_index`.
             logits_to_keep (`int`, `slice` or `torch.Tensor`): positions whose logits are computed; an int
                 keeps the last n (0 keeps all).
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): passed by `Trainer` (transformers ≥ 4.46
+                with `**kwargs`): the labelled positions of every micro-batch of one optimizer step. The loss is
+                then their summed cross-entropy ÷ this count, so gradient accumulation (and averaging over
+                devices) gives the gradient of one large batch's mean, not a multiple of it.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_items_in_batch = loss_kwargs.pop("num_items_in_batch", None)
+        if loss_kwargs:
+            raise TypeError(f"DimpleModel.forward() got unexpected keyword arguments {sorted(loss_kwargs)}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         if inputs_embeds is None:
@@ -870,8 +899,13 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+                reduction="mean" if num_items_in_batch is None else "sum",
             )
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         if not return_dict:
             out = (logits, cache, all_hidden, all_attn)
             return ((loss,) + out) if loss is not None else out

@@ -879,6 +879,28 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
     assert config.top_p is None and config.top_k is None and config.temperature == 0.0
 
 
+def test_sampling_settings_equal_to_transformers_defaults_are_kept(model):
+    """transformers 4.x's GenerationConfig cannot tell `temperature=1.0` from its default: a
+    `DimpleGenerationConfig` keeps every field, a plain one its sampling fields when `do_sample` is set;
+    `do_sample` as a keyword switches between greedy and sampling."""
+    settings = model._dimple_generation_config
+    assert settings(DimpleGenerationConfig(temperature=1.0), {}).temperature == 1.0
+    sampled = settings(GenerationConfig(do_sample=True, temperature=1.0, top_p=0.9), {})
+    assert (sampled.temperature, sampled.top_p) == (1.0, 0.9)
+    assert settings(GenerationConfig(do_sample=True), {}).temperature == 1.0
+    assert settings({"temperature": 1.0, "steps": 5}, {}).temperature == 1.0  # a dict of fields
+    assert settings(None, {"do_sample": True}).temperature == 1.0
+    assert settings(GenerationConfig(temperature=0.5, do_sample=True), {"do_sample": False}).temperature == 0.0
+    assert settings(None, {"do_sample": True, "temperature": 0.7}).temperature == 0.7
+    # ... and the decode samples: different generators, different answers.
+    answers = {
+        tuple(model.diffusion_generate(text_inputs(), generation_config=GenerationConfig(do_sample=True, temperature=1.0),
+                                       max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(seed))[0].tolist())
+        for seed in range(4)
+    }
+    assert len(answers) > 1
+
+
 # --------------------------------------------------------------------------------------------------
 # 14. Bad input: ValueError naming the argument, before any forward pass
 # --------------------------------------------------------------------------------------------------
@@ -913,6 +935,29 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
         (dict(use_torch_compile="yes"), "`use_torch_compile` must be True or False"),
         (dict(block_length=4, dual_cache=1), "`dual_cache` must be True or False"),
         (dict(stop_at_eos=None), "`stop_at_eos` must be True or False"),
+        # Wrong types: named, not a bare TypeError; a bool is not a count; nan is not a temperature.
+        (dict(eps="0.01"), "`eps` must be a number in \\(0, 1\\), got '0.01'"),
+        (dict(eps=None), "`eps`"),
+        (dict(alg_p_threshold="0.9"), "`alg_p_threshold`"),
+        (dict(temperature=float("nan")), "`temperature` must be a number >= 0"),
+        (dict(temperature="0.5"), "`temperature`"),
+        (dict(top_p="0.9"), "`top_p`"),
+        (dict(alg_temp="1"), "`alg_temp`"),
+        (dict(steps=True), "`steps` must be an integer >= 1, got True"),
+        (dict(max_new_tokens=True), "`max_new_tokens`"),
+        (dict(num_return_sequences=True), "`num_return_sequences`"),
+        (dict(max_length=10.5), "`max_length` must be an integer, got 10.5"),
+        (dict(eos_token_id="2"), "`eos_token_id` must be a token id, a list of token ids, or None"),
+        (dict(mask_token_id=-1), "`mask_token_id`"),
+        (dict(mask_token_id=300), "`mask_token_id` must be a token id < the vocabulary size 300"),
+        (dict(response_prior=[20, 300]), "`response_prior` holds ids outside the vocabulary \\[0, 300\\)"),
+        (dict(generation_config=42), "`generation_config` must be a GenerationConfig, a dict"),
+        # Autoregressive options would be ignored: refused, naming the settings there are.
+        (dict(num_beams=4), "unknown arguments to diffusion_generate: \\['num_beams'\\]; its settings are"),
+        (dict(repetition_penalty=5.0), "unknown arguments.*repetition_penalty"),
+        (dict(do_sample="yes"), "`do_sample` must be True or False"),
+        (dict(do_sample=False, temperature=0.5), "`do_sample=False` contradicts `temperature=0.5`"),
+        (dict(do_sample=True, temperature=0.0), "`do_sample=True` contradicts `temperature=0.0`"),
     ],
 )
 def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, match):
@@ -941,6 +986,17 @@ def test_bad_prompts_raise_before_any_forward(model, monkeypatch):
                                  image_grid_thw=torch.tensor([[1, 4, 8]]))
     with pytest.raises(ValueError, match="unknown"):
         model.diffusion_generate(text_inputs(), not_an_argument=1)
+    right_padded = torch.tensor([[BOS_ID, 20, 21, 22], [BOS_ID, 20, PAD_ID, PAD_ID]])
+    with pytest.raises(ValueError, match="`attention_mask` must be left-padded"):
+        model.diffusion_generate(right_padded, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match=r"`attention_mask` must have the prompt's shape \(2, 4\), got \(2, 3\)"):
+        model.diffusion_generate(padded, attention_mask=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`inputs` must be a tensor of token ids \(torch.long\), got list"):
+        model.diffusion_generate([[BOS_ID, 20]])
+    with pytest.raises(ValueError, match="got Tensor of torch.float32"):
+        model.diffusion_generate(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"prompt >= 1, got shape \(1, 0\)"):
+        model.diffusion_generate(torch.zeros(1, 0, dtype=torch.long))
     assert calls == []
 
 

@@ -15,6 +15,7 @@ the only host synchronisation is the "any mask left?" check that ends `dim` deco
 """
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -32,6 +33,16 @@ BOOLEAN_FLAGS = (
     "use_torch_compile", "return_dict_in_generate",
 )
 CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
+# The settings `diffusion_generate` takes as keyword arguments (besides the inputs, hooks, streamer, generator,
+# response prior and tokenizer). Other `GenerationConfig` fields (num_beams, repetition_penalty, ...) are
+# autoregressive and would be silently ignored: they are refused.
+SETTINGS = (
+    "max_new_tokens", "max_length", "steps", "eps", "temperature", "top_p", "top_k", "alg", "alg_temp",
+    "alg_p_threshold", "use_original_confidence", "decoding_pipeline", "use_cache", "block_length", "dual_cache",
+    "stop_at_eos", "use_cuda_graph", "use_torch_compile", "output_history", "return_dict_in_generate",
+    "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample",
+)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -108,6 +119,12 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
     def fail(name, allowed, value):
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
 
+    def is_int(value):  # a bool is an int to Python, but `steps=True` is a mistake
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_real(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
     for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
         if not isinstance(getattr(config, flag), bool):
             fail(flag, "True or False", getattr(config, flag))
@@ -115,28 +132,32 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
         fail("alg", f"one of {ALGORITHMS}", config.alg)
     if config.decoding_pipeline not in PIPELINES:
         fail("decoding_pipeline", f"one of {PIPELINES}", config.decoding_pipeline)
-    if not isinstance(config.steps, int) or config.steps < 1:
+    if not is_int(config.steps) or config.steps < 1:
         fail("steps", "an integer >= 1", config.steps)
-    if config.max_new_tokens is not None and (not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1):
+    if config.max_new_tokens is not None and (not is_int(config.max_new_tokens) or config.max_new_tokens < 1):
         fail("max_new_tokens", "an integer >= 1", config.max_new_tokens)
-    if config.alg_p_threshold is not None and not 0 <= config.alg_p_threshold <= 1:
-        fail("alg_p_threshold", "in [0, 1] (or None)", config.alg_p_threshold)
-    if config.top_p is not None and not 0 < config.top_p <= 1:
-        fail("top_p", "in (0, 1] (or None)", config.top_p)
-    if config.top_k is not None and (not isinstance(config.top_k, int) or config.top_k < 1):
+    if config.alg_p_threshold is not None and not (is_real(config.alg_p_threshold) and 0 <= config.alg_p_threshold <= 1):
+        fail("alg_p_threshold", "a number in [0, 1] (or None)", config.alg_p_threshold)
+    if config.top_p is not None and not (is_real(config.top_p) and 0 < config.top_p <= 1):
+        fail("top_p", "a number in (0, 1] (or None)", config.top_p)
+    if config.top_k is not None and (not is_int(config.top_k) or config.top_k < 1):
         fail("top_k", "an integer >= 1 (or None)", config.top_k)
-    if config.temperature is None or config.temperature < 0:
-        fail("temperature", ">= 0 (0 is greedy)", config.temperature)
-    if not 0 < config.eps < 1:
-        fail("eps", "in (0, 1)", config.eps)
-    if config.alg_temp is not None and config.alg_temp < 0:
-        fail("alg_temp", ">= 0 (or None)", config.alg_temp)
-    if not isinstance(config.num_return_sequences, int) or config.num_return_sequences < 1:
+    if not (is_real(config.temperature) and config.temperature >= 0):
+        fail("temperature", "a number >= 0 (0 is greedy)", config.temperature)
+    if not (is_real(config.eps) and 0 < config.eps < 1):
+        fail("eps", "a number in (0, 1)", config.eps)
+    if config.alg_temp is not None and not (is_real(config.alg_temp) and config.alg_temp >= 0):
+        fail("alg_temp", "a number >= 0 (or None)", config.alg_temp)
+    if not is_int(config.num_return_sequences) or config.num_return_sequences < 1:
         fail("num_return_sequences", "an integer >= 1", config.num_return_sequences)
-    if config.mask_token_id is None:
-        fail("mask_token_id", "set (in the generation config or the model config)", None)
+    if not is_int(config.mask_token_id) or config.mask_token_id < 0:
+        fail("mask_token_id", "a token id (in the generation config or the model config)", config.mask_token_id)
+    if config.pad_token_id is not None and (not is_int(config.pad_token_id) or config.pad_token_id < 0):
+        fail("pad_token_id", "a token id (or None)", config.pad_token_id)
+    if not all(is_int(i) and i >= 0 for i in _as_list(config.eos_token_id)):
+        fail("eos_token_id", "a token id, a list of token ids, or None", config.eos_token_id)
     if config.block_length is not None:
-        if not isinstance(config.block_length, int) or config.block_length < 1:
+        if not is_int(config.block_length) or config.block_length < 1:
             fail("block_length", "an integer >= 1 (or None)", config.block_length)
         if config.max_new_tokens % config.block_length:
             fail("block_length", f"a divisor of max_new_tokens ({config.max_new_tokens})", config.block_length)
@@ -511,18 +532,48 @@ class DimpleGenerationMixin(GenerationMixin):
         return True
 
     def _dimple_generation_config(self, generation_config, kwargs) -> DimpleGenerationConfig:
+        """The decode's settings: the given (or the checkpoint's) generation config, then the keyword arguments
+        named in `SETTINGS`, which are popped from `kwargs` (what is left there is not a setting)."""
+        if isinstance(generation_config, dict):
+            generation_config = DimpleGenerationConfig(**generation_config)
+        elif generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise ValueError(
+                f"`generation_config` must be a GenerationConfig, a dict of its fields, or None; got "
+                f"{type(generation_config).__name__}"
+            )
         base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
-        # Only the fields that were set (not GenerationConfig's autoregressive defaults such as top_k=50).
-        values = base.to_diff_dict() if base is not None else {}
-        if base is not None and base.use_cache is not None:
-            values["use_cache"] = base.use_cache  # transformers 4.x drops it from the diff when it is True
+        if isinstance(base, DimpleGenerationConfig):
+            values = base.to_dict()  # every field is Dimple's default or was set
+        elif base is not None:
+            # Only the fields that were set, not GenerationConfig's autoregressive defaults (4.x: top_k=50,
+            # temperature=1.0), which 4.x cannot tell from set values: with `do_sample` they are what
+            # transformers samples with, so they are kept then.
+            values = base.to_diff_dict()
+            if base.use_cache is not None:
+                values["use_cache"] = base.use_cache  # transformers 4.x drops it from the diff when it is True
+            if base.do_sample:
+                values.update({k: getattr(base, k) for k in SAMPLING_FIELDS if getattr(base, k) is not None})
+                values.setdefault("temperature", 1.0)
+        else:
+            values = {}
         values = {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
         config = DimpleGenerationConfig(**values)
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
             config.max_new_tokens = None  # an explicit max_length replaces the default answer length
-        for key in list(kwargs):
-            if hasattr(config, key):
+        do_sample, temperature_given = kwargs.pop("do_sample", None), "temperature" in kwargs
+        for key in SETTINGS:
+            if key in kwargs:
                 setattr(config, key, kwargs.pop(key))
+        if do_sample is not None:  # transformers' switch; here sampling is temperature > 0
+            if not isinstance(do_sample, bool):
+                raise ValueError(f"`do_sample` must be True or False, got {do_sample!r}")
+            if temperature_given and isinstance(config.temperature, (int, float)) and (config.temperature > 0) != do_sample:
+                raise ValueError(
+                    f"`do_sample={do_sample}` contradicts `temperature={config.temperature}`: sampling is "
+                    "temperature > 0, greedy decoding temperature 0 (`do_sample` can be left out)"
+                )
+            if not temperature_given:  # greedy, or transformers' default sampling temperature
+                config.temperature = (config.temperature or 1.0) if do_sample else 0.0
         if config.mask_token_id is None:
             config.mask_token_id = getattr(self.config, "mask_token_id", None)
         if config.pad_token_id is None:
@@ -592,12 +643,28 @@ class DimpleGenerationMixin(GenerationMixin):
         config = self._dimple_generation_config(generation_config, kwargs)
         return_dict = config.return_dict_in_generate
         if kwargs:
-            raise ValueError(f"unknown arguments to diffusion_generate: {sorted(kwargs)}")
+            raise ValueError(
+                f"unknown arguments to diffusion_generate: {sorted(kwargs)}; its settings are {list(SETTINGS)} "
+                "(autoregressive options such as num_beams or repetition_penalty do not apply to diffusion)"
+            )
 
         # ---- validate everything before any forward pass
-        if input_ids.dim() != 2:
-            raise ValueError(f"`inputs` must be (batch, prompt) token ids, got shape {tuple(input_ids.shape)}")
+        if not torch.is_tensor(input_ids) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"`inputs` must be a tensor of token ids (torch.long), got {type(input_ids).__name__}"
+                             + (f" of {input_ids.dtype}" if torch.is_tensor(input_ids) else ""))
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`inputs` must be (batch, prompt) token ids, prompt >= 1, got shape {tuple(input_ids.shape)}")
         prompt_len = input_ids.shape[1]
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"`attention_mask` must have the prompt's shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+                )
+            # Left padding only: the answer canvas follows the last prompt token of every row.
+            if bool((attention_mask[:, 1:].long() < attention_mask[:, :-1].long()).any()):
+                raise ValueError("`attention_mask` must be left-padded (zeros before a row's tokens, none after)")
+        if config.max_length is not None and not (isinstance(config.max_length, int) and not isinstance(config.max_length, bool)):
+            raise ValueError(f"`max_length` must be an integer, got {config.max_length!r}")
         if config.max_new_tokens is None:
             if config.max_length is None or config.max_length - prompt_len < 1:
                 raise ValueError(
@@ -606,6 +673,9 @@ class DimpleGenerationMixin(GenerationMixin):
                 )
             config.max_new_tokens = config.max_length - prompt_len
         check_generation_config(config)
+        vocab_size = self.get_input_embeddings().num_embeddings
+        if config.mask_token_id >= vocab_size:
+            raise ValueError(f"`mask_token_id` must be a token id < the vocabulary size {vocab_size}, got {config.mask_token_id}")
         mask_id = config.mask_token_id
         if attention_mask is None and input_ids.shape[0] > 1 and bool((input_ids[:, 0] == config.pad_token_id).any()):
             raise ValueError("the batch is padded (a row starts with pad_token_id): pass its `attention_mask`")
@@ -719,6 +789,9 @@ class DimpleGenerationMixin(GenerationMixin):
                 f"`response_prior` must be a string, a list of ids, or a (batch, length) tensor; got shape "
                 f"{tuple(prior.shape)} for a batch of {input_ids.shape[0]}"
             )
+        vocab_size = self.get_input_embeddings().num_embeddings
+        if prior.numel() and not (0 <= int(prior.min()) and int(prior.max()) < vocab_size):
+            raise ValueError(f"`response_prior` holds ids outside the vocabulary [0, {vocab_size})")
         if prior.shape[1] > config.max_new_tokens:
             raise ValueError(
                 f"`response_prior` has {prior.shape[1]} tokens, more than `max_new_tokens` ({config.max_new_tokens})"

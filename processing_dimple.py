@@ -149,7 +149,8 @@ class DimpleProcessor(ProcessorMixin):
         `add_vision_id=True`, and `<|im_start|>assistant\n` when `add_generation_prompt=True`.
 
         Message content is a string or a list of items such as `{"type": "text", "text": ...}` and
-        `{"type": "image", "image": <PIL image, array or file path>}`.
+        `{"type": "image", "image": <PIL image, array, file path or URL>}` (the source may also be under
+        `"path"` or `"url"`, or OpenAI's `{"type": "image_url", "image_url": {"url": ...}}`).
 
         Returns the prompt string (a list for a batch) or, with `tokenize=True`, the processor's output on the
         prompt(s) and the images found in the items (`processor_kwargs` go to `__call__`).
@@ -172,12 +173,12 @@ class DimpleProcessor(ProcessorMixin):
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [
-            item.get("image", item.get("path"))
+            _image_source(item)
             for messages in conversations
             for message in messages
             if not isinstance(message["content"], str)
             for item in message["content"]
-            if item.get("type") == "image" or "image" in item
+            if item.get("type") in ("image", "image_url") or "image" in item or "image_url" in item  # as the template
         ]
         return self(
             text=prompts if batched else prompts[0],
@@ -236,6 +237,20 @@ def _as_text_batch(text):
     raise ValueError(f"text: expected a string or a non-empty list of strings, got {_describe(text)}.")
 
 
+def _image_source(item: dict):
+    """The image of a conversation item: a PIL image, array, file path or URL."""
+    for key in ("image", "path", "url", "image_url"):
+        source = item.get(key)
+        if isinstance(source, dict) and key == "image_url":  # OpenAI's {"image_url": {"url": ...}}
+            source = source.get("url")
+        if source is not None:
+            return source
+    raise ValueError(
+        f"conversation: the image item {item!r} has no image: give it an `image` (PIL image, array, file path "
+        "or URL), a `path` or a `url`, or pass `images=` to the processor with `tokenize=False`."
+    )
+
+
 def _describe(value):
     """Type of `value` for error messages, e.g. `list of NoneType, str`."""
     if isinstance(value, (list, tuple)):
@@ -280,6 +295,11 @@ def _image_size(image, index):
 
 def _open_image_file(path):
     # PIL's decompression-bomb guard stays on: `DecompressionBombError` is not caught here.
+    if path.startswith(("http://", "https://")):
+        try:
+            return load_image(path)  # transformers' loader (downloads when called, never at import)
+        except Exception as error:
+            raise ValueError(f"images: cannot load image URL {path!r}: {error}") from error
     if not os.path.isfile(path):
         raise ValueError(f"images: {path!r} is not an image file (no such file).")
     try:

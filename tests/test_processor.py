@@ -153,6 +153,39 @@ def test_chat_template_tokenize_uses_the_conversation_images(processor):
     assert_same_outputs(inputs, processor(text=EXPECTED_PROMPT, images=image, return_tensors="pt"))
 
 
+@pytest.mark.parametrize("form", ["path", "url-key", "openai-image_url", "image-key-url"])
+def test_chat_template_tokenize_reads_every_image_item_form(processor, tmp_path, monkeypatch, form):
+    """Every item the template renders as an image gives its image: a `path`, a `url`, OpenAI's `image_url`
+    (URLs go through transformers' `load_image`, faked here: no network in tests)."""
+    processing_dimple = sys.modules[type(processor).__module__]  # the checkpoint's copy of the module
+
+    image = random_image(448, 448)
+    path = tmp_path / "image.png"
+    image.save(path)
+    url = "https://example.com/image.png"
+    fetched = []
+    real_load_image = processing_dimple.load_image
+    monkeypatch.setattr(
+        processing_dimple, "load_image", lambda source: fetched.append(source) or real_load_image(str(path))
+    )
+    item = {
+        "path": {"type": "image", "path": str(path)},
+        "url-key": {"type": "image", "url": url},
+        "openai-image_url": {"type": "image_url", "image_url": {"url": url}},
+        "image-key-url": {"type": "image", "image": url},
+    }[form]
+    conversation = describe()
+    conversation[0]["content"][0] = item
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    assert_same_outputs(inputs, processor(text=EXPECTED_PROMPT, images=image, return_tensors="pt"))
+    assert fetched == [str(path) if form == "path" else url]
+
+
+def test_chat_template_tokenize_names_an_image_item_without_an_image(processor):
+    with pytest.raises(ValueError, match=r"the image item \{'type': 'image'\} has no image"):
+        processor.apply_chat_template(describe(), add_generation_prompt=True, tokenize=True)
+
+
 # --- real vocabulary --------------------------------------------------------------------------------------
 
 

@@ -728,6 +728,8 @@ class DimpleGenerationMixin(GenerationMixin):
         with self.stacked_qkv_projections():
             if tokens_hook is not None:
                 x = tokens_hook(None, x, None)
+                # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
+                x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
             history = [] if config.output_history else None
             forward_passes = 0
             for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):

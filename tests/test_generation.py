@@ -729,20 +729,25 @@ def test_prior_as_string_with_tokenizer(model):
     assert torch.equal(again.sequences, out.sequences)
 
 
-def test_prior_matches_a_tokens_hook(model):
-    # The prior argument is the hook the release used for priors, made an argument.
+@pytest.mark.parametrize("frame", [JSON_FRAME, [20, MASK_ID, MASK_ID, EOS_ID]], ids=["json", "with-end-of-text"])
+def test_prior_matches_a_tokens_hook(model, frame):
+    # The prior argument is the hook the release used for priors, made an argument; an end-of-text written
+    # either way ends the answer there (the masks after it become padding before the first step).
     prompt_len = len(IMAGE_PROMPT)
 
     def hook(step, x, logits):
         if step is None:
             x = x.clone()
-            x[:, prompt_len : prompt_len + len(JSON_FRAME)] = torch.tensor(JSON_FRAME)
+            x[:, prompt_len : prompt_len + len(frame)] = torch.tensor(frame)
         return x
 
-    common = dict(max_new_tokens=8, steps=8, alg="maskgit_plus")
-    a = run(model, image_inputs(), response_prior=JSON_FRAME, **common)
+    common = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", output_history=True)
+    a = run(model, image_inputs(), response_prior=frame, **common)
     b = run(model, image_inputs(), generation_tokens_hook_func=hook, **common)
     assert torch.equal(a.sequences, b.sequences)
+    assert a.num_forward_passes == b.num_forward_passes
+    if EOS_ID in frame:
+        assert (b.history[0][0, prompt_len + len(frame) :] == PAD_ID).all() and b.num_forward_passes <= 2
 
 
 @pytest.mark.parametrize("end_id", [PAD_ID, EOS_ID])

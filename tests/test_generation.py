@@ -814,6 +814,51 @@ def test_streamer_receives_the_canvas_after_every_step(model, pipeline):
     assert torch.equal(streamer.puts[-1], out.sequences[:, prompt_len:])
 
 
+class WordTokenizer:
+    """What transformers' text streamers need of a tokenizer: `decode`, here one word per id."""
+
+    def decode(self, ids, **kwargs):
+        return "".join(f"{int(i)} " for i in ids)
+
+
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus"])
+def test_transformers_text_streamers_get_the_answer_once_in_order(model, alg):
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(WordTokenizer(), skip_prompt=True, timeout=10)
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg=alg, response_prior=[MASK_ID] * 5 + [EOS_ID],
+              streamer=streamer, generator=torch.Generator().manual_seed(0))
+    prompt_len = len(IMAGE_PROMPT)
+    assert out.sequences[0, prompt_len + 5] == EOS_ID
+    answer = out.sequences[0, prompt_len:].tolist()
+    end = min(answer.index(i) for i in (EOS_ID, PAD_ID) if i in answer)
+    expected = "".join(f"{i} " for i in answer[:end])  # up to the first end-of-text
+    assert end > 0
+    assert "".join(streamer) == expected
+
+
+def test_a_streamer_is_ended_when_decoding_fails(model):
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(WordTokenizer(), timeout=10)
+
+    def failing_hook(step, x, logits):
+        if step == 1:
+            raise RuntimeError("hook failed")
+        return x
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        run(model, text_inputs(), max_new_tokens=8, steps=8, streamer=streamer, generation_tokens_hook_func=failing_hook)
+    list(streamer)  # ends (the stop signal was sent) instead of waiting for the timeout
+
+
+def test_a_text_streamer_needs_a_single_answer(model):
+    from transformers import TextStreamer
+
+    with pytest.raises(ValueError, match=r"`streamer`: transformers' text streamers follow one answer .*got 2"):
+        model.diffusion_generate(text_inputs(), num_return_sequences=2, streamer=TextStreamer(WordTokenizer()))
+
+
 # --------------------------------------------------------------------------------------------------
 # 12. generate and processor outputs
 # --------------------------------------------------------------------------------------------------
@@ -866,7 +911,7 @@ def test_generation_config_defaults_and_overrides(model, monkeypatch):
     # max_length instead of max_new_tokens.
     out = model.diffusion_generate(text_inputs(), max_length=len(TEXT_PROMPT) + 4)
     assert out.shape == (1, len(TEXT_PROMPT) + 4)
-    # An explicit generation_config replaces the model's.
+    # An explicit generation_config overlays the model's with the fields it sets.
     out = model.diffusion_generate(text_inputs(), generation_config=GenerationConfig(max_new_tokens=3, steps=3))
     assert out.shape == (1, len(TEXT_PROMPT) + 3)
 
@@ -882,6 +927,19 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
     assert (config.max_new_tokens, config.steps, config.alg, config.alg_p_threshold) == (64, 64, "origin", 0.95)
     assert config.use_cache is True and config.use_original_confidence is True
     assert config.top_p is None and config.top_k is None and config.temperature == 0.0
+    # A partial generation config changes its fields only; the checkpoint's others stay (as transformers 5 does).
+    for partial in (GenerationConfig(max_new_tokens=16), DimpleGenerationConfig(max_new_tokens=16), {"max_new_tokens": 16}):
+        config = model._dimple_generation_config(partial, {})
+        assert (config.max_new_tokens, config.steps, config.alg_p_threshold, config.use_cache) == (16, 64, 0.95, True)
+
+
+def test_without_a_padding_token_ended_answers_are_filled_with_end_of_text(model, monkeypatch):
+    monkeypatch.setattr(model.config, "pad_token_id", None)
+    monkeypatch.setattr(model, "generation_config", GenerationConfig(max_new_tokens=6, steps=6))
+    assert model._dimple_generation_config(None, {}).pad_token_id == EOS_ID
+    prompt_len = len(TEXT_PROMPT)
+    out = model.diffusion_generate(text_inputs(), response_prior=[20, EOS_ID], alg="maskgit_plus")
+    assert out[0, prompt_len:].tolist() == [20, EOS_ID] + [EOS_ID] * 4
 
 
 def test_sampling_settings_equal_to_transformers_defaults_are_kept(model):
@@ -897,6 +955,9 @@ def test_sampling_settings_equal_to_transformers_defaults_are_kept(model):
     assert settings(None, {"do_sample": True}).temperature == 1.0
     assert settings(GenerationConfig(temperature=0.5, do_sample=True), {"do_sample": False}).temperature == 0.0
     assert settings(None, {"do_sample": True, "temperature": 0.7}).temperature == 0.7
+    # wherever `do_sample=True` is set: a dict, a DimpleGenerationConfig
+    assert settings({"do_sample": True}, {}).temperature == 1.0
+    assert settings(DimpleGenerationConfig(do_sample=True), {}).temperature == 1.0
     # ... and the decode samples: different generators, different answers.
     answers = {
         tuple(model.diffusion_generate(text_inputs(), generation_config=GenerationConfig(do_sample=True, temperature=1.0),

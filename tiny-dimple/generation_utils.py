@@ -22,7 +22,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, GenerationMixin
+from transformers import GenerationConfig, GenerationMixin, TextStreamer
 from transformers.utils import ModelOutput
 
 
@@ -152,8 +152,8 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
         fail("num_return_sequences", "an integer >= 1", config.num_return_sequences)
     if not is_int(config.mask_token_id) or config.mask_token_id < 0:
         fail("mask_token_id", "a token id (in the generation config or the model config)", config.mask_token_id)
-    if config.pad_token_id is not None and (not is_int(config.pad_token_id) or config.pad_token_id < 0):
-        fail("pad_token_id", "a token id (or None)", config.pad_token_id)
+    if not is_int(config.pad_token_id) or config.pad_token_id < 0:  # it fills the answer after an end-of-text
+        fail("pad_token_id", "a token id (by default the model's padding or end-of-text token)", config.pad_token_id)
     if not all(is_int(i) and i >= 0 for i in _as_list(config.eos_token_id)):
         fail("eos_token_id", "a token id, a list of token ids, or None", config.eos_token_id)
     if config.block_length is not None:
@@ -168,6 +168,23 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
     if config.dual_cache and config.block_length is None:
         fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
              config.dual_cache)
+
+
+def fields_set_by(config: GenerationConfig) -> dict:
+    """The fields a generation config sets: those that differ from its class's defaults (a
+    `DimpleGenerationConfig`'s, or transformers' `GenerationConfig`'s, whose autoregressive defaults such as
+    4.x's top_k=50 must not leak into diffusion decoding)."""
+    dimple = isinstance(config, DimpleGenerationConfig)
+    defaults = (DimpleGenerationConfig() if dimple else GenerationConfig()).to_dict()
+    values = {k: v for k, v in config.to_dict().items() if k not in defaults or defaults[k] != v}
+    if not dimple:
+        if config.use_cache is not None:
+            values["use_cache"] = config.use_cache  # transformers 4.x's default is True, the release's setting
+        if config.do_sample:
+            # 4.x cannot tell set sampling values from its defaults (temperature 1.0, top_k 50); with
+            # `do_sample` they are what transformers samples with.
+            values.update({k: getattr(config, k) for k in SAMPLING_FIELDS if getattr(config, k) is not None})
+    return {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
 
 
 @dataclass
@@ -511,6 +528,27 @@ def compiled_decoder(model) -> Callable:
     return functools.partial(_COMPILED_DECODERS[cls], model)
 
 
+class SettledTextStream:
+    """Feeds one of transformers' text streamers (`TextStreamer`, `TextIteratorStreamer`), which expect each
+    token once, in order: the prompt first (what `skip_prompt` drops), then the answer's tokens as they settle,
+    that is the committed tokens left of the first mask, up to the first end-of-text."""
+
+    def __init__(self, streamer, prompt: torch.Tensor, mask_id: int, end_ids: torch.Tensor):
+        self.streamer, self.mask_id, self.end_ids, self.sent = streamer, mask_id, end_ids, 0
+        streamer.put(prompt.cpu())
+
+    def put(self, canvas: torch.Tensor) -> None:
+        row = canvas[0]
+        unsettled = (row == self.mask_id) | torch.isin(row, self.end_ids)
+        settled = int(unsettled.long().argmax()) if bool(unsettled.any()) else row.shape[0]
+        if settled > self.sent:
+            self.streamer.put(row[self.sent : settled].cpu())
+            self.sent = settled
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
 def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):
     """Masks after a row's first end-of-text token become `fill_id`: the answer has ended there."""
     ended = torch.isin(canvas, end_ids).cummax(dim=-1).values
@@ -532,8 +570,9 @@ class DimpleGenerationMixin(GenerationMixin):
         return True
 
     def _dimple_generation_config(self, generation_config, kwargs) -> DimpleGenerationConfig:
-        """The decode's settings: the given (or the checkpoint's) generation config, then the keyword arguments
-        named in `SETTINGS`, which are popped from `kwargs` (what is left there is not a setting)."""
+        """The decode's settings: the checkpoint's generation config, overlaid with the fields the given one sets
+        (as transformers 5 merges them), then the keyword arguments named in `SETTINGS`, which are popped from
+        `kwargs` (what is left there is not a setting)."""
         if isinstance(generation_config, dict):
             generation_config = DimpleGenerationConfig(**generation_config)
         elif generation_config is not None and not isinstance(generation_config, GenerationConfig):
@@ -541,23 +580,13 @@ class DimpleGenerationMixin(GenerationMixin):
                 f"`generation_config` must be a GenerationConfig, a dict of its fields, or None; got "
                 f"{type(generation_config).__name__}"
             )
-        base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
-        if isinstance(base, DimpleGenerationConfig):
-            values = base.to_dict()  # every field is Dimple's default or was set
-        elif base is not None:
-            # Only the fields that were set, not GenerationConfig's autoregressive defaults (4.x: top_k=50,
-            # temperature=1.0), which 4.x cannot tell from set values: with `do_sample` they are what
-            # transformers samples with, so they are kept then.
-            values = base.to_diff_dict()
-            if base.use_cache is not None:
-                values["use_cache"] = base.use_cache  # transformers 4.x drops it from the diff when it is True
-            if base.do_sample:
-                values.update({k: getattr(base, k) for k in SAMPLING_FIELDS if getattr(base, k) is not None})
-                values.setdefault("temperature", 1.0)
-        else:
-            values = {}
-        values = {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
+        values = {}
+        for source in (getattr(self, "generation_config", None), generation_config):
+            if source is not None:
+                values.update(fields_set_by(source))
         config = DimpleGenerationConfig(**values)
+        if config.do_sample and not config.temperature:  # transformers' switch: its default sampling temperature
+            config.temperature = 1.0
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
             config.max_new_tokens = None  # an explicit max_length replaces the default answer length
         do_sample, temperature_given = kwargs.pop("do_sample", None), "temperature" in kwargs
@@ -574,12 +603,13 @@ class DimpleGenerationMixin(GenerationMixin):
                 )
             if not temperature_given:  # greedy, or transformers' default sampling temperature
                 config.temperature = (config.temperature or 1.0) if do_sample else 0.0
+            config.do_sample = do_sample
         if config.mask_token_id is None:
             config.mask_token_id = getattr(self.config, "mask_token_id", None)
-        if config.pad_token_id is None:
-            config.pad_token_id = self.config.pad_token_id
         if config.eos_token_id is None:
             config.eos_token_id = self.config.eos_token_id
+        if config.pad_token_id is None:  # what fills an ended answer: the padding token, else end-of-text
+            config.pad_token_id = next(iter(_as_list(self.config.pad_token_id) + _as_list(config.eos_token_id)), None)
         return config
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
@@ -617,8 +647,10 @@ class DimpleGenerationMixin(GenerationMixin):
                 `block_length`, those of the current block, `logits[:, j]` predicting `x[:, prompt_length + start + j]`.
                 Without hooks the head runs only at the masked positions, the ones a step scores; with a hook
                 it runs at every position of the block (same tokens, sampled ones included).
-            streamer (`BaseStreamer`, *optional*): `put` receives the answer canvas after every step, `end`
-                is called at the end.
+            streamer (`BaseStreamer`, *optional*): `put` receives the answer canvases `(batch, max_new_tokens)`
+                after every step, `end` is called at the end (also on an error). transformers' `TextStreamer` /
+                `TextIteratorStreamer` (batch 1) receive the prompt, then the answer's tokens as they settle
+                (those left of the first mask, up to the end-of-text), each once.
             generator (`torch.Generator`, *optional*): random source for sampling.
 
         Returns:
@@ -685,6 +717,11 @@ class DimpleGenerationMixin(GenerationMixin):
                 "`use_cache=False`, or put answer masks in `response_prior`"
             )
         prior = self._response_prior(response_prior, tokenizer, input_ids, config)
+        if isinstance(streamer, TextStreamer) and input_ids.shape[0] * config.num_return_sequences != 1:
+            raise ValueError(
+                "`streamer`: transformers' text streamers follow one answer (batch 1, num_return_sequences 1), got "
+                f"{input_ids.shape[0] * config.num_return_sequences}; use a streamer whose `put` takes the canvases"
+            )
 
         # ---- the sequence, positions and masks: built once
         n_rep = config.num_return_sequences
@@ -724,50 +761,54 @@ class DimpleGenerationMixin(GenerationMixin):
         pipeline_class = DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline
         original_confidence = config.use_original_confidence and pipeline_class.original_confidence_allowed
 
-        # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
-        with self.stacked_qkv_projections():
-            if tokens_hook is not None:
-                x = tokens_hook(None, x, None)
-                # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
-                x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
-            history = [] if config.output_history else None
-            forward_passes = 0
-            for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
-                pipeline = pipeline_class(config, block_steps, device)
-                block = slice(prompt_len + lo, prompt_len + hi)
-                masks_start = (x[:, block] == mask_id).sum(-1)
-                for step in range(block_steps):
-                    is_mask = x[:, block] == mask_id
-                    # The one host sync of a step: which positions are masked (flat indices into the block).
-                    masked = is_mask.flatten().nonzero().squeeze(-1)
-                    if pipeline.early_exit and masked.numel() == 0:
-                        break
-                    hidden = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
-                    forward_passes += 1
-                    logits = None
-                    if tokens_hook is not None or logits_hook is not None:  # hooks see the whole block's logits
-                        logits = self.lm_head(hidden)
-                        if logits_hook is not None:
-                            logits = logits_hook(forward_passes - 1, x, logits)
-                        masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
-                    else:  # the head only where a token is scored
-                        masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
-                    tokens, confidence = scatter_scores(
-                        *score_positions(masked_logits, config, original_confidence, generator), masked, x[:, block]
-                    )
-                    chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
-                    x[:, block] = torch.where(chosen, tokens, x[:, block])
-                    if config.stop_at_eos:
-                        answer = x[:, prompt_len:]
-                        x[:, prompt_len:] = fill_after_end_of_text(answer, mask_id, end_ids, config.pad_token_id)
-                    if tokens_hook is not None:
-                        x = tokens_hook(forward_passes - 1, x, logits)
-                    if history is not None:
-                        history.append(x.clone())
-                    if streamer is not None:
-                        streamer.put(x[:, prompt_len:].clone())
-        if streamer is not None:
-            streamer.end()
+        if isinstance(streamer, TextStreamer):  # transformers' text streamers: the answer as it settles
+            streamer = SettledTextStream(streamer, input_ids[0], mask_id, end_ids)
+        try:
+            # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
+            with self.stacked_qkv_projections():
+                if tokens_hook is not None:
+                    x = tokens_hook(None, x, None)
+                    # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
+                    x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
+                history = [] if config.output_history else None
+                forward_passes = 0
+                for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
+                    pipeline = pipeline_class(config, block_steps, device)
+                    block = slice(prompt_len + lo, prompt_len + hi)
+                    masks_start = (x[:, block] == mask_id).sum(-1)
+                    for step in range(block_steps):
+                        is_mask = x[:, block] == mask_id
+                        # The one host sync of a step: which positions are masked (flat indices into the block).
+                        masked = is_mask.flatten().nonzero().squeeze(-1)
+                        if pipeline.early_exit and masked.numel() == 0:
+                            break
+                        hidden = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
+                        forward_passes += 1
+                        logits = None
+                        if tokens_hook is not None or logits_hook is not None:  # hooks see the whole block's logits
+                            logits = self.lm_head(hidden)
+                            if logits_hook is not None:
+                                logits = logits_hook(forward_passes - 1, x, logits)
+                            masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
+                        else:  # the head only where a token is scored
+                            masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
+                        tokens, confidence = scatter_scores(
+                            *score_positions(masked_logits, config, original_confidence, generator), masked, x[:, block]
+                        )
+                        chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
+                        x[:, block] = torch.where(chosen, tokens, x[:, block])
+                        if config.stop_at_eos:
+                            answer = x[:, prompt_len:]
+                            x[:, prompt_len:] = fill_after_end_of_text(answer, mask_id, end_ids, config.pad_token_id)
+                        if tokens_hook is not None:
+                            x = tokens_hook(forward_passes - 1, x, logits)
+                        if history is not None:
+                            history.append(x.clone())
+                        if streamer is not None:
+                            streamer.put(x[:, prompt_len:].clone())
+        finally:  # also on an error, so that a consumer of TextIteratorStreamer is not left waiting
+            if streamer is not None:
+                streamer.end()
         if return_dict:
             return DimpleGenerationOutput(
                 sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=forward_passes

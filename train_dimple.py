@@ -27,7 +27,8 @@ import sys
 from typing import Optional
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import dimple_package  # noqa: E402,F401  (the repository's modules as the package `dimple`)
@@ -116,7 +117,13 @@ def load_conversations(data_path: str, image_folder: Optional[str] = None) -> li
     if not path.exists():
         raise ValueError(f"--data_path {data_path} does not exist")
     text = path.read_text()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = " (one record per line is a .jsonl file)" if path.suffix != ".jsonl" and "Extra data" in str(error) else ""
+        raise ValueError(f"--data_path {data_path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"--data_path {data_path}: expected a list of samples, got {type(records).__name__}")
     root = pathlib.Path(image_folder) if image_folder else path.parent
     samples = []
     for index, record in enumerate(records):
@@ -206,7 +213,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                         "%d sample(s) truncated to --max_seq_length %d so far", self.truncated, self.max_seq_length
                     )
             target = target[:room]
-        item = {"prompt_ids": prompt_ids, "target_ids": torch.tensor(target, dtype=torch.long)}
+        item = {"index": index, "prompt_ids": prompt_ids, "target_ids": torch.tensor(target, dtype=torch.long)}
         if "pixel_values" in inputs:
             item["pixel_values"] = inputs["pixel_values"]
             item["image_grid_thw"] = inputs["image_grid_thw"]
@@ -218,7 +225,9 @@ class DimpleCollator:
     """Pads a batch (right padding), applies the stage's objective and computes M-RoPE positions.
 
     Autoregressive: labels are the target tokens. Diffusion: each target token is masked with the sample's
-    probability t; labels keep only the masked ones (`dual` appends the complementary copy)."""
+    probability t; labels keep only the masked ones (`dual` appends the complementary copy). A sample's masks
+    are drawn from (seed, epoch, its dataset index) alone: a resumed run, every dataloader worker and every
+    GPU process draw what one uninterrupted run draws, and a sample gets new masks each epoch."""
 
     model: DimpleModel
     pad_token_id: int
@@ -226,7 +235,8 @@ class DimpleCollator:
     diffusion: bool
     dual: bool = False
     eps: float = 1e-3
-    generator: Optional[torch.Generator] = None
+    seed: int = 0
+    epoch: int = 0  # set at each epoch's start by `MaskingEpochCallback`
 
     def __call__(self, items: list) -> dict:
         rows = []  # (item, input ids, labels): one row per item, two per item with dual masking
@@ -236,7 +246,9 @@ class DimpleCollator:
             if not self.diffusion:
                 rows.append((item, torch.cat([prompt, target]), torch.cat([ignore, target])))
                 continue
-            masked = self.diffusion_mask(len(target))
+            if "index" not in item:
+                raise ValueError("diffusion masking draws from each item's dataset `index`; the item has none")
+            masked = self.diffusion_mask(len(target), item["index"])
             for mask in (masked, ~masked) if self.dual else (masked,):
                 if mask.any():  # the complement is empty when t masked every token
                     masked_ids = torch.where(mask, self.mask_token_id, target)
@@ -259,13 +271,38 @@ class DimpleCollator:
         )
         return batch
 
-    def diffusion_mask(self, length: int) -> torch.Tensor:
+    def diffusion_mask(self, length: int, index: int) -> torch.Tensor:
         """Each target position masked with probability t ~ U(eps, 1); at least one is masked."""
-        t = self.eps + (1 - self.eps) * torch.rand((), generator=self.generator)
-        mask = torch.rand(length, generator=self.generator) < t
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+        t = self.eps + (1 - self.eps) * torch.rand((), generator=generator)
+        mask = torch.rand(length, generator=generator) < t
         if not mask.any():
-            mask[torch.randint(length, (), generator=self.generator)] = True
+            mask[torch.randint(length, (), generator=generator)] = True
         return mask
+
+
+class MaskingEpochCallback(TrainerCallback):
+    """Tells the collator the epoch at each epoch's start, before the dataloader's workers are created."""
+
+    def __init__(self, collator: DimpleCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is fractional (1.25 when resuming a quarter into the second epoch); float sums may fall
+        # just short of a whole number at an epoch boundary
+        self.collator.epoch = math.floor((state.epoch or 0) + 1e-6)
+
+
+class PortableCheckpointCallback(TrainerCallback):
+    """The Trainer's intermediate checkpoints also get the processor files transformers 4.x reads."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            write_portable_processor_files(self.processor, str(folder))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,12 +384,30 @@ def train(args: DimpleTrainingArguments) -> dict:
     if args.model_name_or_path is None or args.data_path is None:
         raise ValueError("--model_name_or_path and --data_path are required")
     samples = load_conversations(args.data_path, args.image_folder)
+    if "img_projector" in args.trainable_modules and set(args.trainable_modules) <= {"img_projector", "visual"}:
+        text_only = [s["id"] for s in samples if not s["images"]]
+        if text_only:  # nothing that trains would get a gradient from them (a batch of them cannot step)
+            raise ValueError(
+                f"--stage {args.stage} trains only the image side, but {len(text_only)} sample(s) have no image "
+                f"(first: {text_only[:3]}); remove them from --data_path"
+            )
+    if args.lora_r and "model" not in args.trainable_modules:
+        raise ValueError(
+            f"--lora_r adapts the language model (`model`), which --stage {args.stage} does not train "
+            f"(trainable: {list(args.trainable_modules)}); drop --lora_r or add model to --trainable"
+        )
+    set_seed(args.seed)  # before the model exists: LoRA's adapters are initialised from it
     processor = DimpleProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     if args.max_pixels is not None:
         processor.image_processor.max_pixels = args.max_pixels
         if isinstance(getattr(processor.image_processor, "size", None), dict):
             processor.image_processor.size["longest_edge"] = args.max_pixels
-    model = DimpleModel.from_pretrained(args.model_name_or_path, use_safetensors=True)  # never a pickle
+    # fp32 master weights whatever the checkpoint's dtype (the release is bf16; --bf16 trains with autocast);
+    # safetensors only, never a pickle
+    dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = DimpleModel.from_pretrained(
+        args.model_name_or_path, use_safetensors=True, **{dtype_argument: torch.float32}
+    )
     register_auto_classes(model, processor)
     set_stage(model, args)
     if args.gradient_checkpointing:
@@ -365,16 +420,21 @@ def train(args: DimpleTrainingArguments) -> dict:
         diffusion=args.stage == "diffusion",
         dual=args.masking == "dual",
         eps=args.diffusion_eps,
-        generator=torch.Generator().manual_seed(args.seed),
+        seed=args.seed,
     )
     dataset = ConversationDataset(samples, processor, args.max_seq_length, seed=args.seed + args.data_seed_offset)
     if args.lora_r:
         model = apply_lora(model, args)
+        if args.gradient_checkpointing:
+            # With reentrant checkpointing (transformers 4.x's default) the frozen embeddings' output needs
+            # requires_grad, or no gradient reaches the adapters.
+            model.enable_input_require_grads()
     # The Trainer's own pushes upload its intermediate checkpoints with their pickled states (training_args.bin,
     # optimizer.pt); the final checkpoint is pushed below instead.
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor
+        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
+        callbacks=[MaskingEpochCallback(collator), PortableCheckpointCallback(processor)],
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if dataset.truncated:

@@ -191,7 +191,7 @@ def _collator(model, processor, **kwargs):
 
 def test_diffusion_collator_masks_and_scores_only_targets(dataset, model, processor):
     mask_id = model.config.mask_token_id
-    collator = _collator(model, processor, diffusion=True, generator=torch.Generator().manual_seed(0))
+    collator = _collator(model, processor, diffusion=True, seed=0)
     items = [dataset[i] for i in range(8)]
     batch = collator(items)
     assert batch["input_ids"].shape[0] == len(items)  # single masking: one row per sample
@@ -236,10 +236,11 @@ def test_diffusion_collator_masks_and_scores_only_targets(dataset, model, proces
 
 def test_dual_masking_is_complementary(dataset, model, processor):
     mask_id = model.config.mask_token_id
-    collator = _collator(model, processor, diffusion=True, dual=True, generator=torch.Generator().manual_seed(1))
+    collator = _collator(model, processor, diffusion=True, dual=True, seed=1)
     pairs = 0
     for draw in range(30):
         item = dataset[draw % 16]
+        collator.epoch = draw // 16  # a sample's second draw is in another epoch
         batch = collator([item])
         p, target = len(item["prompt_ids"]), item["target_ids"]
         region = batch["input_ids"][:, p : p + len(target)] == mask_id
@@ -273,7 +274,7 @@ def test_dual_masking_is_complementary(dataset, model, processor):
     assert row == batch["input_ids"].shape[0]
 
     # A one-token target: t masks it, the complement is empty and not added.
-    one = {"prompt_ids": torch.tensor([10, 11, 12]), "target_ids": torch.tensor([20])}
+    one = {"index": 0, "prompt_ids": torch.tensor([10, 11, 12]), "target_ids": torch.tensor([20])}
     batch = collator([one])
     assert batch["input_ids"].tolist() == [[10, 11, 12, mask_id]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 20]]
@@ -281,17 +282,38 @@ def test_dual_masking_is_complementary(dataset, model, processor):
 
 def test_masking_ratio_is_drawn_per_sample(model, processor):
     """t ~ U(eps, 1) per sample: the masked fraction differs across the samples of a batch."""
-    collator = _collator(model, processor, diffusion=True, generator=torch.Generator().manual_seed(2))
+    collator = _collator(model, processor, diffusion=True, seed=2)
     length = 400
     item = {"prompt_ids": torch.tensor([10, 11, 12]), "target_ids": torch.full((length,), 20)}
     fractions = []
-    for _ in range(12):
-        batch = collator([item] * 8)
+    for draw in range(12):
+        batch = collator([dict(item, index=8 * draw + i) for i in range(8)])
         rows = (batch["labels"][:, 3:] != -100).float().mean(1)
         assert rows.max() - rows.min() > 0.15, rows  # one t per batch would give ~equal fractions
         fractions += rows.tolist()
     assert min(fractions) < 0.1 and max(fractions) > 0.9
     assert 0.35 < sum(fractions) / len(fractions) < 0.65
+
+
+def test_a_samples_masks_depend_on_seed_epoch_and_index_only(dataset, model, processor):
+    """Whatever the batch, its order, the worker or the process that collates it; new masks each epoch."""
+    collator = _collator(model, processor, diffusion=True, seed=3)
+    items = [dataset[i] for i in range(6)]
+
+    def masks(batch, items):
+        return {item["index"]: batch["labels"][row, len(item["prompt_ids"]) :] != -100 for row, item in enumerate(items)}
+
+    together = masks(collator(items), items)
+    reordered = list(reversed(items[2:]))
+    apart = masks(collator(reordered), reordered)
+    for index in apart:
+        n = len(dataset[index]["target_ids"])
+        assert torch.equal(apart[index][:n], together[index][:n]), index
+    collator.epoch = 1
+    next_epoch = masks(collator(items), items)
+    assert any(not torch.equal(next_epoch[i], together[i]) for i in together)
+    with pytest.raises(ValueError, match="dataset `index`"):
+        collator([{k: v for k, v in items[0].items() if k != "index"}])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,11 +501,50 @@ def test_resume_continues_from_saved_step(tiny, tmp_path, monkeypatch):
     assert not torch.equal(
         weights(out)["lm_head.weight"], weights(checkpoint)["lm_head.weight"]
     )
+    # ... and it continues as the uninterrupted run does: same diffusion masks (drawn per sample and epoch,
+    # the run crosses two epoch boundaries), same losses and weights.
+    full = run(tiny, tmp_path / "uninterrupted", steps=20)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full], rel=1e-5)
+    assert torch.allclose(weights(out)["lm_head.weight"], weights(tmp_path / "uninterrupted")["lm_head.weight"], atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
 # 8. LoRA
 # --------------------------------------------------------------------------------------------------
+
+
+def test_lora_with_gradient_checkpointing_trains_the_adapters_and_follows_the_seed(tiny, tmp_path):
+    """Reentrant checkpointing (4.x's default) needs the embeddings' output to require grad, or the adapters
+    get none; the adapters are initialised after `--seed` is set, so identical runs are identical."""
+    pytest.importorskip("peft")
+    args = ("--lora_r", "4", "--gradient_checkpointing", "true")
+    first, second = (run(tiny, tmp_path / name, *args, stage="diffusion", steps=3) for name in ("a", "b"))
+    assert first == second
+    init, trained = weights(tiny["init"]), weights(tmp_path / "a")
+    assert not torch.equal(init["model.layers.0.self_attn.q_proj.weight"], trained["model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(tensor, weights(tmp_path / "b")[name]) for name, tensor in trained.items())
+
+
+def test_a_bf16_checkpoint_trains_in_fp32(tiny, tmp_path):
+    """The release is bf16: optimiser updates on bf16 weights would round most small steps away."""
+    folder = tmp_path / "bf16"
+    model = DimpleModel.from_pretrained(str(tiny["init"])).to(torch.bfloat16)
+    train_dimple.save_checkpoint(model, DimpleProcessor.from_pretrained(str(tiny["init"])), str(folder))
+    run(tiny, tmp_path / "out", model_dir=folder, steps=2, lr=1e-5)
+    trained = weights(tmp_path / "out")
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    before = weights(folder)["model.layers.0.mlp.up_proj.weight"].float()
+    changed = (trained["model.layers.0.mlp.up_proj.weight"] != before).float().mean()
+    assert changed > 0.99  # Adam's first steps move every weight by ~lr: all visible in fp32
+
+
+def test_intermediate_checkpoints_carry_the_portable_processor_files(tiny, tmp_path):
+    out = tmp_path / "ckpts"
+    run(tiny, out, "--save_strategy", "steps", "--save_steps", "2", steps=2)
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "preprocessor_config.json").is_file()
+    if (checkpoint / "processor_config.json").is_file():
+        assert "image_processor" not in json.loads((checkpoint / "processor_config.json").read_text())
 
 
 def test_lora_run_saves_a_plain_checkpoint(tiny, tmp_path):
@@ -617,6 +678,25 @@ def test_bad_flags_are_named(tiny, tmp_path, no_training, flag, value, pattern):
     stage = value if flag == "--stage" else "diffusion"
     with pytest.raises(ValueError, match=pattern):
         run(tiny, tmp_path / "out", *extra, stage=stage, steps=2)
+
+
+def test_image_side_stages_refuse_text_only_samples_and_lora(tiny, tmp_path, no_training):
+    text_only = _good(tiny, 1)
+    text_only.pop("image")
+    text_only["id"] = "no-picture"
+    text_only["messages"][0]["content"] = text_only["messages"][0]["content"].replace("<image>", "").strip()
+    data = _write_jsonl(tmp_path, [_good(tiny, 0), text_only])
+    with pytest.raises(ValueError, match=r"--stage align trains only the image side, but 1 sample\(s\) have no image \(first: \['no-picture'\]\)"):
+        run(tiny, tmp_path / "out", data=data, stage="align", steps=2)
+    with pytest.raises(ValueError, match=r"--lora_r adapts the language model \(`model`\), which --stage align does not train"):
+        run(tiny, tmp_path / "out", "--lora_r", "4", stage="align", steps=2)
+
+
+def test_jsonl_records_in_a_json_file_are_named(tiny, tmp_path, no_training):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(_good(tiny, 0)) + "\n" + json.dumps(_good(tiny, 1)) + "\n")
+    with pytest.raises(ValueError, match=r"records\.json: not valid JSON \(one record per line is a \.jsonl file\)"):
+        run(tiny, tmp_path / "out", data=data, steps=2)
 
 
 def test_a_pickled_checkpoint_is_refused_before_training(tiny, tmp_path, no_training):

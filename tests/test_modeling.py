@@ -897,12 +897,35 @@ def test_forbid_guard_is_effective(model, monkeypatch):
 
 
 def test_state_dict_layout_matches_release():
-    tool = ROOT.parent / "shared" / "tools" / "check_state_dict.py"
-    if not tool.is_file():
-        pytest.skip("../shared/tools/check_state_dict.py is not available")
+    """The 7B config's model, built as users load it, has the release's 733 names and shapes (the reference is
+    shipped in tests/data; `make check-layout`)."""
     result = subprocess.run(
-        [sys.executable, str(tool)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [sys.executable, str(ROOT / "scripts" / "check_layout.py")], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "733/733 tensors match, 0 unexpected" in result.stdout
+
+
+def test_layout_checker_reports_a_wrong_reference(tmp_path):
+    reference = json.loads((ROOT / "tests" / "data" / "dimple7b_state_dict.json").read_text())
+    reference["lm_head.weight"] = [1, 1]
+    reference["visual.extra.weight"] = [3]
+    del reference["model.norm.weight"]
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(reference))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_layout.py"), "--reference", str(path)], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1
+    assert "missing: visual.extra.weight [3]" in result.stdout
+    assert "unexpected: model.norm.weight [3584]" in result.stdout
+    assert "shape: lm_head.weight expected [1, 1] got [152064, 3584]" in result.stdout
+
+
+def test_the_shipped_reference_is_the_release_layout():
+    shared = ROOT.parent / "shared" / "dimple7b_state_dict.json"
+    if not shared.is_file():
+        pytest.skip("../shared/dimple7b_state_dict.json is only in the development workspace")
+    assert json.loads((ROOT / "tests" / "data" / "dimple7b_state_dict.json").read_text()) == json.loads(shared.read_text())

@@ -84,6 +84,12 @@ class DimpleTrainingArguments(TrainingArguments):
                 raise ValueError(f"--trainable names unknown modules {sorted(unknown)}; allowed: {MODULES}")
         if not 0 < self.diffusion_eps < 1:
             raise ValueError(f"--diffusion_eps must be in (0, 1), got {self.diffusion_eps}")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"--max_pixels must be a positive number of pixels, got {self.max_pixels}")
+        if self.max_seq_length < 2:
+            raise ValueError(f"--max_seq_length must be >= 2, got {self.max_seq_length}")
         self.remove_unused_columns = False  # the collator builds exactly the model's inputs
         super().__post_init__()
 
@@ -117,6 +123,8 @@ def load_conversations(data_path: str, image_folder: Optional[str] = None) -> li
     if not path.exists():
         raise ValueError(f"--data_path {data_path} does not exist")
     text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"--data_path {data_path} holds no samples")
     try:
         records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
     except json.JSONDecodeError as error:
@@ -125,12 +133,18 @@ def load_conversations(data_path: str, image_folder: Optional[str] = None) -> li
     if not isinstance(records, list):
         raise ValueError(f"--data_path {data_path}: expected a list of samples, got {type(records).__name__}")
     root = pathlib.Path(image_folder) if image_folder else path.parent
+    if not records:
+        raise ValueError(f"--data_path {data_path} holds no samples")
     samples = []
     for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"sample #{index}: expected an object with `messages`, got {type(record).__name__}")
         name = record.get("id", f"#{index}")
         messages = record.get("messages") or record.get("conversations")
         if not messages:
             raise ValueError(f"sample {name}: no `messages`")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError(f"sample {name}: `messages` must be a list of {{role, content}} objects")
         messages = [_normalise_message(m) for m in messages]
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             raise ValueError(f"sample {name}: the conversation must end with a non-empty assistant answer")
@@ -399,6 +413,12 @@ def train(args: DimpleTrainingArguments) -> dict:
     set_seed(args.seed)  # before the model exists: LoRA's adapters are initialised from it
     processor = DimpleProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     if args.max_pixels is not None:
+        size = getattr(processor.image_processor, "size", None)  # a dict on 4.x, a SizeDict on 5.x
+        min_pixels = getattr(processor.image_processor, "min_pixels", None) or (
+            size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        )
+        if min_pixels and args.max_pixels < min_pixels:
+            raise ValueError(f"--max_pixels must be >= the processor's min_pixels ({min_pixels}), got {args.max_pixels}")
         processor.image_processor.max_pixels = args.max_pixels
         if isinstance(getattr(processor.image_processor, "size", None), dict):
             processor.image_processor.size["longest_edge"] = args.max_pixels

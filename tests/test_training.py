@@ -671,6 +671,9 @@ def test_bad_samples_are_named_before_training(tiny, tmp_path, no_training, prob
         ("--stage", "pretrain", r"--stage must be one of .*'pretrain'"),
         ("--masking", "triple", r"--masking must be one of .*'triple'"),
         ("--trainable", "model,vision_tower", r"--trainable names unknown modules \['vision_tower'\]"),
+        ("--lora_r", "-1", r"--lora_r must be >= 0 \(0: no LoRA\), got -1"),
+        ("--max_pixels", "0", r"--max_pixels must be a positive number of pixels, got 0"),
+        ("--max_pixels", "10", r"--max_pixels must be >= the processor's min_pixels \(\d+\), got 10"),
     ],
 )
 def test_bad_flags_are_named(tiny, tmp_path, no_training, flag, value, pattern):
@@ -690,6 +693,22 @@ def test_image_side_stages_refuse_text_only_samples_and_lora(tiny, tmp_path, no_
         run(tiny, tmp_path / "out", data=data, stage="align", steps=2)
     with pytest.raises(ValueError, match=r"--lora_r adapts the language model \(`model`\), which --stage align does not train"):
         run(tiny, tmp_path / "out", "--lora_r", "4", stage="align", steps=2)
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        ("", r"holds no samples"),
+        ('{"id": "x"}', r"expected a list of samples, got dict"),
+        ('["text"]', r"sample #0: expected an object with `messages`, got str"),
+        ('[{"id": "s1", "messages": "hi"}]', r"sample s1: `messages` must be a list of \{role, content\} objects"),
+    ],
+)
+def test_malformed_data_files_are_named(tiny, tmp_path, no_training, content, pattern):
+    data = tmp_path / "data.json"
+    data.write_text(content)
+    with pytest.raises(ValueError, match=pattern):
+        run(tiny, tmp_path / "out", data=data, steps=2)
 
 
 def test_jsonl_records_in_a_json_file_are_named(tiny, tmp_path, no_training):

@@ -55,8 +55,15 @@ synchronisations, median of `--repeats` after a warm-up (for decoding, a warm-up
 on the same shapes; use `--warmup-steps 0` to warm up with the full decode, e.g. for CUDA graphs captured
 per step). The last line printed is the JSON summary.
 
+Run time: the JSON records the run's wall time (`meta.elapsed_s`, repeated as `summary.elapsed_s`) and each
+setting's (`settings.<name>.seconds`). On one H100, `benchmarks/h100_bench_before_fused_norm_with_baseline.json`
+(floor, forward, vision, generate, batch, length, baseline: the default list before dual and profile were
+added) took 154 s, of which the baseline 77 s; `benchmarks/h100_bench.json` (floor to length, no baseline)
+took 61 s. No H100 run of today's default list (which adds dual and profile) is recorded; on CUDA `--deadline`
+(520 s) bounds it.
+
 Usage:
-    python scripts/bench.py                                  # CUDA, 7B shape, everything (~2-3 min on H100)
+    python scripts/bench.py                                  # CUDA, 7B shape, all settings but compile (see Run time)
     python scripts/bench.py --settings floor,forward,generate --repeats 5
     python scripts/bench.py --device cpu --tiny              # CPU smoke run (seconds)
     python scripts/bench.py --gen-kwargs '{"some_new_option": true}'   # passed to every diffusion_generate
@@ -69,6 +76,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -373,7 +381,8 @@ class Context:
         self.ids = {k: getattr(self.config, k) for k in TINY_IDS}
         self.model = None
         self.build_seconds = None
-        self.gen_kwargs = json.loads(args.gen_kwargs) if args.gen_kwargs else {}
+        extra = args.gen_kwargs  # parse_args gives a dict; a JSON string is accepted too
+        self.gen_kwargs = dict(json.loads(extra) if isinstance(extra, str) and extra.strip() else (extra or {}))
         self.partial = {}  # what a setting finished before it failed or timed out
         self.memo = {}  # identical diffusion_generate configurations are timed once per run
         self.current_setting = None
@@ -1067,32 +1076,158 @@ def plot(report: dict, path: str):
 # --------------------------------------------------------------------------------------------------
 
 
+def _int_at_least(low: int, meaning: str = ""):
+    """An argparse type: an integer >= `low` (a bad value is refused with the flag's name and the range)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{meaning}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{meaning}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text):
+    """An argparse type: a finite number of seconds >= 0 (0 = no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0 = no limit), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0 = no limit), got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _positive_int_list(text):
+    """An argparse type: a comma list of positive integers, e.g. 1,4,16."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        values = None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers >= 1 (e.g. 1,4,16), got {text!r}")
+    return values
+
+
+def _json_object(text):
+    """An argparse type: a JSON object (dict) of keyword arguments; '' = none."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object of keyword arguments, e.g. '{{\"use_cuda_graph\": false}}' ({error}), got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object of keyword arguments, e.g. '{{\"use_cuda_graph\": false}}', got {type(value).__name__} {text!r}")
+    return value
+
+
+def _check_output_path(parser, flag: str, path: str):
+    """Refuse an output file whose folder does not exist or is not writable (before any setting runs)."""
+    if os.path.isdir(path):
+        parser.error(f"argument {flag}: {path!r} is a folder; give a file path in an existing, writable folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        parser.error(f"argument {flag}: the folder {folder!r} does not exist; give a file path in an existing, writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"argument {flag}: {path!r} is not writable; give a file path in an existing, writable folder")
+
+
+def _check_device(parser, device: str):
+    """cpu, cuda or cuda:N, where CUDA (and device N) exists."""
+    allowed = "cpu, cuda, cuda:N"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        parser.error(f"argument --device: must be one of {allowed}, got {device!r}")
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        parser.error(f"argument --device: {device} but CUDA is not available here (allowed here: cpu; "
+                     "use --device cpu --tiny)")
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        parser.error(f"argument --device: {device} but this machine has {count} CUDA device(s) "
+                     f"(allowed: cpu, cuda, cuda:0..cuda:{count - 1})")
+
+
+def _check_block_length(parser, args, selected):
+    """--block-length must divide every answer length it is used with (generation refuses it otherwise, which
+    would only show up as a failed setting after the model was built)."""
+    block = args.block_length
+    lengths = set()
+    if {"batch", "profile", "compile"} & set(selected):
+        lengths.add(NEW_TOKENS)
+    if {"dual", "compile"} & set(selected):
+        lengths.update(args.lengths)
+    bad = sorted(n for n in lengths if n % block)
+    if bad:
+        parser.error(f"argument --block-length: must divide every answer length it decodes block-wise "
+                     f"({', '.join(map(str, sorted(lengths)))}: {NEW_TOKENS} for batch/profile/compile, --lengths for "
+                     f"dual/compile), got {block}, which does not divide {', '.join(map(str, bad))}")
+    if "profile" in selected and NEW_TOKENS // block > 8:
+        parser.error(f"argument --block-length: the profile setting's shorter decode is {NEW_TOKENS} tokens in 8 steps, so it needs "
+                     f"at most 8 blocks (block length >= {NEW_TOKENS // 8}), got {block}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default if available) or cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke run)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                         help=f"comma list out of {','.join(SETTINGS)} (default: all but compile)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median); default 5 on CUDA, 1 on CPU")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing")
-    parser.add_argument("--warmup-steps", type=int, default=4, help="steps of the warm-up diffusion_generate (0 = the full run)")
-    parser.add_argument("--batches", default="1,4,16", help="batch sizes of the batch setting")
-    parser.add_argument("--lengths", default="64,256", help="answer lengths of the length and dual settings")
-    parser.add_argument("--block-length", type=int, default=32, help="block length of the dual setting")
-    parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the bandwidth copy (CUDA)")
-    parser.add_argument("--gen-kwargs", default="", help="JSON dict of extra diffusion_generate keyword arguments")
-    parser.add_argument("--setting-timeout", type=float, default=None, help="seconds per setting (0 = none); default 240 on CUDA, 0 on CPU")
-    parser.add_argument("--run-timeout", type=float, default=None, help="seconds per decode/generate measurement inside a setting (0 = none); default 150 on CUDA, 0 on CPU")
-    parser.add_argument("--deadline", type=float, default=None, help="seconds after start by which every setting must end: later ones are "
+    parser.add_argument("--repeats", type=_int_at_least(1), default=None,
+                        help="timed repeats per measurement (median), >= 1; default 5 on CUDA, 1 on CPU")
+    parser.add_argument("--warmup", type=_int_at_least(0), default=1, help="warm-up calls before timing, >= 0")
+    parser.add_argument("--warmup-steps", type=_int_at_least(0, " (0 = the full run)"), default=4,
+                        help="steps of the warm-up diffusion_generate, >= 0 (0 = the full run)")
+    parser.add_argument("--batches", type=_positive_int_list, default=[1, 4, 16],
+                        help="batch sizes of the batch setting: comma list of integers >= 1 (default 1,4,16)")
+    parser.add_argument("--lengths", type=_positive_int_list, default=[64, 256],
+                        help="answer lengths of the length and dual settings: comma list of integers >= 1 (default 64,256)")
+    parser.add_argument("--block-length", type=_int_at_least(1), default=32,
+                        help="block length of the dual setting, >= 1, dividing 64 and every --lengths (default 32)")
+    parser.add_argument("--copy-gib", type=_positive_float, default=2.0, help="size of the bandwidth copy (CUDA), > 0")
+    parser.add_argument("--gen-kwargs", type=_json_object, default={},
+                        help="JSON object of extra diffusion_generate keyword arguments")
+    parser.add_argument("--setting-timeout", type=_seconds, default=None, help="seconds per setting, >= 0 (0 = none); default 240 on CUDA, 0 on CPU")
+    parser.add_argument("--run-timeout", type=_seconds, default=None, help="seconds per decode/generate measurement inside a setting, >= 0 "
+                        "(0 = none); default 150 on CUDA, 0 on CPU")
+    parser.add_argument("--deadline", type=_seconds, default=None, help="seconds after start by which every setting must end, >= 0: later ones are "
                         "skipped, a running one is cut off (0 = none); default 520 on CUDA (the whole run fits a 10-minute device call), 0 on CPU")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 with --device cpu --tiny, "
+    parser.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch, >= 1 (default: 1 with --device cpu --tiny, "
                         "where more threads only add contention; else torch's default)")
-    parser.add_argument("--out", default="bench_results.json", help="JSON output")
+    parser.add_argument("--out", default="bench_results.json", help="JSON output (its folder must exist and be writable)")
     parser.add_argument("--plot", default=None, help="PNG output (default: --out with .png); 'none' to skip")
     args = parser.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",") if b]
-    args.lengths = [int(n) for n in args.lengths.split(",") if n]
+    _check_device(parser, args.device)
+    selected = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = sorted(set(selected) - set(SETTINGS))
+    if unknown or not selected:
+        parser.error(f"argument --settings: must be a comma list out of {','.join(SETTINGS)}, got {args.settings!r}"
+                     + (f" (unknown: {','.join(unknown)})" if unknown else ""))
+    args.selected = [s for s in SETTINGS if s in selected]  # fixed order: the baseline (which frees Dimple) last
+    _check_block_length(parser, args, args.selected)
+    _check_output_path(parser, "--out", args.out)
+    if (args.plot or "").lower() != "none":
+        _check_output_path(parser, "--plot", args.plot or os.path.splitext(args.out)[0] + ".png")
     return args
 
 
@@ -1101,8 +1236,6 @@ def main(argv=None):
     started = time.perf_counter()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available (use --device cpu --tiny)")
     if not cuda and not args.tiny:
         print("warning: the 7B shape on the CPU needs ~35 GB of RAM and is very slow; use --tiny", file=sys.stderr)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
@@ -1114,11 +1247,7 @@ def main(argv=None):
     args.setting_timeout = args.setting_timeout if args.setting_timeout is not None else (240 if cuda else 0)
     args.run_timeout = args.run_timeout if args.run_timeout is not None else (150 if cuda else 0)
     args.deadline = args.deadline if args.deadline is not None else (520 if cuda else 0)
-    selected = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = sorted(set(selected) - set(SETTINGS))
-    if unknown:
-        raise SystemExit(f"unknown settings {unknown}; choose from {SETTINGS}")
-    selected = [s for s in SETTINGS if s in selected]  # fixed order: the baseline (which frees Dimple) last
+    selected = args.selected  # validated by parse_args, in SETTINGS order (the baseline, which frees Dimple, last)
     plot_path = None if (args.plot or "").lower() == "none" else (args.plot or os.path.splitext(args.out)[0] + ".png")
     torch.manual_seed(0)
 

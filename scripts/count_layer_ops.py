@@ -8,10 +8,10 @@ besides its matrix products, without a GPU. The pass runs as decoding runs it, w
 and back, pow, mean, add, rsqrt, mul), which CUDA runs as one fused kernel. The count is the difference
 between a 2-layer and a 1-layer tiny model.
 
-Usage: python scripts/count_layer_ops.py
+Usage: python scripts/count_layer_ops.py  (no arguments; --help prints this)
 """
 
-
+import argparse
 import os
 import sys
 from collections import Counter
@@ -128,7 +128,14 @@ def decoding_step_operators(steps: int, **settings) -> tuple:
     return sum(n for op, n in counter.counts.items() if op not in VIEWS), out.num_forward_passes
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The script takes no arguments: `--help` prints the docstring, anything else is refused (exit code 2)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    parse_args(argv)
     one, two = prefilled_pass_operators(1), prefilled_pass_operators(2)
     per_layer = two - one
     print(f"per layer: {sum(per_layer.values())} operators: {dict(per_layer.most_common())}")

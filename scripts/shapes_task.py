@@ -329,21 +329,41 @@ def iter_task_texts() -> Iterable[str]:
 # --------------------------------------------------------------------------------------------
 
 
+#: Largest ``--image-size`` the CLI accepts: the largest multiple of 28 whose square fits the Qwen2-VL image
+#: processor's default ``max_pixels`` (28·28·1280); a larger image is scaled down before the model sees it.
+MAX_CLI_IMAGE_SIZE = 980
+
+
+def _cli_int(low: int, high: int | None = None, multiple: int = 1):
+    """An argparse type: an integer in ``[low, high]`` (and a multiple of ``multiple``); a bad value is refused
+    with the flag's name and the allowed values (exit code 2)."""
+    allowed = f"an integer >= {low}" if high is None else f"a multiple of {multiple} from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high) or value % multiple:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="output folder for images/ and data.jsonl")
-    parser.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--image-size", "--image_size", type=int, default=DEFAULT_IMAGE_SIZE,
-                        help=f"image side in pixels, a multiple of {IMAGE_SIZE_MULTIPLE} (default {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--n", type=_cli_int(1), default=1000, help="number of samples, >= 1 (default 1000)")
+    parser.add_argument("--seed", type=_cli_int(0), default=0, help="random seed, >= 0 (default 0)")
+    parser.add_argument("--image-size", "--image_size", type=_cli_int(IMAGE_SIZE_MULTIPLE, MAX_CLI_IMAGE_SIZE, IMAGE_SIZE_MULTIPLE),
+                        default=DEFAULT_IMAGE_SIZE,
+                        help=f"image side in pixels, a multiple of {IMAGE_SIZE_MULTIPLE} from {IMAGE_SIZE_MULTIPLE} to "
+                        f"{MAX_CLI_IMAGE_SIZE} (default {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--sample", metavar="PATH", help="also write the fixed demo image (a red circle) to PATH")
     args = parser.parse_args(argv)
     if args.out is None and args.sample is None:
         parser.error("give --out DIR and/or --sample PATH")
-    try:
-        _check_image_size(args.image_size)
-    except ValueError as e:
-        parser.error(str(e))
     if args.sample:
         os.makedirs(os.path.dirname(os.path.abspath(args.sample)), exist_ok=True)
         sample_image(args.image_size).save(args.sample)

@@ -1,0 +1,160 @@
+"""Command-line checks of scripts/bench.py, scripts/shapes_task.py and scripts/count_layer_ops.py: a bad flag
+value ends in argparse's usage message (exit code 2) that names the flag and the values it allows, before any
+model is built or file written. Fast: only argument parsing runs."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = str(ROOT / "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+import bench  # noqa: E402
+import shapes_task  # noqa: E402
+
+MISSING = "/nonexistent_dir_for_cli_tests"
+
+
+def refused(fn, argv, capsys) -> str:
+    """Run `fn(argv)`, expect argparse's exit code 2, return stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        fn(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:"), err
+    return err
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/bench.py
+# --------------------------------------------------------------------------------------------------
+
+BENCH_BAD = [  # (argv, the flag the message names, words of the allowed values)
+    (["--gen-kwargs", "notjson"], "--gen-kwargs", ["JSON object"]),
+    (["--gen-kwargs", "[1]"], "--gen-kwargs", ["JSON object", "list"]),
+    (["--gen-kwargs", '"use_cuda_graph"'], "--gen-kwargs", ["JSON object", "str"]),
+    (["--batches", "x"], "--batches", ["comma list of integers >= 1"]),
+    (["--batches", "1,0,16"], "--batches", ["comma list of integers >= 1"]),
+    (["--batches", ","], "--batches", ["comma list of integers >= 1"]),
+    (["--lengths", "64,-256"], "--lengths", ["comma list of integers >= 1"]),
+    (["--lengths", "64.5"], "--lengths", ["comma list of integers >= 1"]),
+    (["--device", "tpu"], "--device", ["cpu, cuda, cuda:N"]),
+    (["--device", "cuda:x"], "--device", ["cpu, cuda, cuda:N"]),
+    (["--device", "cuda:99"], "--device", ["cpu"]),  # no CUDA here, or fewer than 100 devices
+    (["--out", f"{MISSING}/x.json"], "--out", ["does not exist", "existing, writable folder"]),
+    (["--plot", f"{MISSING}/x.png"], "--plot", ["does not exist", "existing, writable folder"]),
+    (["--repeats", "0"], "--repeats", ["integer >= 1"]),
+    (["--repeats", "two"], "--repeats", ["integer >= 1"]),
+    (["--warmup", "-1"], "--warmup", ["integer >= 0"]),
+    (["--warmup-steps", "-4"], "--warmup-steps", ["integer >= 0"]),
+    (["--block-length", "0"], "--block-length", ["integer >= 1"]),
+    (["--block-length", "48"], "--block-length", ["must divide", "64"]),
+    (["--settings", "dual", "--lengths", "64,100"], "--block-length", ["must divide", "100"]),
+    (["--settings", "profile", "--block-length", "4"], "--block-length", ["at most 8 blocks", ">= 8"]),
+    (["--threads", "0"], "--threads", ["integer >= 1"]),
+    (["--copy-gib", "0"], "--copy-gib", ["number > 0"]),
+    (["--copy-gib", "nan"], "--copy-gib", ["number > 0"]),
+    (["--setting-timeout", "-1"], "--setting-timeout", ["seconds >= 0", "0 = no limit"]),
+    (["--run-timeout", "inf"], "--run-timeout", ["seconds >= 0", "0 = no limit"]),
+    (["--deadline", "-520"], "--deadline", ["seconds >= 0", "0 = no limit"]),
+    (["--deadline", "soon"], "--deadline", ["seconds >= 0", "0 = no limit"]),
+    (["--settings", "floor,bogus"], "--settings", ["floor,forward,vision,generate", "unknown: bogus"]),
+    (["--settings", ","], "--settings", ["floor,forward,vision,generate"]),
+    (["--dtype", "int8"], "--dtype", ["bfloat16", "float32"]),
+]
+
+
+@pytest.mark.parametrize("argv, flag, allowed", BENCH_BAD, ids=[" ".join(argv) for argv, _, _ in BENCH_BAD])
+def test_bench_refuses_a_bad_flag_value(argv, flag, allowed, capsys):
+    err = refused(bench.parse_args, argv, capsys)
+    assert f"argument {flag}" in err, err
+    for words in allowed:
+        assert words in err, err
+
+
+def test_bench_refuses_a_folder_as_out(tmp_path, capsys):
+    err = refused(bench.parse_args, ["--out", str(tmp_path)], capsys)
+    assert "argument --out" in err and "is a folder" in err
+
+
+def test_bench_refuses_a_bad_value_before_the_first_setting(tmp_path, capsys):
+    """main() stops in argument parsing: no setting runs, no JSON is written."""
+    err = refused(bench.main, ["--device", "cpu", "--tiny", "--settings", "floor", "--repeats", "0",
+                               "--out", str(tmp_path / "b.json")], capsys)
+    assert "argument --repeats" in err and "[bench]" not in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_accepts_good_values(tmp_path):
+    out = tmp_path / "b.json"
+    args = bench.parse_args(["--device", "cpu", "--gen-kwargs", '{"use_cuda_graph": false}', "--batches", "1, 2",
+                             "--lengths", "32,64", "--settings", "dual,floor", "--repeats", "3", "--deadline", "0",
+                             "--out", str(out)])
+    assert args.gen_kwargs == {"use_cuda_graph": False}
+    assert args.batches == [1, 2] and args.lengths == [32, 64] and args.repeats == 3 and args.deadline == 0
+    assert args.selected == ["floor", "dual"]  # SETTINGS order
+    defaults = bench.parse_args(["--device", "cpu", "--out", str(out), "--plot", "none"])
+    assert defaults.gen_kwargs == {} and defaults.batches == [1, 4, 16] and defaults.lengths == [64, 256]
+    assert defaults.repeats is None and defaults.selected == list(bench.DEFAULT_SETTINGS)
+    assert bench.parse_args(["--device", "cpu", "--out", str(out), "--gen-kwargs", ""]).gen_kwargs == {}
+
+
+def test_bench_context_takes_gen_kwargs_as_dict_or_json(tmp_path):
+    for given in ({"a": 1}, '{"a": 1}'):
+        args = bench.parse_args(["--device", "cpu", "--tiny", "--out", str(tmp_path / "b.json"), "--plot", "none"])
+        args.gen_kwargs, args.repeats = given, 1
+        assert bench.Context(args, bench.torch.device("cpu"), bench.torch.float32).gen_kwargs == {"a": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/shapes_task.py
+# --------------------------------------------------------------------------------------------------
+
+SHAPES_BAD = [
+    (["--seed", "-1"], "--seed", "integer >= 0"),
+    (["--seed", "x"], "--seed", "integer >= 0"),
+    (["--n", "-5"], "--n", "integer >= 1"),
+    (["--n", "0"], "--n", "integer >= 1"),
+    (["--n", "1e3"], "--n", "integer >= 1"),
+    (["--image-size", "50"], "--image-size", "multiple of 28 from 28 to 980"),
+    (["--image-size", "0"], "--image-size", "multiple of 28 from 28 to 980"),
+    (["--image-size", "-56"], "--image-size", "multiple of 28 from 28 to 980"),
+    (["--image-size", "1008"], "--image-size", "multiple of 28 from 28 to 980"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, allowed", SHAPES_BAD, ids=[" ".join(argv) for argv, _, _ in SHAPES_BAD])
+def test_shapes_task_refuses_a_bad_flag_value(argv, flag, allowed, tmp_path, capsys):
+    out = tmp_path / "data"
+    err = refused(shapes_task.main, argv + ["--out", str(out)], capsys)
+    assert f"argument {flag}" in err and allowed in err, err
+    assert not out.exists()  # refused before anything is written
+
+
+def test_shapes_task_cli_accepts_the_bounds(tmp_path):
+    out = tmp_path / "data"
+    assert shapes_task.main(["--out", str(out), "--n", "1", "--seed", "0", "--image-size", "28"]) == 0
+    assert len((out / shapes_task.JSONL_NAME).read_text().splitlines()) == 1
+    assert json.loads((out / shapes_task.JSONL_NAME).read_text())["meta"]["image_size"] == 28
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/count_layer_ops.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_count_layer_ops_help_and_unknown_arguments(capsys):
+    import count_layer_ops
+
+    with pytest.raises(SystemExit) as exit_info:
+        count_layer_ops.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "Operators that one decoder layer dispatches" in out
+    for argv in (["--bogus"], ["extra"]):
+        err = refused(count_layer_ops.main, argv, capsys)
+        assert f"unrecognized arguments: {argv[0]}" in err

@@ -3,11 +3,15 @@
     python demo.py                                   # the shipped tiny-dimple/ on a sample image
     python demo.py --model path/or/hub-id --image photo.jpg --question "Describe this image."
 
+Decoding settings left out (--use-cache / --no-use-cache, --max-new-tokens, --steps, --alg-p-threshold) are
+the checkpoint's (its generation_config.json).
+
 Loads the model and processor through `AutoModel` / `AutoProcessor` with `trust_remote_code`, exactly as a
 user of the published checkpoint would, and prints each question, answer, forward passes and time.
 """
 
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -51,21 +55,50 @@ def answer(model, processor, image, question: str, **generate_kwargs):
     return text, out.num_forward_passes, seconds
 
 
+def check_args(parser, args):
+    """Reject bad values with `parser.error` (usage, the flag and its allowed values; exit code 2) before
+    anything is loaded."""
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be an integer >= 1, got {value}")
+    threshold = args.alg_p_threshold
+    if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 1):
+        parser.error(f"--alg-p-threshold must be a number in [0, 1], got {threshold}")
+    for question in args.question or ():
+        if not question.strip():
+            parser.error(f"--question must contain text, got {question!r}")
+    if args.image is not None and not args.image.startswith(("http://", "https://")):  # a URL is fetched later
+        from processing_dimple import _load_images  # the processor's own checks: file, decodable, aspect ratio
+
+        if pathlib.Path(args.image).is_dir():
+            parser.error(f"--image must be a readable image file (PNG, JPEG, ...): {args.image!r} is a folder")
+        try:
+            return _load_images([args.image])[0]
+        except Exception as error:  # noqa: BLE001 (PIL raises several kinds)
+            reason = str(error).removeprefix("images: ").removeprefix("images[0]: ")
+            parser.error(f"--image must be a readable image file (PNG, JPEG, ...): {reason}")
+    return args.image
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "tiny-dimple"), help="checkpoint folder or hub id")
     parser.add_argument("--image", default=None, help="image file (default: a generated red circle)")
     parser.add_argument("--question", action="append", help="question (repeatable)")
-    parser.add_argument("--use-cache", action="store_true", help="prefilling")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--alg-p-threshold", type=float, default=None)
+    parser.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="prefilling on / off (default: the checkpoint's setting)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length, >= 1")
+    parser.add_argument("--steps", type=int, default=None, help="most denoising steps, >= 1")
+    parser.add_argument("--alg-p-threshold", type=float, default=None,
+                        help="confident decoding threshold, in [0, 1]")
     args = parser.parse_args(argv)
+    image = check_args(parser, args)
 
     model, processor = load(args.model)
-    image = args.image or sample_image()
-    generate_kwargs = {"use_cache": args.use_cache}
-    for name in ("max_new_tokens", "steps", "alg_p_threshold"):
+    if image is None:
+        image = sample_image()
+    generate_kwargs = {}
+    for name in ("use_cache", "max_new_tokens", "steps", "alg_p_threshold"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
 

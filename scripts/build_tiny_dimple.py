@@ -7,6 +7,11 @@ pretrain its vision tower to classify colour and shape (the release starts from 
 tower; ours starts random); then `train_dimple.py` stage `instruct` (autoregressive, causal) and stage
 `diffusion` (bidirectional, masked-diffusion loss, dual masking), each with the release's freezing; then
 evaluate on held-out images (seed 1) with `diffusion_generate`.
+
+The script deletes and rewrites its --work and --out folders only when they are missing, empty, or made by
+it: those it creates carry a marker file (`.built-by-build_tiny_dimple`), and the default folders
+(tiny-dimple/ as shipped, .cache/tiny-dimple-build) are recognised by the names of the files the build
+writes there. Any other folder is refused (exit code 2) before anything runs.
 """
 
 import argparse
@@ -34,6 +39,23 @@ from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
 
 IMAGE_SIZE = 56
+# Written into the --work and --out folders this script creates: it may delete and rewrite only those
+# (besides empty folders and the default folders below).
+MARKER = ".built-by-build_tiny_dimple"
+DEFAULT_OUT = ROOT / "tiny-dimple"
+DEFAULT_WORK = ROOT / ".cache" / "tiny-dimple-build"
+# What the build writes into its default folders (tiny-dimple/ is shipped without the marker). A default
+# folder holding only these names is the script's own; anything else in it, and it is refused.
+BUILT_ENTRIES = {
+    DEFAULT_OUT.resolve(): frozenset({
+        MARKER, "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+        "chat_template.json", "preprocessor_config.json", "processor_config.json", "configuration_dimple.py",
+        "modeling_dimple.py", "generation_utils.py", "processing_dimple.py", "trainer_state.json",
+        "training_log.json", "loss_curves.png", "eval_results.json", "build_log.txt", "__pycache__",
+    }),
+    DEFAULT_WORK.resolve(): frozenset({MARKER, "data", "tokenizer", "init", "instruct", "diffusion"}),
+}
 # Decoding defaults of the tiny model: greedy confident decoding over an 8-token canvas.
 GENERATION = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", alg_p_threshold=0.9,
                   decoding_pipeline="dim", use_original_confidence=True, use_cache=False)
@@ -187,18 +209,80 @@ def run_stage(stage: str, model_dir, data: pathlib.Path, out: pathlib.Path, step
     return state["log_history"]
 
 
+def refusal(path: pathlib.Path):
+    """Why the folder `path` must not be deleted, or None when it may be: it is missing, empty, carries
+    the marker, or is a default folder holding only what the build writes there."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is not a folder"
+    names = {entry.name for entry in path.iterdir()}
+    if not names or MARKER in names:
+        return None
+    known = BUILT_ENTRIES.get(path.resolve())
+    if known is not None:
+        if names <= known:
+            return None
+        extra = sorted(names - known)
+        return f"is not empty and was not made by this script (it holds {extra}, which the build does not write)"
+    return f"is not empty and was not made by this script (no {MARKER} file in it)"
+
+
+def check_folder(parser, flag: str, path: pathlib.Path, note: str = "") -> None:
+    """Stop with `parser.error` naming the flag unless the script may delete `path` (see `refusal`)."""
+    reason = refusal(path)
+    if reason is not None:
+        parser.error(f"{flag} {str(path)!r} {reason}; give a new or empty folder, or remove it yourself{note}")
+
+
+def remove_folder(parser, flag: str, path: pathlib.Path, note: str = "") -> None:
+    check_folder(parser, flag, path, note)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def make_folder(path: pathlib.Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("Made by scripts/build_tiny_dimple.py, which deletes and rewrites this folder.\n")
+
+
+def check_args(parser, args) -> None:
+    """Every argument, before anything is deleted or run (exit code 2 on a bad one)."""
+    counts = (("--train-samples", args.train_samples), ("--vision-steps", args.vision_steps),
+              ("--ar-steps", args.ar_steps), ("--diffusion-steps", args.diffusion_steps),
+              ("--eval-samples", args.eval_samples))
+    for flag, value in counts:
+        if value < 1:
+            parser.error(f"{flag} must be an integer >= 1, got {value}")
+    out = pathlib.Path(args.out)
+    if args.evaluate_only:
+        if not (out / "eval_results.json").is_file() or not (out / "config.json").is_file():
+            parser.error(f"--out {args.out!r} is not a built folder (no config.json / eval_results.json); "
+                         "--evaluate-only re-evaluates a folder this script built")
+        return
+    work = pathlib.Path(args.work)
+    a, b = work.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        parser.error(f"--work {args.work!r} and --out {args.out!r} must be separate folders (neither inside the other)")
+    check_folder(parser, "--work", work)
+    check_folder(parser, "--out", out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "tiny-dimple"))
-    parser.add_argument("--work", default=str(ROOT / ".cache" / "tiny-dimple-build"))
-    parser.add_argument("--train-samples", type=int, default=3000)
-    parser.add_argument("--vision-steps", type=int, default=2000)
-    parser.add_argument("--ar-steps", type=int, default=400)
-    parser.add_argument("--diffusion-steps", type=int, default=500)
-    parser.add_argument("--eval-samples", type=int, default=300)
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="the built model (replaced: must be new, empty, or made by this script)")
+    parser.add_argument("--work", default=str(DEFAULT_WORK),
+                        help="data and stage checkpoints (replaced: must be new, empty, or made by this script)")
+    parser.add_argument("--train-samples", type=int, default=3000, help=">= 1")
+    parser.add_argument("--vision-steps", type=int, default=2000, help=">= 1")
+    parser.add_argument("--ar-steps", type=int, default=400, help=">= 1")
+    parser.add_argument("--diffusion-steps", type=int, default=500, help=">= 1")
+    parser.add_argument("--eval-samples", type=int, default=300, help=">= 1")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-run the held-out evaluation of the built folder (--out) and update eval_results.json")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.evaluate_only:
         out = pathlib.Path(args.out)
         results = json.loads((out / "eval_results.json").read_text())
@@ -210,9 +294,8 @@ def main(argv=None):
         return
     torch.manual_seed(0)
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    remove_folder(parser, "--work", work)
+    make_folder(work)
     start = time.perf_counter()
 
     data = write_dataset(work / "data", n=args.train_samples, seed=0, image_size=IMAGE_SIZE)
@@ -233,9 +316,10 @@ def main(argv=None):
     )
     train_seconds = time.perf_counter() - start
 
-    if out.exists():
-        shutil.rmtree(out)
+    # Checked at the start too; this catches a change since then.
+    remove_folder(parser, "--out", out, note=f" (the trained model is in {work / 'diffusion'})")
     shutil.copytree(work / "diffusion", out, ignore=shutil.ignore_patterns("checkpoint-*", "training_args.bin", "README.md"))
+    make_folder(out)
     (out / "training_log.json").write_text(json.dumps(histories, indent=1) + "\n")
     plot_losses(histories, out / "loss_curves.png")
 

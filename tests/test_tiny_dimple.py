@@ -16,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "tiny-dimple"
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import build_tiny_dimple  # noqa: E402
 from build_tiny_dimple import IMAGE_SIZE, ask  # noqa: E402
 from shapes_task import answer_is_correct, generate_samples  # noqa: E402
 
@@ -95,3 +96,114 @@ def test_demo_command_answers_the_sample_image():
     answers = [line for line in result.stdout.splitlines() if line.startswith("A: ")]
     assert [a.split("    ")[0] for a in answers] == ["A: red", "A: circle", "A: a red circle"]
     assert all("forward passes" in a for a in answers)
+
+
+# scripts/build_tiny_dimple.py's command line: bad values and folders it must not delete stop it (exit code 2,
+# the flag named) before anything is deleted or trained. Nothing here trains.
+
+class Started(Exception):
+    """Raised by the stubbed first build step: the arguments were accepted."""
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """--work and --out folders holding a sentinel file each; the build's first step is stubbed out."""
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(build_tiny_dimple, "write_dataset", started)
+    work, out = tmp_path / "work", tmp_path / "out"
+    for folder in (work, out):
+        folder.mkdir()
+        (folder / "sentinel.txt").write_text("mine")
+    return work, out
+
+
+def build_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_tiny_dimple.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flag, value", [("--train-samples", "-1"), ("--train-samples", "0"),
+                                         ("--vision-steps", "0"), ("--ar-steps", "-5"),
+                                         ("--diffusion-steps", "0"), ("--eval-samples", "0"),
+                                         ("--eval-samples", "x")])
+def test_build_rejects_bad_counts_before_deleting(flag, value, folders, tmp_path, capsys):
+    work, out = folders
+    fresh = tmp_path / "fresh"
+    err = build_error(["--work", str(fresh), "--out", str(tmp_path / "new-out"), flag, value], capsys)
+    assert flag in err
+    assert not fresh.exists()
+    err = build_error(["--work", str(work), "--out", str(out), flag, value], capsys)
+    assert flag in err
+    assert (work / "sentinel.txt").exists() and (out / "sentinel.txt").exists()
+
+
+@pytest.mark.parametrize("flag", ["--work", "--out"])
+def test_build_refuses_a_folder_it_did_not_make(flag, folders, tmp_path, capsys):
+    work, out = folders
+    other = {"--work": tmp_path / "new-work", "--out": tmp_path / "new-out"}
+    argv = ["--work", str(work if flag == "--work" else other["--work"]),
+            "--out", str(out if flag == "--out" else other["--out"])]
+    err = build_error(argv, capsys)
+    assert f"error: {flag}" in err and "not empty and was not made by this script" in err
+    assert (work / "sentinel.txt").exists() and (out / "sentinel.txt").exists()
+    assert not other["--work"].exists()
+
+
+@pytest.mark.parametrize("out_in_work", [True, False])
+def test_build_refuses_overlapping_work_and_out(out_in_work, tmp_path, capsys, folders):
+    work = tmp_path / "nested"
+    out = work / "out" if out_in_work else work
+    err = build_error(["--work", str(work), "--out", str(out)], capsys)
+    assert "--work" in err and "--out" in err and "separate folders" in err
+
+
+def test_build_refuses_a_file_and_a_missing_evaluate_only_folder(tmp_path, capsys, folders):
+    (tmp_path / "a-file").write_text("x")
+    err = build_error(["--work", str(tmp_path / "a-file"), "--out", str(tmp_path / "o")], capsys)
+    assert "error: --work" in err and "is not a folder" in err
+    err = build_error(["--evaluate-only", "--out", str(tmp_path / "missing")], capsys)
+    assert "error: --out" in err and "not a built folder" in err
+
+
+def test_build_replaces_empty_and_marked_folders(folders, tmp_path):
+    work, out = tmp_path / "marked", tmp_path / "empty-out"
+    work.mkdir()
+    (work / build_tiny_dimple.MARKER).write_text("")
+    (work / "stale.txt").write_text("old run")
+    out.mkdir()
+    with pytest.raises(Started):
+        build_tiny_dimple.main(["--work", str(work), "--out", str(out), "--train-samples", "1"])
+    assert sorted(p.name for p in work.iterdir()) == [build_tiny_dimple.MARKER]
+    assert out.is_dir()  # still there: --out is replaced only after training
+
+
+def test_default_folders_are_recognised_by_what_the_build_writes(tmp_path, monkeypatch):
+    assert build_tiny_dimple.refusal(FOLDER) is None  # the shipped folder, as tracked (no marker in it)
+    copy = tmp_path / "tiny-dimple"
+    copy.mkdir()
+    for path in FOLDER.iterdir():
+        (copy / path.name).write_text("")
+    assert "no .built-by-build_tiny_dimple" in build_tiny_dimple.refusal(copy)  # elsewhere it needs the marker
+    monkeypatch.setitem(build_tiny_dimple.BUILT_ENTRIES, copy.resolve(),
+                        build_tiny_dimple.BUILT_ENTRIES[FOLDER.resolve()])
+    assert build_tiny_dimple.refusal(copy) is None
+    (copy / "my-notes.txt").write_text("mine")
+    assert "['my-notes.txt']" in build_tiny_dimple.refusal(copy)
+
+
+def test_the_default_arguments_and_evaluate_only_pass_the_checks(monkeypatch):
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(build_tiny_dimple, "remove_folder", started)  # the first step after the checks
+    with pytest.raises(Started):
+        build_tiny_dimple.main([])
+    monkeypatch.setattr(build_tiny_dimple, "DimpleModel", type("Stub", (), {"from_pretrained": started}))
+    with pytest.raises(Started):
+        build_tiny_dimple.main(["--evaluate-only"])

@@ -1091,25 +1091,24 @@ def _int_at_least(low: int, meaning: str = ""):
     return parse
 
 
-def _seconds(text):
-    """An argparse type: a finite number of seconds >= 0 (0 = no limit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0 = no limit), got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0 = no limit), got {text!r}")
-    return value
+def _finite_number(low: float, *, strict: bool, unit: str = "", note: str = ""):
+    """An argparse type: a finite number >= `low` (> `low` when `strict`)."""
+    allowed = f"must be a number{unit} {'>' if strict else '>='} {low:g}{note}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+_seconds = _finite_number(0, strict=False, unit=" of seconds", note=" (0 = no limit)")
+_positive_float = _finite_number(0, strict=True)
 
 
 def _positive_int_list(text):

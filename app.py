@@ -44,6 +44,7 @@ from trajectory import CanvasRecorder, load, plot_trajectory  # noqa: E402
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 MAX_ANSWER_LENGTH = 512
 MAX_STEPS = 512
+MAX_QUESTION_LENGTH = 1000
 MASK_GLYPH = "░"
 END_GLYPH = "·"
 QUESTION_PLACEHOLDER = "What color is the shape?"
@@ -141,10 +142,10 @@ def image_input(**kwargs) -> gr.Image:
 def _as_int(value, name, low, high):
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None, f"{name} must be a whole number from {low} to {high} (got {value!r})."
-    if not number.is_integer() or not low <= number <= high:
-        return None, f"{name} must be a whole number from {low} to {high} (got {value:g})."
+    if not number.is_integer() or not low <= number <= high:  # nan and inf included
+        return None, f"{name} must be a whole number from {low} to {high} (got {number:g})."
     return int(number), None
 
 
@@ -158,11 +159,13 @@ def check_request(image, question, alg, threshold, steps, max_new_tokens):
         return f"The image input must be a picture, got {type(image).__name__}.", None
     if not isinstance(question, str) or not question.strip():
         return "Please type a question about the image.", None
+    if len(question) > MAX_QUESTION_LENGTH:  # a long text would pass the model's position range and hold the lock
+        return f"Please keep the question under {MAX_QUESTION_LENGTH} characters (got {len(question)}).", None
     if alg not in ALGORITHMS:
         return f"Algorithm must be one of {', '.join(ALGORITHMS)} (got {alg!r}).", None
     try:
         threshold = float(threshold)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return f"Confidence threshold must be a number from 0 to 1 (got {threshold!r}).", None
     if not 0 <= threshold <= 1:
         return f"Confidence threshold must be from 0 to 1 (got {threshold:g}).", None
@@ -267,17 +270,19 @@ class DimpleDemo:
             figure = plot_trajectory(canvases, 0, self.mask_token_id, self.processor, None, title=title)
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png")
-            if self.save_trajectory_to:
-                path = str(self.save_trajectory_to)
-                path = path.replace("{n}", str(next(self.counter)))
-                pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-                pathlib.Path(path).write_bytes(buffer.getvalue())
-                print(f"trajectory saved to {path}", flush=True)
-            buffer.seek(0)
-            return Image.open(buffer)
         except Exception:  # noqa: BLE001  (the answer is already on the page; the picture is extra)
             traceback.print_exc()
             return None
+        if self.save_trajectory_to:
+            path = str(self.save_trajectory_to).replace("{n}", str(next(self.counter)))
+            try:  # a failed save is logged; the page still gets the picture
+                pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+                pathlib.Path(path).write_bytes(buffer.getvalue())
+                print(f"trajectory saved to {path}", flush=True)
+            except OSError as error:
+                print(f"could not save the trajectory to {path}: {error}", file=sys.stderr, flush=True)
+        buffer.seek(0)
+        return Image.open(buffer)
 
 
 def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Blocks:
@@ -294,7 +299,10 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
         with gr.Row():
             with gr.Column():
                 image = image_input(label="Image", type="pil", sources=["upload", "clipboard"], elem_id="image", height=260)
-                question = gr.Textbox(label="Question", placeholder=QUESTION_PLACEHOLDER, elem_id="question", lines=1)
+                question = gr.Textbox(
+                    label="Question", placeholder=QUESTION_PLACEHOLDER, elem_id="question", lines=1,
+                    max_length=MAX_QUESTION_LENGTH,
+                )
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
                 with gr.Accordion("Decoding settings", open=True):
                     alg = gr.Dropdown(list(ALGORITHMS), value=defaults["alg"], label="Algorithm (alg)", elem_id="alg")
@@ -324,8 +332,8 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
         inputs = [image, question, alg, threshold, steps, length, use_cache]
         outputs = [message, canvas, answer, stats, trajectory]
         ask.click(dimple.ask, inputs, outputs, api_name="ask")
-        question.submit(dimple.ask, inputs, outputs, api_name=False)
-        image.upload(_warn_if_unreadable, [image], [message], api_name=False)
+        question.submit(dimple.ask, inputs, outputs, api_visibility="private")
+        image.upload(_warn_if_unreadable, [image], [message], api_visibility="private")
     app.queue(default_concurrency_limit=1)
     app.dimple = dimple
     return app
@@ -346,6 +354,11 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--save-trajectory", default=None, metavar="PATH", help="write each generation's trajectory PNG")
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be from 1 to 65535, got {args.port}")
+    looks_like_a_path = args.model.startswith((".", "/", "~")) or args.model.count("/") > 1  # a hub id is owner/name
+    if looks_like_a_path and not pathlib.Path(args.model).expanduser().is_dir():
+        parser.error(f"--model {args.model} is not a checkpoint folder (nor a hub id such as owner/name)")
 
     model, processor = load(args.model)
     name = args.model

@@ -115,6 +115,8 @@ def plot_trajectory(history, prompt_length: int, mask_token_id: int, tokenizer=N
     trajectory = decoding_trajectory(history, prompt_length, mask_token_id, row)
 
     cmap = colormaps["viridis"]
+    if steps > cmap.N:  # one colour per step (BoundaryNorm needs as many colours as steps)
+        cmap = cmap.resampled(steps)
     norm = BoundaryNorm(np.arange(0.5, max(steps, 1) + 1.5), cmap.N)
     cells = np.tile(np.array(MASK_COLOUR), (max(steps, 1), max(positions, 1), 1))
     for position, step, _ in trajectory:
@@ -144,7 +146,7 @@ def plot_trajectory(history, prompt_length: int, mask_token_id: int, tokenizer=N
     left = positions - len(trajectory)
     subtitle = f"{len(trajectory)} of {positions} positions committed in {steps} step{'s' if steps != 1 else ''}"
     subtitle += f", {left} still masked" if left else ""
-    ax.set_title(f"{title or 'Decoding trajectory'}\n{subtitle}", fontsize=9)
+    ax.set_title(f"{title or 'Decoding trajectory'}\n{subtitle}", fontsize=9, parse_math=False)  # "$5" is text
     if steps:
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04, pad=0.02)
         bar.set_label("commit step")

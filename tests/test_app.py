@@ -19,6 +19,7 @@ app tests at another checkpoint folder, whose answers are then only checked to a
 
 import collections
 import importlib.util
+import io
 import os
 import shutil
 import socket
@@ -216,6 +217,40 @@ def test_check_request_messages(app_module):
         message, settings = app_module.check_request(**{**ok, **change})
         assert expected in message and settings is None, (change, message)
     assert app_module.check_request(**{**ok, "steps": 2.5})[0].startswith("Steps must be a whole number")
+    # values gradio's sliders would not send, from a direct caller: a message, never an exception
+    for steps in ("2.5", "nan", "1e3", 10**400, float("inf")):
+        assert app_module.check_request(**{**ok, "steps": steps})[0].startswith("Steps must be a whole number"), steps
+    assert app_module.check_request(**{**ok, "threshold": 10**400})[0].startswith("Confidence threshold")
+    message, _ = app_module.check_request(**{**ok, "question": "why? " * 400})
+    assert message == "Please keep the question under 1000 characters (got 2000)."
+
+
+def test_trajectory_with_more_steps_than_colours_and_a_dollar_title():
+    """512-step decodes (the page allows 512) get one colour per step; `$` in a question is not mathtext."""
+    steps = 300
+    history = [[M] * (steps - 1 - s) + [7] * (s + 1) for s in range(steps)]
+    figure = trajectory.plot_trajectory(history, 0, M, title="What is $x^$ worth, $5?")
+    assert len(drawn_cells(figure)) == steps
+    figure.savefig(io.BytesIO(), format="png")  # rendering the title does not parse it as math
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--port", "70000"], "--port must be from 1 to 65535, got 70000"),
+    (["--model", "./no-such-folder"], "--model ./no-such-folder is not a checkpoint folder"),
+])
+def test_app_flags_are_checked_before_loading(app_module, monkeypatch, capsys, argv, pattern):
+    monkeypatch.setattr(app_module, "load", lambda *a: pytest.fail("the model was loaded before the flags were checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main(argv)
+    assert exit_info.value.code == 2 and pattern in capsys.readouterr().err
+
+
+def test_a_failed_trajectory_save_keeps_the_picture(loaded, app_module, tmp_path, capsys):
+    model, processor, _ = loaded
+    dimple = app_module.DimpleDemo(model, processor, save_trajectory_to=tmp_path)  # a folder: the write fails
+    canvases = [[model.config.mask_token_id, 5], [6, 5]]
+    assert dimple.trajectory_picture(canvases, "Q") is not None
+    assert "could not save the trajectory" in capsys.readouterr().err
 
 
 def test_ask_streams_the_canvas(loaded, app_module, tmp_path):

@@ -179,4 +179,6 @@ class DimpleConfig(PretrainedConfig):
         )
 
 
+DimpleConfig.register_for_auto_class("AutoConfig")
+
 __all__ = ["DimpleConfig", "DimpleVisionConfig"]

@@ -613,8 +613,23 @@ class DimpleGenerationMixin(GenerationMixin):
         return config
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """Dimple decodes by diffusion: `generate` is `diffusion_generate`, for generic callers."""
-        return self.diffusion_generate(inputs, generation_config, **kwargs)
+        """`diffusion_generate` for generic callers, with what they expect of transformers' `generate`: each row
+        ends at its first end-of-text, the later positions holding the padding token (a diffusion canvas can
+        have tokens committed after it), so `batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)`
+        is the answer."""
+        prompt = inputs if torch.is_tensor(inputs) else (dict(inputs) if inputs is not None else kwargs).get("input_ids")
+        settings = self._dimple_generation_config(generation_config, dict(kwargs))
+        out = self.diffusion_generate(inputs, generation_config, **kwargs)
+        sequences = out.sequences if isinstance(out, DimpleGenerationOutput) else out
+        if torch.is_tensor(prompt):
+            end_ids = torch.tensor(
+                sorted({settings.pad_token_id, *_as_list(settings.eos_token_id)}), device=sequences.device
+            )
+            answer = sequences[:, prompt.shape[1] :]
+            ended = torch.isin(answer, end_ids).cummax(dim=-1).values
+            after_end = F.pad(ended[:, :-1], (1, 0))  # the first end-of-text itself stays
+            sequences[:, prompt.shape[1] :] = answer.masked_fill(after_end, settings.pad_token_id)
+        return out
 
     @torch.no_grad()
     def diffusion_generate(

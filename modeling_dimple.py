@@ -914,4 +914,8 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         )
 
 
+# save_pretrained / push_to_hub then copy the code modules next to the weights on every transformers version
+# (4.x's AutoModel does not record remote classes), so a saved model loads with trust_remote_code.
+DimpleModel.register_for_auto_class("AutoModel")
+
 __all__ = ["DimpleModel", "DimplePreTrainedModel", "DimplePrefixCache", "DimpleVisionTransformer"]

@@ -307,18 +307,6 @@ class MaskingEpochCallback(TrainerCallback):
         self.collator.epoch = math.floor((state.epoch or 0) + 1e-6)
 
 
-class PortableCheckpointCallback(TrainerCallback):
-    """The Trainer's intermediate checkpoints also get the processor files transformers 4.x reads."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            write_portable_processor_files(self.processor, str(folder))
-
-
 # --------------------------------------------------------------------------------------------------
 # Model set-up and the run
 # --------------------------------------------------------------------------------------------------
@@ -359,38 +347,7 @@ def save_checkpoint(model, processor, output_dir: str) -> None:
         model = model.merge_and_unload()
     register_auto_classes(model, processor)
     model.save_pretrained(output_dir, safe_serialization=True)
-    processor.save_pretrained(output_dir)
-    write_portable_processor_files(processor, output_dir)
-
-
-def write_portable_processor_files(processor, output_dir: str) -> None:
-    """Keep processor files loadable by transformers 4.x and 5.x alike. 5.x nests the image processor in
-    processor_config.json, which 4.x passes on as a duplicate `image_processor` argument, and keeps the chat
-    template in chat_template.jinja, which 4.x does not read. So the image processor goes to
-    preprocessor_config.json only (with min_pixels / max_pixels for 4.x) and the template also into
-    tokenizer_config.json."""
-    folder = pathlib.Path(output_dir)
-    template, tokenizer_config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
-    if template.exists() and tokenizer_config.exists():
-        values = json.loads(tokenizer_config.read_text())
-        if "chat_template" not in values:
-            values["chat_template"] = template.read_text()
-            tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
-    processor_config = folder / "processor_config.json"
-    if processor_config.exists():
-        values = json.loads(processor_config.read_text())
-        if values.pop("image_processor", None) is not None:
-            processor_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    path = folder / "preprocessor_config.json"
-    if path.exists():
-        return
-    config = processor.image_processor.to_dict()
-    size = config.get("size") or {}
-    config.setdefault("min_pixels", size.get("shortest_edge", getattr(processor.image_processor, "min_pixels", None)))
-    config.setdefault("max_pixels", size.get("longest_edge", getattr(processor.image_processor, "max_pixels", None)))
-    config["processor_class"] = type(processor).__name__
-    config["auto_map"] = {"AutoProcessor": f"processing_dimple.{type(processor).__name__}"}
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    processor.save_pretrained(output_dir)  # also writes the files transformers 4.x reads
 
 
 def train(args: DimpleTrainingArguments) -> dict:
@@ -454,7 +411,7 @@ def train(args: DimpleTrainingArguments) -> dict:
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
-        callbacks=[MaskingEpochCallback(collator), PortableCheckpointCallback(processor)],
+        callbacks=[MaskingEpochCallback(collator)],
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if dataset.truncated:

@@ -864,6 +864,21 @@ def test_a_text_streamer_needs_a_single_answer(model):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_generate_ends_each_answer_at_its_first_end_of_text(model):
+    """Generic callers decode `generate`'s output with `batch_decode(skip_special_tokens=True)`: tokens committed
+    after the end-of-text (a diffusion canvas has them) become padding, as transformers pads finished rows."""
+    prompt_len = len(TEXT_PROMPT)
+    prior = [20, EOS_ID, 21, MASK_ID, 22, PAD_ID, 23, MASK_ID]
+    hook = lambda step, x, logits: x if step is not None else torch.cat(  # noqa: E731  (tokens after the end)
+        [x[:, :prompt_len], torch.tensor([prior])], dim=1)
+    raw = model.diffusion_generate(text_inputs(), max_new_tokens=8, steps=8, generation_tokens_hook_func=hook)
+    assert raw[0, prompt_len:].tolist()[:3] == [20, EOS_ID, 21]  # the raw canvas keeps what was committed
+    ended = model.generate(text_inputs(), max_new_tokens=8, steps=8, generation_tokens_hook_func=hook,
+                           return_dict_in_generate=True)
+    assert ended.sequences[0, prompt_len:].tolist() == [20, EOS_ID] + [PAD_ID] * 6
+    assert torch.equal(ended.sequences[:, :prompt_len], raw[:, :prompt_len])
+
+
 def test_generate_routes_to_diffusion_generate(model):
     inputs = image_inputs()
     common = dict(max_new_tokens=8, steps=4, alg="maskgit_plus")

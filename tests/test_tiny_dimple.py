@@ -5,6 +5,7 @@ is tiny-dimple/eval_results.json); these tests re-check a fresh held-out sample 
 AutoProcessor with trust_remote_code, as a user loads it.
 """
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -37,6 +38,25 @@ def test_the_shipped_folder_is_complete_and_small():
     assert (FOLDER / "model.safetensors").stat().st_size <= 20 * 2**20
     for module in ("modeling_dimple.py", "configuration_dimple.py", "generation_utils.py", "processing_dimple.py"):
         assert (FOLDER / module).read_text() == (ROOT / module).read_text(), f"{module} is stale: rebuild or copy"
+
+
+def test_a_loaded_model_and_processor_save_folders_that_load_again(tiny, tmp_path):
+    """save_pretrained of what AutoModel / AutoProcessor loaded: the code modules travel with the weights
+    (transformers 4.x's AutoModel does not record remote classes), and the processor files load on 4.x and 5.x
+    (no image processor nested in processor_config.json; preprocessor_config.json written)."""
+    import torch
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"modeling_dimple.py", "configuration_dimple.py", "generation_utils.py", "processing_dimple.py",
+            "model.safetensors", "preprocessor_config.json"} <= names, names
+    if "processor_config.json" in names:
+        assert "image_processor" not in json.loads((tmp_path / "processor_config.json").read_text())
+    reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    assert type(AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)).__name__ == "DimpleProcessor"
 
 
 def test_held_out_accuracy_with_confident_decoding(tiny):

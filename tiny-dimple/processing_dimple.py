@@ -9,8 +9,10 @@ Works with transformers 4.x (which declares sub-processors as class attributes) 
 from the `__init__` signature).
 """
 
+import json
 import math
 import os
+import pathlib
 
 import transformers
 from transformers import BatchFeature, ProcessorMixin
@@ -187,6 +189,16 @@ class DimpleProcessor(ProcessorMixin):
             **(processor_kwargs or {}),
         )
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save, then the files made portable: a processor saved on 5.x loads on 4.x too."""
+        if push_to_hub:  # the hub copy is saved (through this method) and uploaded by push_to_hub
+            repo_id = kwargs.pop("repo_id", pathlib.Path(save_directory).name)
+            self.save_pretrained(save_directory, **kwargs)
+            return self.push_to_hub(repo_id, **kwargs)
+        saved = super().save_pretrained(save_directory, **kwargs)
+        write_portable_processor_files(self, save_directory)
+        return saved
+
     def batch_decode(self, *args, **kwargs):
         """Forwards to the tokenizer's `batch_decode`."""
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -235,6 +247,36 @@ def _as_text_batch(text):
     if isinstance(text, (list, tuple)) and text and all(isinstance(sample, str) for sample in text):
         return list(text)
     raise ValueError(f"text: expected a string or a non-empty list of strings, got {_describe(text)}.")
+
+
+def write_portable_processor_files(processor, output_dir) -> None:
+    """Keep processor files loadable by transformers 4.x and 5.x alike. 5.x nests the image processor in
+    processor_config.json, which 4.x passes on as a duplicate `image_processor` argument, and keeps the chat
+    template in chat_template.jinja, which 4.x does not read. So the image processor goes to
+    preprocessor_config.json only (with min_pixels / max_pixels for 4.x) and the template also into
+    tokenizer_config.json."""
+    folder = pathlib.Path(output_dir)
+    template, tokenizer_config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    if template.exists() and tokenizer_config.exists():
+        values = json.loads(tokenizer_config.read_text())
+        if "chat_template" not in values:
+            values["chat_template"] = template.read_text()
+            tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+    processor_config = folder / "processor_config.json"
+    if processor_config.exists():
+        values = json.loads(processor_config.read_text())
+        if values.pop("image_processor", None) is not None:
+            processor_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    path = folder / "preprocessor_config.json"
+    if path.exists():
+        return
+    config = processor.image_processor.to_dict()
+    size = config.get("size") or {}
+    config.setdefault("min_pixels", size.get("shortest_edge", getattr(processor.image_processor, "min_pixels", None)))
+    config.setdefault("max_pixels", size.get("longest_edge", getattr(processor.image_processor, "max_pixels", None)))
+    config["processor_class"] = type(processor).__name__
+    config["auto_map"] = {"AutoProcessor": f"processing_dimple.{type(processor).__name__}"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _image_source(item: dict):

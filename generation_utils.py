@@ -569,6 +569,19 @@ class DimpleGenerationMixin(GenerationMixin):
         # Makes `from_pretrained` load generation_config.json on every transformers version.
         return True
 
+    @property
+    def generation_config(self) -> Optional[DimpleGenerationConfig]:
+        return self.__dict__.get("_held_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, config) -> None:
+        """Held as a `DimpleGenerationConfig` with the fields the given one sets: transformers loads
+        generation_config.json as a plain `GenerationConfig`, whose checks (run when the model is saved) refuse
+        `temperature=0.0` without sampling, which is greedy decoding here."""
+        if config is not None and not isinstance(config, DimpleGenerationConfig):
+            config = DimpleGenerationConfig(**fields_set_by(config))
+        self.__dict__["_held_generation_config"] = config
+
     def _dimple_generation_config(self, generation_config, kwargs) -> DimpleGenerationConfig:
         """The decode's settings: the checkpoint's generation config, overlaid with the fields the given one sets
         (as transformers 5 merges them), then the keyword arguments named in `SETTINGS`, which are popped from

@@ -47,6 +47,9 @@ def test_a_loaded_model_and_processor_save_folders_that_load_again(tiny, tmp_pat
     import torch
 
     model, processor = tiny
+    # The generation config is held as Dimple's: greedy temperature 0 does not fail transformers' save checks.
+    assert type(model.generation_config).__name__ == "DimpleGenerationConfig"
+    model.generation_config.temperature = 0.0
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
@@ -55,6 +58,7 @@ def test_a_loaded_model_and_processor_save_folders_that_load_again(tiny, tmp_pat
     if "processor_config.json" in names:
         assert "image_processor" not in json.loads((tmp_path / "processor_config.json").read_text())
     reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert reloaded._dimple_generation_config(None, {}).to_dict() == model._dimple_generation_config(None, {}).to_dict()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
     assert type(AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)).__name__ == "DimpleProcessor"
 

@@ -113,17 +113,19 @@ class DimpleGenerationConfig(GenerationConfig):
         """Autoregressive-sampling checks of the base class do not apply; see `check_generation_config`."""
 
 
+def _is_int(value) -> bool:  # a bool is an int to Python, but `steps=True` is a mistake
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_generation_config(config: DimpleGenerationConfig) -> None:
     """Raise a ValueError naming the argument and its allowed values for anything out of range."""
 
     def fail(name, allowed, value):
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-
-    def is_int(value):  # a bool is an int to Python, but `steps=True` is a mistake
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_real(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
         if not isinstance(getattr(config, flag), bool):
@@ -132,32 +134,32 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
         fail("alg", f"one of {ALGORITHMS}", config.alg)
     if config.decoding_pipeline not in PIPELINES:
         fail("decoding_pipeline", f"one of {PIPELINES}", config.decoding_pipeline)
-    if not is_int(config.steps) or config.steps < 1:
+    if not _is_int(config.steps) or config.steps < 1:
         fail("steps", "an integer >= 1", config.steps)
-    if config.max_new_tokens is not None and (not is_int(config.max_new_tokens) or config.max_new_tokens < 1):
+    if config.max_new_tokens is not None and (not _is_int(config.max_new_tokens) or config.max_new_tokens < 1):
         fail("max_new_tokens", "an integer >= 1", config.max_new_tokens)
-    if config.alg_p_threshold is not None and not (is_real(config.alg_p_threshold) and 0 <= config.alg_p_threshold <= 1):
+    if config.alg_p_threshold is not None and not (_is_real(config.alg_p_threshold) and 0 <= config.alg_p_threshold <= 1):
         fail("alg_p_threshold", "a number in [0, 1] (or None)", config.alg_p_threshold)
-    if config.top_p is not None and not (is_real(config.top_p) and 0 < config.top_p <= 1):
+    if config.top_p is not None and not (_is_real(config.top_p) and 0 < config.top_p <= 1):
         fail("top_p", "a number in (0, 1] (or None)", config.top_p)
-    if config.top_k is not None and (not is_int(config.top_k) or config.top_k < 1):
+    if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 1):
         fail("top_k", "an integer >= 1 (or None)", config.top_k)
-    if not (is_real(config.temperature) and config.temperature >= 0):
+    if not (_is_real(config.temperature) and config.temperature >= 0):
         fail("temperature", "a number >= 0 (0 is greedy)", config.temperature)
-    if not (is_real(config.eps) and 0 < config.eps < 1):
+    if not (_is_real(config.eps) and 0 < config.eps < 1):
         fail("eps", "a number in (0, 1)", config.eps)
-    if config.alg_temp is not None and not (is_real(config.alg_temp) and config.alg_temp >= 0):
+    if config.alg_temp is not None and not (_is_real(config.alg_temp) and config.alg_temp >= 0):
         fail("alg_temp", "a number >= 0 (or None)", config.alg_temp)
-    if not is_int(config.num_return_sequences) or config.num_return_sequences < 1:
+    if not _is_int(config.num_return_sequences) or config.num_return_sequences < 1:
         fail("num_return_sequences", "an integer >= 1", config.num_return_sequences)
-    if not is_int(config.mask_token_id) or config.mask_token_id < 0:
+    if not _is_int(config.mask_token_id) or config.mask_token_id < 0:
         fail("mask_token_id", "a token id (in the generation config or the model config)", config.mask_token_id)
-    if not is_int(config.pad_token_id) or config.pad_token_id < 0:  # it fills the answer after an end-of-text
+    if not _is_int(config.pad_token_id) or config.pad_token_id < 0:  # it fills the answer after an end-of-text
         fail("pad_token_id", "a token id (by default the model's padding or end-of-text token)", config.pad_token_id)
-    if not all(is_int(i) and i >= 0 for i in _as_list(config.eos_token_id)):
+    if not all(_is_int(i) and i >= 0 for i in _as_list(config.eos_token_id)):
         fail("eos_token_id", "a token id, a list of token ids, or None", config.eos_token_id)
     if config.block_length is not None:
-        if not is_int(config.block_length) or config.block_length < 1:
+        if not _is_int(config.block_length) or config.block_length < 1:
             fail("block_length", "an integer >= 1 (or None)", config.block_length)
         if config.max_new_tokens % config.block_length:
             fail("block_length", f"a divisor of max_new_tokens ({config.max_new_tokens})", config.block_length)
@@ -539,8 +541,9 @@ class SettledTextStream:
 
     def put(self, canvas: torch.Tensor) -> None:
         row = canvas[0]
-        unsettled = (row == self.mask_id) | torch.isin(row, self.end_ids)
-        settled = int(unsettled.long().argmax()) if bool(unsettled.any()) else row.shape[0]
+        # the first mask or end-of-text (a sentinel past the end when there is none): one host sync
+        unsettled = F.pad((row == self.mask_id) | torch.isin(row, self.end_ids), (0, 1), value=True)
+        settled = int(unsettled.int().argmax())
         if settled > self.sent:
             self.streamer.put(row[self.sent : settled].cpu())
             self.sent = settled
@@ -549,10 +552,19 @@ class SettledTextStream:
         self.streamer.end()
 
 
-def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: int, end_ids: torch.Tensor, fill_id: int):
-    """Masks after a row's first end-of-text token become `fill_id`: the answer has ended there."""
+def end_of_text_ids(config, device) -> torch.Tensor:
+    """The tokens that end an answer: the padding token and every end-of-sequence id."""
+    return torch.tensor(sorted({config.pad_token_id, *_as_list(config.eos_token_id)} - {None}), device=device)
+
+
+def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: Optional[int], end_ids: torch.Tensor, fill_id: int):
+    """Positions after a row's first end-of-text token become `fill_id`: the answer has ended there. With a
+    `mask_token_id`, only its masks (while decoding: committed tokens never change); with None, every later
+    position (the finished sequence transformers' `generate` returns)."""
     ended = torch.isin(canvas, end_ids).cummax(dim=-1).values
-    return torch.where(ended & (canvas == mask_token_id), torch.full_like(canvas, fill_id), canvas)
+    after_end = F.pad(ended[:, :-1], (1, 0))  # the first end-of-text itself stays
+    replace = after_end if mask_token_id is None else after_end & (canvas == mask_token_id)
+    return canvas.masked_fill(replace, fill_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,13 +647,9 @@ class DimpleGenerationMixin(GenerationMixin):
         out = self.diffusion_generate(inputs, generation_config, **kwargs)
         sequences = out.sequences if isinstance(out, DimpleGenerationOutput) else out
         if torch.is_tensor(prompt):
-            end_ids = torch.tensor(
-                sorted({settings.pad_token_id, *_as_list(settings.eos_token_id)}), device=sequences.device
-            )
+            end_ids = end_of_text_ids(settings, sequences.device)
             answer = sequences[:, prompt.shape[1] :]
-            ended = torch.isin(answer, end_ids).cummax(dim=-1).values
-            after_end = F.pad(ended[:, :-1], (1, 0))  # the first end-of-text itself stays
-            sequences[:, prompt.shape[1] :] = answer.masked_fill(after_end, settings.pad_token_id)
+            sequences[:, prompt.shape[1] :] = fill_after_end_of_text(answer, None, end_ids, settings.pad_token_id)
         return out
 
     @torch.no_grad()
@@ -723,7 +731,7 @@ class DimpleGenerationMixin(GenerationMixin):
             # Left padding only: the answer canvas follows the last prompt token of every row.
             if bool((attention_mask[:, 1:].long() < attention_mask[:, :-1].long()).any()):
                 raise ValueError("`attention_mask` must be left-padded (zeros before a row's tokens, none after)")
-        if config.max_length is not None and not (isinstance(config.max_length, int) and not isinstance(config.max_length, bool)):
+        if config.max_length is not None and not _is_int(config.max_length):
             raise ValueError(f"`max_length` must be an integer, got {config.max_length!r}")
         if config.max_new_tokens is None:
             if config.max_length is None or config.max_length - prompt_len < 1:
@@ -768,9 +776,7 @@ class DimpleGenerationMixin(GenerationMixin):
             if prior.shape[0] not in (1, batch):  # one row per prompt: repeat it for the prompt's answers
                 prior = prior.repeat_interleave(n_rep, 0)
             x[:, prompt_len : prompt_len + prior.shape[1]] = prior  # a single row broadcasts to every row
-        end_ids = torch.tensor(
-            sorted({config.pad_token_id, *_as_list(config.eos_token_id)} - {None}), device=device, dtype=torch.long
-        )
+        end_ids = end_of_text_ids(config, device)
         x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
 
         position_ids, _ = self.get_rope_index(

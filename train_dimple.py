@@ -333,19 +333,11 @@ def apply_lora(model: DimpleModel, args: DimpleTrainingArguments):
     return get_peft_model(model, config)
 
 
-def register_auto_classes(model, processor) -> None:
-    """Checkpoints (also the Trainer's intermediate ones) then carry `auto_map` and the code modules."""
-    type(model).register_for_auto_class("AutoModel")
-    type(model.config).register_for_auto_class("AutoConfig")
-    type(processor).register_for_auto_class("AutoProcessor")
-
-
 def save_checkpoint(model, processor, output_dir: str) -> None:
     """A folder that loads with AutoModel / AutoProcessor (trust_remote_code): weights (safetensors), config,
     generation config, processor files and the code modules."""
     if hasattr(model, "merge_and_unload"):  # LoRA: publish plain weights
         model = model.merge_and_unload()
-    register_auto_classes(model, processor)
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)  # also writes the files transformers 4.x reads
 
@@ -385,7 +377,6 @@ def train(args: DimpleTrainingArguments) -> dict:
     model = DimpleModel.from_pretrained(
         args.model_name_or_path, use_safetensors=True, **{dtype_argument: torch.float32}
     )
-    register_auto_classes(model, processor)
     set_stage(model, args)
     if args.gradient_checkpointing:
         model.config.use_cache = False
@@ -428,13 +419,12 @@ def train(args: DimpleTrainingArguments) -> dict:
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 
 
-def push_checkpoint(output_dir: str, args, api=None):
+def push_checkpoint(output_dir: str, args):
     """Upload the final checkpoint written by `save_checkpoint` (safetensors weights, configs, processor files,
     code modules) to `--hub_model_id` (default: the output folder's name), creating the repository if needed."""
-    if api is None:
-        from huggingface_hub import HfApi
+    from huggingface_hub import HfApi
 
-        api = HfApi(token=args.hub_token)
+    api = HfApi(token=args.hub_token)
     repo_id = args.hub_model_id or pathlib.Path(output_dir).resolve().name
     repo_id = api.create_repo(repo_id, private=bool(args.hub_private_repo), exist_ok=True).repo_id
     logger.info("pushing %s to %s", output_dir, repo_id)

@@ -186,6 +186,16 @@ def test_chat_template_tokenize_names_an_image_item_without_an_image(processor):
         processor.apply_chat_template(describe(), add_generation_prompt=True, tokenize=True)
 
 
+def test_save_pretrained_with_push_to_hub_saves_portable_files_then_pushes(processor, tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(processor, "push_to_hub", lambda repo_id, **kwargs: pushed.append(repo_id))
+    processor.save_pretrained(tmp_path / "dimple-proc", push_to_hub=True)
+    assert pushed == ["dimple-proc"]
+    assert (tmp_path / "dimple-proc" / "preprocessor_config.json").is_file()
+    config = tmp_path / "dimple-proc" / "processor_config.json"
+    assert not config.is_file() or "image_processor" not in json.loads(config.read_text())
+
+
 # --- real vocabulary --------------------------------------------------------------------------------------
 
 

@@ -454,6 +454,23 @@ def test_eager_attention_matches_sdpa(full_attn_mask):
                 assert torch.all(probs[row][:, real][:, :, real] > 0)
 
 
+def test_attn_implementation_eager_runs_the_eager_path_in_both_towers(tmp_path, monkeypatch):
+    model = make_model(seed=9)
+    model.save_pretrained(tmp_path)
+    eager = DimpleModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    batch = image_batch(seed=9)
+    with torch.no_grad():
+        expected = model(**batch).logits
+
+        def no_sdpa(*args, **kwargs):
+            raise AssertionError("SDPA ran although the model was loaded with attn_implementation='eager'")
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+        logits = eager(**batch).logits  # the vision tower (windows and full blocks) and the language model
+    assert_close_on(logits, expected, batch["attention_mask"])
+
+
 # --------------------------------------------------------------------------------------------------
 # 7. Prefix cache (prefilling)
 # --------------------------------------------------------------------------------------------------

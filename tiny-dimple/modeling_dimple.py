@@ -4,8 +4,9 @@ A Qwen2.5-VL vision tower (`visual`), a two-layer projector (`img_projector`), t
 model (`model`, a Qwen2.5 derivative with bidirectional attention) and an untied `lm_head`. The module
 and parameter names are those of the released Dimple-7B checkpoint.
 
-Attention goes through `torch.nn.functional.scaled_dot_product_attention`; an eager path exists for
-`output_attentions`. Rotary tables are computed per forward from the config (no buffers), so a model
+Attention goes through `torch.nn.functional.scaled_dot_product_attention`; the eager path (matrix products,
+softmax in fp32) runs for `output_attentions` or when the model is loaded with `attn_implementation="eager"`
+(the top-level config's choice applies to the language model and the vision tower alike). Rotary tables are computed per forward from the config (no buffers), so a model
 built on the meta device and materialised with `to_empty` needs no extra step.
 """
 
@@ -64,6 +65,11 @@ def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
+def uses_eager_attention(config) -> bool:
+    """Whether the model was asked for the eager attention path (`attn_implementation="eager"`)."""
+    return getattr(config, "_attn_implementation", None) == "eager"
+
+
 def eager_attention(query, key, value, attn_mask: Optional[torch.Tensor], dropout: float = 0.0, training=False):
     """Reference attention that also returns the probabilities (softmax in fp32). `attn_mask` is boolean
     (True = may attend) and broadcastable to (batch, heads, q, k); keys may have fewer heads (GQA)."""
@@ -105,7 +111,8 @@ class SegmentLayout:
     are padded to the longest and padded keys are masked. Built once per forward, reused by every block.
     """
 
-    def __init__(self, seqlens: list, device):
+    def __init__(self, seqlens: list, device, eager: bool = False):
+        self.eager = eager  # attend with `eager_attention` instead of SDPA
         self.total = sum(seqlens)
         self.num_segments = len(seqlens)
         self.max_len = max(seqlens)
@@ -125,15 +132,20 @@ class SegmentLayout:
         heads, head_dim = q.shape[1:]
         if self.uniform:
             q, k, v = (t.view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self.attend(q, k, v, None)
             return out.transpose(1, 2).reshape(self.total, heads, head_dim)
         q, k, v = (
             t[self.gather_index].view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2)
             for t in (q, k, v)
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_valid[:, None, None, :])
+        out = self.attend(q, k, v, self.key_valid[:, None, None, :])
         out = out.transpose(1, 2).reshape(self.num_segments * self.max_len, heads, head_dim)
         return out[self.scatter_index]
+
+    def attend(self, q, k, v, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.eager:
+            return eager_attention(q, k, v, attn_mask)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class DimpleVisionAttention(nn.Module):
@@ -188,7 +200,8 @@ class DimplePatchMerger(nn.Module):
 class DimpleVisionTransformer(nn.Module):
     """The Qwen2.5-VL vision transformer: window attention in most blocks, full attention in
     `fullatt_block_indexes`. Input: patch rows of `pixel_values` (as the image processor orders them,
-    merge groups contiguous) and `grid_thw`; output: one feature per merged group, in input order."""
+    merge groups contiguous) and `grid_thw`; output: one feature per merged group, in input order. `eager`
+    attends with `eager_attention` instead of SDPA (same math)."""
 
     def __init__(self, config: DimpleVisionConfig):
         super().__init__()
@@ -234,7 +247,7 @@ class DimpleVisionTransformer(nn.Module):
             offset += t * gh * gw
         return torch.cat(index), seqlens
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, eager: bool = False) -> torch.Tensor:
         grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         device = pixel_values.device
         unit = self.merge**2
@@ -249,9 +262,9 @@ class DimpleVisionTransformer(nn.Module):
 
         hidden_states = to_window_order(hidden_states)
         rotary = tuple(to_window_order(table)[:, None, None, :] for table in (cos, signed_sin))  # (seq, 1, 1, dim)
-        window_layout = SegmentLayout(window_seqlens, device)
+        window_layout = SegmentLayout(window_seqlens, device, eager)
         # Full-attention blocks attend within each frame of each image.
-        full_layout = SegmentLayout([h * w for t, h, w in grid for _ in range(t)], device)
+        full_layout = SegmentLayout([h * w for t, h, w in grid for _ in range(t)], device, eager)
         full_blocks = set(self.config.fullatt_block_indexes)
         for index, block in enumerate(self.blocks):
             layout = full_layout if index in full_blocks else window_layout
@@ -319,6 +332,7 @@ class DimplePrefixCache:
 class DimpleAttention(nn.Module):
     def __init__(self, config: DimpleConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -384,7 +398,7 @@ class DimpleAttention(nn.Module):
             key_value = cache.update(key_value, self.layer_idx)
         k, v = key_value.transpose(1, 2).split(kv_heads, dim=1)  # (batch, kv_heads, keys, head_dim) each
         dropout = self.attention_dropout if self.training else 0.0
-        if output_attentions:
+        if output_attentions or uses_eager_attention(self.config):
             if is_causal:
                 attn_mask = build_attention_mask(None, q_len, k.shape[-2], True, q.device)
             out, probs = eager_attention(q, k, v, attn_mask, dropout, self.training)
@@ -745,7 +759,8 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector: one row per merged patch group, in prompt order."""
-        features = self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), image_grid_thw)
+        pixel_values = pixel_values.to(self.visual.patch_embed.proj.weight.dtype)
+        features = self.visual(pixel_values, image_grid_thw, eager=uses_eager_attention(self.config))
         return self.img_projector(features)
 
     def embed_inputs(

@@ -778,7 +778,23 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             features = self.get_image_features(item.pixel_values, item.grid_thw).to(embeds.dtype)
             slots = (input_ids == item.token_id).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(slots, features)
+        if not visual and self.training and torch.is_grad_enabled():
+            zero = self.image_side_zero(embeds.device)
+            if zero is not None:
+                embeds = embeds + zero.to(embeds.dtype)
         return embeds
+
+    def image_side_zero(self, device) -> Optional[torch.Tensor]:
+        """0 × the sum of every trainable parameter of the vision tower and projector (None if none trains).
+
+        A text-only training batch adds it to its embeddings, so that those parameters get zero gradients
+        instead of none: data-parallel training (DDP, which by default with gradient checkpointing waits
+        for every trainable parameter's gradient) then does not hang when one rank's batch has images and
+        another's has none. The forward's values are unchanged (it adds exact zeros)."""
+        params = [p for p in (*self.visual.parameters(), *self.img_projector.parameters()) if p.requires_grad]
+        if not params:
+            return None
+        return torch.stack([p.sum(dtype=torch.float32).to(device) for p in params]).sum() * 0.0
 
     # ---------------------------------------------------------------- forward
 

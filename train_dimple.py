@@ -16,6 +16,7 @@ token is replaced by `<|mask|>` with probability t, the loss is the mean cross-e
 positions (logits at j − 1 predict token j); `dual` masking adds the complementary mask of each sample.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -72,6 +73,12 @@ class DimpleTrainingArguments(TrainingArguments):
     lora_r: int = dataclasses.field(default=0, metadata={"help": "LoRA rank on the language model (0: off)."})
     lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha."})
     data_seed_offset: int = dataclasses.field(default=0, metadata={"help": "Offset of the answer-padding RNG."})
+    # transformers 5's default, also on 4.x: a step's loss is the mean over the labelled tokens of every
+    # micro-batch on every device, so N devices × batch b train as one device with batch N·b.
+    average_tokens_across_devices: Optional[bool] = dataclasses.field(
+        default=True,
+        metadata={"help": "Normalise the loss by the labelled tokens of all devices (default: true)."},
+    )
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -91,6 +98,8 @@ class DimpleTrainingArguments(TrainingArguments):
         if self.max_seq_length < 2:
             raise ValueError(f"--max_seq_length must be >= 2, got {self.max_seq_length}")
         self.remove_unused_columns = False  # the collator builds exactly the model's inputs
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            self.average_tokens_across_devices = False  # one process: nothing to average (4.x warns otherwise)
         super().__post_init__()
 
     @property
@@ -404,6 +413,7 @@ def train(args: DimpleTrainingArguments) -> dict:
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
         callbacks=[MaskingEpochCallback(collator)],
     )
+    synchronise_every_backward_on_4_46_2(trainer)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if dataset.truncated:
         logger.warning("%d sample(s) were truncated to --max_seq_length %d", dataset.truncated, args.max_seq_length)
@@ -417,6 +427,17 @@ def train(args: DimpleTrainingArguments) -> dict:
 
 # Never uploaded: the Trainer's intermediate checkpoints, logs, and anything pickled.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
+
+
+def synchronise_every_backward_on_4_46_2(trainer: Trainer) -> None:
+    """transformers 4.46.2's `Trainer` runs the last micro-batch of every optimizer step under
+    `accelerator.no_sync` (an inverted condition, fixed in 4.46.3), so with several processes the gradients
+    are never averaged: each rank trains alone and rank 0's weights are saved. There, every backward
+    synchronises instead (the same result as syncing once per step; more communication only with gradient
+    accumulation)."""
+    if transformers.__version__ == "4.46.2" and trainer.accelerator.num_processes > 1:
+        trainer.accelerator.no_sync = lambda model: contextlib.nullcontext()
+        logger.warning("transformers 4.46.2: gradients are synchronised after every backward (its Trainer skips it)")
 
 
 def push_checkpoint(output_dir: str, args):

@@ -739,6 +739,23 @@ def _training_batch(seed: int) -> dict:
     return batch
 
 
+def test_a_text_only_training_batch_gives_the_trainable_image_side_zero_gradients():
+    # Zero gradients, not none: data-parallel ranks with and without images then reduce the same parameters
+    # (DDP with gradient checkpointing hung; tests/test_training.py runs two processes).
+    model = make_model(seed=12).train()
+    model.visual.requires_grad_(False)
+    ids, mask = text_batch(seed=12)
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.img_projector.parameters())
+    assert all(p.grad is None for p in model.visual.parameters())  # frozen: untouched
+    assert model.model.embed_tokens.weight.grad.any()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids, attention_mask=mask, labels=ids).loss, loss.detach())
+    model.img_projector.requires_grad_(False)
+    assert model.image_side_zero(torch.device("cpu")) is None  # nothing trains there: no extra work
+
+
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # renamed in transformers 5
 def test_gradient_checkpointing_gives_same_loss_and_gradients():
     model = make_model(seed=11).train()

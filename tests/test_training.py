@@ -596,6 +596,55 @@ class FakeHubApi:
         self.calls.append(("upload_folder", repo_id))
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo")
+def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_path):
+    # Data-parallel training (torchrun, gloo on the CPU): 2 processes × batch 1 × 2 accumulated micro-batches
+    # take the steps of 1 process with batch 4 (the loss is averaged over the tokens of all devices). Every
+    # other sample is text-only, with gradient checkpointing: a rank without images used to hang DDP, which
+    # waited for the image projector's gradients; transformers 4.46.2 skipped the gradient sync altogether.
+    records = [json.loads(line) for line in Path(tiny["data"]).read_text().splitlines()]
+    for record in records[1::2]:
+        record.pop("image")
+        record["messages"][0]["content"] = record["messages"][0]["content"].replace("<image>\n", "")
+    data = Path(tiny["data"]).with_name("mixed.jsonl")
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    # SGD: Adam would turn gradients that are rounding noise (k_proj's bias: softmax ignores it) into full steps.
+    common = ("--logging_steps", "1", "--gradient_checkpointing", "true", "--optim", "sgd")
+
+    single = run(tiny, tmp_path / "single", *common, "--per_device_train_batch_size", "4", stage="instruct",
+                 steps=3, data=data)
+    argv = [
+        "--model_name_or_path", str(tiny["init"]), "--data_path", str(data), "--stage", "instruct",
+        "--output_dir", str(tmp_path / "ddp"), "--max_steps", "3", "--learning_rate", "3e-3",
+        "--lr_scheduler_type", "constant", "--weight_decay", "0.0", "--per_device_train_batch_size", "1",
+        "--gradient_accumulation_steps", "2", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *common,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train_dimple.py"), *argv]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        output, _ = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, 9)  # the launcher and its workers
+        output, _ = launcher.communicate()
+        pytest.fail("two-process training did not finish in 300 s (hung?):\n" + output[-3000:])
+    assert launcher.returncode == 0, output[-3000:]
+
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    parallel = [h for h in state["log_history"] if "loss" in h]
+    assert len(parallel) == len(single) == 3
+    for a, b in zip(parallel, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    before, after_single, after_parallel = weights(tiny["init"]), weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert changed_modules(before, after_parallel) == changed_modules(before, after_single)
+    for key, tensor in after_single.items():
+        torch.testing.assert_close(after_parallel[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_push_to_hub_uploads_the_final_checkpoint_without_pickles(tiny, tmp_path, monkeypatch):
     import huggingface_hub
 

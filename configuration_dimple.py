@@ -170,6 +170,9 @@ class DimpleConfig(PretrainedConfig):
             raise ValueError(
                 f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
             )
+        # Also transformers' image-text-to-text model class, so `pipeline("image-text-to-text", model=folder,
+        # trust_remote_code=True)` loads it (save_pretrained adds the AutoConfig / AutoModel entries).
+        kwargs["auto_map"] = {"AutoModelForImageTextToText": "modeling_dimple.DimpleModel", **kwargs.get("auto_map", {})}
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

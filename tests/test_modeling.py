@@ -903,6 +903,16 @@ def test_bad_config_values_are_named(values, pattern):
         DimpleConfig(**values)
 
 
+def test_every_config_maps_the_image_text_to_text_class():
+    from dimple.configuration_dimple import DimpleConfig
+
+    entry = {"AutoModelForImageTextToText": "modeling_dimple.DimpleModel"}
+    assert DimpleConfig().auto_map == entry
+    released = {"AutoConfig": "configuration_dimple.DimpleConfig", "AutoModel": "modeling_dimple.DimpleModel"}
+    assert DimpleConfig(auto_map=released).auto_map == {**released, **entry}  # a config.json without it
+    assert json.loads((ROOT / "config.json").read_text())["auto_map"].items() >= entry.items()
+
+
 def test_repository_config_keeps_rope_scaling_null():
     """config.json's `"rope_scaling": null` is an attribute on transformers 4.x and is saved again; 5.x
     makes `rope_scaling` an alias of `rope_parameters`, which M-RoPE does not use."""

@@ -113,6 +113,27 @@ def test_batched_answers_equal_single_answers(tiny):
     assert batched == [ask(model, processor, image, q)[0] for image, q, _, _ in samples]
 
 
+def test_the_image_text_to_text_pipeline_answers_like_diffusion_generate(tiny):
+    # transformers' pipeline loads the folder (auto_map's AutoModelForImageTextToText) and decodes through
+    # `generate`; transformers 4.46 has no such task.
+    from transformers.pipelines import SUPPORTED_TASKS, pipeline
+
+    if "image-text-to-text" not in SUPPORTED_TASKS:
+        pytest.skip("this transformers has no image-text-to-text pipeline")
+    model, processor = tiny
+    answerer = pipeline("image-text-to-text", model=str(FOLDER), trust_remote_code=True)
+    assert type(answerer.model).__name__ == "DimpleModel"
+    samples = generate_samples(12, seed=123, image_size=IMAGE_SIZE)  # the held-out accuracy test's first 12
+    correct = 0
+    for image, question, expected, _ in samples:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        answer = answerer(text=messages, max_new_tokens=model.generation_config.max_new_tokens)[0]["generated_text"]
+        answer = answer[-1]["content"]
+        assert answer == ask(model, processor, image, question)[0]
+        correct += answer_is_correct(answer, expected)
+    assert correct >= 11  # as diffusion_generate (11 of these 12)
+
+
 def test_demo_command_answers_the_sample_image():
     result = subprocess.run(
         [sys.executable, str(ROOT / "demo.py")], capture_output=True, text=True, check=True, cwd=str(ROOT)

@@ -418,7 +418,8 @@ def test_checkpoint_reloads_in_fresh_process_and_answers_identically(tiny, tmp_p
     assert files & {"preprocessor_config.json", "processor_config.json"}, files
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {
-        "AutoConfig": "configuration_dimple.DimpleConfig", "AutoModel": "modeling_dimple.DimpleModel"
+        "AutoConfig": "configuration_dimple.DimpleConfig", "AutoModel": "modeling_dimple.DimpleModel",
+        "AutoModelForImageTextToText": "modeling_dimple.DimpleModel",
     }
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {k.split(".", 1)[0] for k in f.keys()} == set(MODULES)

@@ -85,6 +85,8 @@ class DimpleTrainingArguments(TrainingArguments):
             raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
         if self.masking not in MASKINGS:
             raise ValueError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.masking == "dual" and self.stage != "diffusion":
+            raise ValueError(f"--masking dual applies to --stage diffusion only (--stage {self.stage} masks nothing)")
         if self.trainable is not None:
             unknown = set(self.trainable_modules) - set(MODULES)
             if unknown:

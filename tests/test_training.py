@@ -733,6 +733,12 @@ def test_bad_flags_are_named(tiny, tmp_path, no_training, flag, value, pattern):
         run(tiny, tmp_path / "out", *extra, stage=stage, steps=2)
 
 
+@pytest.mark.parametrize("stage", ["align", "instruct"])
+def test_dual_masking_is_refused_in_the_autoregressive_stages(tiny, tmp_path, no_training, stage):
+    with pytest.raises(ValueError, match=rf"--masking dual applies to --stage diffusion only \(--stage {stage} masks nothing\)"):
+        run(tiny, tmp_path / "out", "--masking", "dual", stage=stage, steps=2)
+
+
 def test_image_side_stages_refuse_text_only_samples_and_lora(tiny, tmp_path, no_training):
     text_only = _good(tiny, 1)
     text_only.pop("image")

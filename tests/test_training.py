@@ -598,11 +598,13 @@ class FakeHubApi:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo")
-def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_path):
+@pytest.mark.parametrize("stage,extra", [("instruct", ()), ("diffusion", ("--masking", "dual"))], ids=["instruct", "diffusion-dual"])
+def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_path, stage, extra):
     # Data-parallel training (torchrun, gloo on the CPU): 2 processes × batch 1 × 2 accumulated micro-batches
-    # take the steps of 1 process with batch 4 (the loss is averaged over the tokens of all devices). Every
-    # other sample is text-only, with gradient checkpointing: a rank without images used to hang DDP, which
-    # waited for the image projector's gradients; transformers 4.46.2 skipped the gradient sync altogether.
+    # take the steps of 1 process with batch 4 (the loss is averaged over the tokens of all devices; a sample's
+    # diffusion masks do not depend on the process). Every other sample is text-only, with gradient
+    # checkpointing: in instruct, a rank without images hung DDP, which waited for the image projector's
+    # gradients; transformers 4.46.2 skipped the gradient sync altogether.
     records = [json.loads(line) for line in Path(tiny["data"]).read_text().splitlines()]
     for record in records[1::2]:
         record.pop("image")
@@ -610,12 +612,12 @@ def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_pat
     data = Path(tiny["data"]).with_name("mixed.jsonl")
     data.write_text("".join(json.dumps(record) + "\n" for record in records))
     # SGD: Adam would turn gradients that are rounding noise (k_proj's bias: softmax ignores it) into full steps.
-    common = ("--logging_steps", "1", "--gradient_checkpointing", "true", "--optim", "sgd")
+    common = ("--logging_steps", "1", "--gradient_checkpointing", "true", "--optim", "sgd", *extra)
 
-    single = run(tiny, tmp_path / "single", *common, "--per_device_train_batch_size", "4", stage="instruct",
+    single = run(tiny, tmp_path / "single", *common, "--per_device_train_batch_size", "4", stage=stage,
                  steps=3, data=data)
     argv = [
-        "--model_name_or_path", str(tiny["init"]), "--data_path", str(data), "--stage", "instruct",
+        "--model_name_or_path", str(tiny["init"]), "--data_path", str(data), "--stage", stage,
         "--output_dir", str(tmp_path / "ddp"), "--max_steps", "3", "--learning_rate", "3e-3",
         "--lr_scheduler_type", "constant", "--weight_decay", "0.0", "--per_device_train_batch_size", "1",
         "--gradient_accumulation_steps", "2", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",

@@ -67,7 +67,7 @@ CSS = """
 
 class QueueStreamer(CanvasRecorder):
     """`diffusion_generate` streamer: keeps every answer canvas (row 0, for the trajectory) and hands
-    it to the page through a queue; iterating yields the canvases until `end()`."""
+    them to the page through a queue; iterating yields `(step, canvas)` until `end()`."""
 
     _END = object()
 
@@ -77,14 +77,25 @@ class QueueStreamer(CanvasRecorder):
 
     def put(self, value):
         super().put(value)
-        self.queue.put(self.canvases[-1])
+        self.queue.put((len(self.canvases), self.canvases[-1]))
 
     def end(self):
         super().end()
         self.queue.put(self._END)
 
     def __iter__(self):
+        """The newest canvas each time the page asks: canvases that arrived while the page was updating are
+        skipped (all stay in `canvases`), so a page slower than the decode shows where it is, not behind it."""
         while (item := self.queue.get()) is not self._END:
+            while True:
+                try:
+                    newer = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if newer is self._END:
+                    yield item
+                    return
+                item = newer
             yield item
 
 
@@ -243,7 +254,7 @@ class DimpleDemo:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         previous = blank
-        for step, canvas in enumerate(streamer, start=1):
+        for step, canvas in streamer:
             left = sum(token == self.mask_token_id for token in canvas)
             html_canvas = render_canvas(canvas, previous, tokenizer, self.mask_token_id)
             yield gr.skip(), html_canvas, gr.skip(), f"step {step}: {left} masks left", gr.skip()

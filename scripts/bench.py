@@ -43,7 +43,8 @@ Settings (`--settings`, comma list; default all but `compile`, in this order):
             "other" kernels are what fusion (torch.compile) removes. On the CPU: operators, not kernels.
   compile   (not in the default list) the prefilled 64-token decode and the dual-cache 64 / 256-token decodes
             with `use_torch_compile=True` (compiled during the untimed warm-up), against the same decodes eager
-            (reused). Give it time: `--settings floor,compile --setting-timeout 900 --run-timeout 400 --deadline 0`.
+            (reused). Give it its own call: `--settings floor,compile --setting-timeout 540 --run-timeout 300
+            --deadline 570` (inside a 600 s device command).
   baseline  transformers' Qwen2_5_VLForConditionalGeneration of the same shape, greedy, 64 tokens
             (min_new_tokens 64), static cache (falls back to a dynamic cache; the JSON says which), plus a
             dynamic-cache run. The Dimple model is freed first so both fit on an 80 GB card.
@@ -66,7 +67,7 @@ Usage:
     python scripts/bench.py                                  # CUDA, 7B shape, all settings but compile (see Run time)
     python scripts/bench.py --settings floor,forward,generate --repeats 5
     python scripts/bench.py --device cpu --tiny              # CPU smoke run (seconds)
-    python scripts/bench.py --gen-kwargs '{"some_new_option": true}'   # passed to every diffusion_generate
+    python scripts/bench.py --gen-kwargs '{"use_cuda_graph": false}'   # passed to every diffusion_generate
 """
 
 import argparse
@@ -83,6 +84,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -460,10 +462,13 @@ def matmul_throughput(ctx: Context) -> float:
 
 
 def count_flops(fn) -> int:
-    """FLOPs of the matmuls and attention that `fn` dispatches (torch's FlopCounterMode)."""
+    """FLOPs of the matmuls and attention that `fn` dispatches (torch's FlopCounterMode). Attention runs on
+    SDPA's math backend here, as plain matrix products: counted the same on every device and torch version
+    (older FLOP formulas for the fused kernels reject grouped-query heads; the CPU's has none)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return counter.get_total_flops()
 
@@ -571,9 +576,12 @@ def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, thresho
     if decoding.get("block_length"):  # two steps per block: a refresh and a window pass (captured on CUDA)
         warm_steps = min(steps, max(warm_steps, 2 * new_tokens // decoding["block_length"]))
     bench.reset_peak()
-    # The first warm-up is timed alone: what a first request pays (compilation, graph capture).
-    first_warmup, _, _ = bench.time(lambda: call(steps=warm_steps), repeats=1, warmup=0)
-    seconds, times, out = bench.time(call, warmup=max(0, bench.warmup - 1), warmup_fn=lambda: call(steps=warm_steps))
+    # Warnings are kept in the result: a failed CUDA graph capture only warns, and its numbers are then eager.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # The first warm-up is timed alone: what a first request pays (compilation, graph capture).
+        first_warmup, _, _ = bench.time(lambda: call(steps=warm_steps), repeats=1, warmup=0)
+        seconds, times, out = bench.time(call, warmup=max(0, bench.warmup - 1), warmup_fn=lambda: call(steps=warm_steps))
     passes = getattr(out, "num_forward_passes", None)
     passes_known = passes is not None
     passes = passes if passes_known else steps
@@ -592,6 +600,8 @@ def generate_once(ctx: Context, batch: int, new_tokens: int, steps: int, thresho
         "warmup_steps": warm_steps, "first_warmup_ms": first_warmup * 1e3,
         "kind": "measured (whole diffusion_generate call, vision + every pass + sampling; ms_per_pass = total / passes)",
     }
+    if caught:
+        result["warnings"] = sorted({str(warning.message)[:300] for warning in caught})
     # The bounds of this decode: reading every weight once per pass (memory floor) and its FLOPs at the
     # measured matmul rate (compute floor), counted in an untimed run without CUDA graphs (a graph replay
     # dispatches no operators to count).
@@ -721,9 +731,10 @@ def run_dual(ctx: Context) -> dict:
     return {"runs": runs, "rows": rows, "derived": derived}
 
 
+# Attention first: CUDA's flash-attention kernel names carry `cutlass::bfloat16_t` template arguments.
 KERNEL_KINDS = (
-    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "matmul", "addmm", "aten::mm", "aten::bmm", "linear")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "matmul", "addmm", "aten::mm", "aten::bmm", "linear")),
 )
 
 

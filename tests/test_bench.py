@@ -38,3 +38,36 @@ def test_cpu_smoke_run_reports_every_setting(tmp_path):
         assert mode["by_kind"]["gemm"]["count"] > 0
     speedups = summary["dual_speedups"]
     assert set(speedups) == {"speedup_len64_dual_vs_prefill", "speedup_len64_dual_prefill_vs_prefill"}
+
+
+def _bench_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    return bench
+
+
+@pytest.mark.parametrize("name,kind", [
+    # CUDA kernel names (their template arguments name cutlass types), and CPU operators
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64, 64, 4, false, false, cutlass::bfloat16_t>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_tst_128x64_64x8_1x1_v_bz_TNT", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
+])
+def test_kernels_are_sorted_by_kind(name, kind):
+    assert _bench_module().kernel_kind(name) == kind
+
+
+def test_flop_count_includes_grouped_query_attention():
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, kv_heads, q_len, k_len, dim = 2, 8, 2, 5, 7, 16
+    q = torch.randn(batch, heads, q_len, dim)
+    k, v = torch.randn(batch, kv_heads, k_len, dim), torch.randn(batch, kv_heads, k_len, dim)
+    flops = _bench_module().count_flops(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    assert flops == 2 * (2 * batch * heads * q_len * k_len * dim)  # q·kᵀ and p·v

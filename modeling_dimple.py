@@ -6,8 +6,9 @@ and parameter names are those of the released Dimple-7B checkpoint.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`; the eager path (matrix products,
 softmax in fp32) runs for `output_attentions` or when the model is loaded with `attn_implementation="eager"`
-(the top-level config's choice applies to the language model and the vision tower alike). Rotary tables are computed per forward from the config (no buffers), so a model
-built on the meta device and materialised with `to_empty` needs no extra step.
+(the top-level config's choice applies to the language model and the vision tower alike). Rotary tables are
+computed per forward from the config (no buffers), so a model built on the meta device and materialised with
+`to_empty` needs no extra step.
 """
 
 import contextlib
@@ -788,9 +789,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         """0 × the sum of every trainable parameter of the vision tower and projector (None if none trains).
 
         A text-only training batch adds it to its embeddings, so that those parameters get zero gradients
-        instead of none: data-parallel training (DDP, which by default with gradient checkpointing waits
-        for every trainable parameter's gradient) then does not hang when one rank's batch has images and
-        another's has none. The forward's values are unchanged (it adds exact zeros)."""
+        instead of none: DDP without `find_unused_parameters` (the Trainer's setting with gradient
+        checkpointing) waits for every trainable parameter's gradient, and hung when one rank's batch had
+        images and another's had none. The forward's values are unchanged (it adds exact zeros)."""
         params = [p for p in (*self.visual.parameters(), *self.img_projector.parameters()) if p.requires_grad]
         if not params:
             return None

@@ -913,18 +913,29 @@ def test_every_config_maps_the_image_text_to_text_class():
     assert json.loads((ROOT / "config.json").read_text())["auto_map"].items() >= entry.items()
 
 
-def test_repository_config_keeps_rope_scaling_null():
-    """config.json's `"rope_scaling": null` is an attribute on transformers 4.x and is saved again; 5.x
-    makes `rope_scaling` an alias of `rope_parameters`, which M-RoPE does not use."""
-    from transformers import PretrainedConfig
+def test_rope_scaling_reads_as_on_qwen2_config(tmp_path):
+    """config.json's `"rope_scaling": null` reads back as Qwen2Config's does on the installed transformers: the
+    null itself on 4.x (saved again), and on 5.x, where `rope_scaling` is an alias of `rope_parameters`, the
+    standard rotary parameters (reading it once raised AttributeError). M-RoPE uses neither; a save and load
+    keeps it, without the deprecation warning of the old setter."""
+    import warnings
+
+    from transformers import PretrainedConfig, Qwen2Config
 
     from dimple.configuration_dimple import DimpleConfig
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = DimpleConfig.from_pretrained(str(ROOT))
+        config.save_pretrained(tmp_path)
+        reloaded = DimpleConfig.from_pretrained(tmp_path)
+    expected = Qwen2Config(rope_theta=config.rope_theta, rope_scaling=None).rope_scaling
+    assert config.rope_scaling == reloaded.rope_scaling == expected
     if isinstance(getattr(PretrainedConfig, "rope_scaling", None), property):
-        pytest.skip("transformers 5: rope_scaling is rope_parameters")
-    config = DimpleConfig.from_pretrained(str(ROOT))
-    assert config.rope_scaling is None
-    assert "rope_scaling" in config.to_diff_dict() or config.to_dict()["rope_scaling"] is None
+        assert expected == {"rope_theta": 1e6, "rope_type": "default"}
+    else:
+        assert expected is None and "rope_scaling" in json.loads((tmp_path / "config.json").read_text())
+    assert reloaded.rope_theta == 1e6 and reloaded.mrope_section == [16, 24, 24]
 
 
 def test_forbid_guard_is_effective(model, monkeypatch):

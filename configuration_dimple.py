@@ -143,11 +143,12 @@ class DimpleConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.rope_theta = rope_theta
-        # M-RoPE does not use it. transformers 5 makes `rope_scaling` a read-only alias of `rope_parameters`,
-        # which its PretrainedConfig completes from rope_theta (as for Qwen2Config: reading `rope_scaling` then
-        # gives {"rope_theta": ..., "rope_type": "default"}, not an AttributeError); 4.x keeps the plain attribute.
+        # M-RoPE does not use it. transformers 5 makes `rope_scaling` an alias of `rope_parameters`, which holds
+        # rope_theta there (as for Qwen2Config: reading `rope_scaling` gives {"rope_theta": ..., "rope_type":
+        # "default"}, not an AttributeError; given here, 5.0 would fill in its default theta); 4.x keeps the
+        # plain attribute.
         if isinstance(getattr(PretrainedConfig, "rope_scaling", None), property):
-            self.rope_parameters = rope_scaling
+            self.rope_parameters = {"rope_theta": rope_theta, **(rope_scaling or {})}
         else:
             self.rope_scaling = rope_scaling
         self.mrope_section = list(mrope_section)

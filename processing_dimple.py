@@ -142,6 +142,7 @@ class DimpleProcessor(ProcessorMixin):
         add_vision_id=False,
         tokenize=False,
         return_tensors=None,
+        return_dict=None,
         processor_kwargs=None,
         **template_kwargs,
     ):
@@ -155,10 +156,13 @@ class DimpleProcessor(ProcessorMixin):
         `"path"` or `"url"`, or OpenAI's `{"type": "image_url", "image_url": {"url": ...}}`).
 
         Returns the prompt string (a list for a batch) or, with `tokenize=True`, the processor's output on the
-        prompt(s) and the images found in the items (`processor_kwargs` go to `__call__`).
+        prompt(s) and the images found in the items (`processor_kwargs` go to `__call__`); its `input_ids` alone
+        with `return_dict=False` (transformers' pipelines ask for `return_dict=True`).
         """
         if not conversation:
             raise ValueError("conversation: expected a list of messages or a list of conversations, got nothing.")
+        if return_dict and not tokenize:
+            raise ValueError("return_dict=True needs tokenize=True: without tokenizing there is no dict to return.")
         batched = isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
         prompts = [
@@ -182,12 +186,13 @@ class DimpleProcessor(ProcessorMixin):
             for item in message["content"]
             if item.get("type") in ("image", "image_url") or "image" in item or "image_url" in item  # as the template
         ]
-        return self(
+        outputs = self(
             text=prompts if batched else prompts[0],
             images=images or None,
             return_tensors=return_tensors,
             **(processor_kwargs or {}),
         )
+        return outputs["input_ids"] if return_dict is False else outputs
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' save, then the files made portable: a processor saved on 5.x loads on 4.x too."""
@@ -251,16 +256,24 @@ def _as_text_batch(text):
 
 def write_portable_processor_files(processor, output_dir) -> None:
     """Keep processor files loadable by transformers 4.x and 5.x alike. 5.x nests the image processor in
-    processor_config.json, which 4.x passes on as a duplicate `image_processor` argument, and keeps the chat
-    template in chat_template.jinja, which 4.x does not read. So the image processor goes to
-    preprocessor_config.json only (with min_pixels / max_pixels for 4.x) and the template also into
-    tokenizer_config.json."""
+    processor_config.json, which 4.x passes on as a duplicate `image_processor` argument, keeps the chat
+    template in chat_template.jinja, which 4.x does not read, and lists the special tokens as
+    `extra_special_tokens`, a key that 4.47+ reads as a name -> token dict (a list fails to load) and 4.46
+    ignores. So the image processor goes to preprocessor_config.json only (with min_pixels / max_pixels for
+    4.x), the template also into tokenizer_config.json, and the special tokens under
+    `additional_special_tokens`, which every version reads."""
     folder = pathlib.Path(output_dir)
     template, tokenizer_config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
-    if template.exists() and tokenizer_config.exists():
+    if tokenizer_config.exists():
         values = json.loads(tokenizer_config.read_text())
-        if "chat_template" not in values:
-            values["chat_template"] = template.read_text()
+        changed = False
+        if template.exists() and "chat_template" not in values:
+            values["chat_template"], changed = template.read_text(), True
+        if isinstance(values.get("extra_special_tokens"), list):
+            special = values.pop("extra_special_tokens")
+            values["additional_special_tokens"] = list(dict.fromkeys(values.get("additional_special_tokens", []) + special))
+            changed = True
+        if changed:
             tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
     processor_config = folder / "processor_config.json"
     if processor_config.exists():

@@ -92,11 +92,24 @@ def test_processor_folder_is_the_repository_configuration(qwen2_tokenizer_dir, p
     assert processor.chat_template == config["chat_template"]
 
 
-def test_image_processor_settings(processor):
+@pytest.fixture(scope="module")
+def qwen2vl_default_image_processor(tmp_path_factory):
+    """What transformers' AutoImageProcessor gives a Qwen2-VL preprocessor config on the installed version:
+    the slow (PIL) processor on 4.46, the torchvision one from 4.5x on (`Qwen2VLImageProcessorFast`, 5.x's
+    `Qwen2VLImageProcessor` with its torchvision backend). The two differ by at most one 8-bit level in a
+    fraction of the pixel values."""
+    folder = tmp_path_factory.mktemp("qwen2vl-image-processor")
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "Qwen2VLImageProcessor", **QWEN2VL_SETTINGS})
+    )
+    return transformers.AutoImageProcessor.from_pretrained(str(folder))
+
+
+def test_image_processor_settings(processor, qwen2vl_default_image_processor):
     image_processor = processor.image_processor
-    assert type(image_processor).__name__ == "Qwen2VLImageProcessor"
-    if hasattr(transformers, "Qwen2VLImageProcessorPil"):  # 5.x: torchvision (fast) and PIL backends
-        assert image_processor.backend == "torchvision"
+    assert type(image_processor) is type(qwen2vl_default_image_processor)
+    assert type(image_processor).__name__ in ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast")
+    assert getattr(image_processor, "backend", None) == getattr(qwen2vl_default_image_processor, "backend", None)
     for name in ("patch_size", "temporal_patch_size", "merge_size"):
         assert getattr(image_processor, name) == QWEN2VL_SETTINGS[name]
     assert list(image_processor.image_mean) == QWEN2VL_SETTINGS["image_mean"]
@@ -150,7 +163,19 @@ def test_chat_template_tokenize_uses_the_conversation_images(processor):
     conversation = describe()
     conversation[0]["content"][0]["image"] = image
     inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_tensors="pt")
-    assert_same_outputs(inputs, processor(text=EXPECTED_PROMPT, images=image, return_tensors="pt"))
+    expected = processor(text=EXPECTED_PROMPT, images=image, return_tensors="pt")
+    assert_same_outputs(inputs, expected)
+    # transformers' pipelines (4.5x) pass return_dict=True; return_dict=False gives the ids alone, as there
+    as_dict = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert_same_outputs(as_dict, expected)
+    ids = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=False, return_tensors="pt"
+    )
+    assert torch.equal(ids, expected["input_ids"])
+    with pytest.raises(ValueError, match="return_dict=True needs tokenize=True"):
+        processor.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
 
 
 @pytest.mark.parametrize("form", ["path", "url-key", "openai-image_url", "image-key-url"])
@@ -194,6 +219,13 @@ def test_save_pretrained_with_push_to_hub_saves_portable_files_then_pushes(proce
     assert (tmp_path / "dimple-proc" / "preprocessor_config.json").is_file()
     config = tmp_path / "dimple-proc" / "processor_config.json"
     assert not config.is_file() or "image_processor" not in json.loads(config.read_text())
+    # transformers 4.47-4.57 read `extra_special_tokens` as a dict (5.x writes a list, which they fail to
+    # load); `additional_special_tokens` is read by every version, and the reload keeps the special tokens.
+    tokenizer_config = json.loads((tmp_path / "dimple-proc" / "tokenizer_config.json").read_text())
+    assert isinstance(tokenizer_config.get("extra_special_tokens", {}), dict)
+    assert {"<|vision_start|>", "<|image_pad|>"} <= set(tokenizer_config["additional_special_tokens"])
+    reloaded = AutoProcessor.from_pretrained(str(tmp_path / "dimple-proc"), trust_remote_code=True)
+    assert sorted(reloaded.tokenizer.all_special_tokens) == sorted(processor.tokenizer.all_special_tokens)
 
 
 # --- real vocabulary --------------------------------------------------------------------------------------
@@ -238,9 +270,10 @@ def test_tokenisation_matches_tiktoken(processor, tiktoken_encoding, sentence):
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    """transformers' own Qwen2-VL image processor with Dimple's settings (SPEC §3)."""
-    return transformers.Qwen2VLImageProcessor(**QWEN2VL_SETTINGS)
+def oracle(qwen2vl_default_image_processor):
+    """transformers' own Qwen2-VL image processor with Dimple's settings (SPEC §3), built directly from its
+    class (the slow or the torchvision one, whichever transformers loads by default)."""
+    return type(qwen2vl_default_image_processor)(**QWEN2VL_SETTINGS)
 
 
 @pytest.mark.parametrize(

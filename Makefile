@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 
-.PHONY: demo test test-compat venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu check-layout clean
+.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu check-layout clean
 
 # The pinned development set (requirements-dev.txt) in .venv; reinstalled when the pins change.
 $(VENV)/.installed: requirements-dev.txt
@@ -43,6 +43,22 @@ $(COMPAT_VENV)/.installed: requirements-compat.txt
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_PY) -m pytest -q tests
 
+# The suite on other transformers releases: `make test-transformers TRANSFORMERS=4.57.6` (the last 4.x) or
+# `TRANSFORMERS=5.0.0` (the first 5.x). The venv holds that transformers and the tokenizers / huggingface-hub
+# it requires, and reads everything else from .venv (a .pth file), so torch is not installed twice.
+TRANSFORMERS ?= 4.57.6
+TRANSFORMERS_PINS_4.57.6 := transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.0
+TRANSFORMERS_PINS_5.0.0 := transformers==5.0.0 tokenizers==0.22.2 huggingface-hub==1.3.0
+OVERLAY_VENV := .venv-transformers-$(TRANSFORMERS)
+
+test-transformers: venv
+	@test -n "$(TRANSFORMERS_PINS_$(TRANSFORMERS))" || { echo "TRANSFORMERS must be 4.57.6 or 5.0.0"; exit 2; }
+	test -x $(OVERLAY_VENV)/bin/python || $(PYTHON) -m venv $(OVERLAY_VENV)
+	$(OVERLAY_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/zz_dimple_venv.pth', 'w').write(sys.argv[1])" \
+		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
+	$(OVERLAY_VENV)/bin/python -m pip install -q --no-deps $(TRANSFORMERS_PINS_$(TRANSFORMERS))
+	$(OVERLAY_VENV)/bin/python -m pytest -q tests
+
 # Retrain the shipped tiny model (6.3 minutes on two CPU cores, tiny-dimple/build_log.txt).
 tiny-dimple: venv
 	$(PY) scripts/build_tiny_dimple.py
@@ -57,4 +73,4 @@ bench-cpu: venv
 	$(PY) scripts/bench.py --device cpu --tiny
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .cache
+	rm -rf $(VENV) $(COMPAT_VENV) .venv-transformers-* .cache

@@ -267,9 +267,14 @@ class DimpleVisionTransformer(nn.Module):
         # Full-attention blocks attend within each frame of each image.
         full_layout = SegmentLayout([h * w for t, h, w in grid for _ in range(t)], device, eager)
         full_blocks = set(self.config.fullatt_block_indexes)
+        # A frozen tower records no graph to checkpoint (4.x's reentrant checkpoint would warn that gradients
+        # will be None, as if something were lost).
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(param.requires_grad for param in self.blocks.parameters())
+        )
         for index, block in enumerate(self.blocks):
             layout = full_layout if index in full_blocks else window_layout
-            if self.gradient_checkpointing and self.training:
+            if checkpoint:
                 hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, layout, rotary)
             else:
                 hidden_states = block(hidden_states, layout, rotary)

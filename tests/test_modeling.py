@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -785,6 +786,23 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
     for name, param in model.named_parameters():
         assert param.grad is not None, name
         assert (param.grad - reference[name]).abs().max().item() <= 1e-6, name
+
+    # A frozen vision tower (the align and instruct stages) is not checkpointed: it records nothing, and 4.x's
+    # reentrant checkpoint warned "None of the inputs have requires_grad=True. Gradients will be None".
+    model.zero_grad(set_to_none=True)
+    model.visual.requires_grad_(False)
+    calls.update(text=0, vision=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*requires_grad.*")
+        loss_frozen = model(**batch).loss
+        loss_frozen.backward()
+    assert calls == {"text": model.config.num_hidden_layers, "vision": 0}
+    assert abs(loss_frozen.item() - loss.item()) <= 1e-6
+    for name, param in model.named_parameters():
+        if name.startswith("visual."):
+            assert param.grad is None, name
+        else:
+            assert (param.grad - reference[name]).abs().max().item() <= 1e-6, name
 
 
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model):

@@ -15,6 +15,10 @@ import sys
 import torch
 from transformers import AutoConfig, AutoModel
 
+# Imported here, not first inside `torch.device("meta")`: torch 2.6's dynamo, which transformers 4.46's
+# modeling_utils imports, fails to initialise on the meta device.
+import transformers.modeling_utils  # noqa: F401  isort: skip
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

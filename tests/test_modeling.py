@@ -546,12 +546,19 @@ def test_cache_window_in_the_middle_is_exact_for_causal_attention():
     assert (window - full[:, start : start + k]).abs().max().item() <= ATOL
 
 
-def test_rms_norm_is_qwen2s_bit_for_bit_in_half_precision():
-    """F.rms_norm on bf16/fp16 input normalises in fp32 and rounds once, as Qwen2RMSNorm's explicit casts do."""
+@pytest.mark.parametrize("fused", [True, False], ids=["F.rms_norm", "explicit-casts"])
+def test_rms_norm_is_qwen2s_bit_for_bit_in_half_precision(fused, monkeypatch):
+    """F.rms_norm on bf16/fp16 input normalises in fp32 and rounds once, as Qwen2RMSNorm's explicit casts do;
+    torch 2.5's computes in the input dtype (1678 of these 4896 bf16 values differed), so there the norm casts
+    explicitly (both paths are checked on every torch: the fused one only where torch upcasts)."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+    from dimple import modeling_dimple
     from dimple.modeling_dimple import DimpleRMSNorm
 
+    if fused and not modeling_dimple.RMS_NORM_UPCASTS:
+        pytest.skip(f"torch {torch.__version__}'s F.rms_norm computes half precision in half precision")
+    monkeypatch.setattr(modeling_dimple, "RMS_NORM_UPCASTS", fused)
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ours, qwen = DimpleRMSNorm(96, eps=1e-6).to(dtype), Qwen2RMSNorm(96, eps=1e-6).to(dtype)
@@ -630,6 +637,10 @@ def test_stacked_qkv_projections_keep_peft_adapters_and_hooks():
 def test_a_prefilled_decoding_pass_dispatches_18_operators_per_layer():
     """Each operator is at least one CUDA kernel, and launches dominate the 7B step beyond its matrix products
     (README, Performance): this keeps the decoding pass's operator count from creeping back up."""
+    from dimple import modeling_dimple
+
+    if not (modeling_dimple.RMS_NORM_UPCASTS and hasattr(torch.ops.aten, "_fused_rms_norm")):
+        pytest.skip(f"torch {torch.__version__} has no fused RMSNorm kernel: the norms decompose on every device")
     sys.path.insert(0, str(ROOT / "scripts"))
     from count_layer_ops import prefilled_pass_operators
 

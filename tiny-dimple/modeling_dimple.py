@@ -32,6 +32,10 @@ from .generation_utils import DimpleGenerationMixin
 # --------------------------------------------------------------------------------------------------
 
 
+# F.rms_norm normalises half-precision input in fp32 from torch 2.6 on; torch 2.5 computes it in bf16 / fp16.
+RMS_NORM_UPCASTS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 6)
+
+
 class DimpleRMSNorm(nn.Module):
     """RMSNorm with the reduction in fp32, as Qwen2 does."""
 
@@ -43,7 +47,12 @@ class DimpleRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Normalised in fp32 and rounded once to the activation dtype, then scaled (Qwen2's order): F.rms_norm
         # upcasts half-precision input itself, in one fused kernel on CUDA (no separate casts to fp32 and back).
-        normed = F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        if RMS_NORM_UPCASTS:
+            normed = F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        else:
+            upcast = hidden_states.float()
+            variance = upcast.pow(2).mean(-1, keepdim=True)
+            normed = (upcast * torch.rsqrt(variance + self.variance_epsilon)).to(hidden_states.dtype)
         return self.weight * normed
 
 

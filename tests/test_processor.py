@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors import safe_open
 from transformers import AutoProcessor
 
 from processing_dimple import DimpleProcessor
@@ -350,21 +351,20 @@ def test_save_pretrained_reloads_in_fresh_process(processor, tmp_path):
 
     script = textwrap.dedent(
         f"""
-        import torch
+        from safetensors.torch import save_file
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
         inputs = processor(text={texts!r}, images=[{str(image_path)!r}] * 2, return_tensors="pt")
         prompt = processor.apply_chat_template({describe()!r}, add_generation_prompt=True)
-        result = {{"class": type(processor).__name__, "prompt": prompt, "inputs": dict(inputs)}}
-        torch.save(result, {str(tmp_path / "out.pt")!r})
+        metadata = {{"class": type(processor).__name__, "prompt": prompt}}
+        save_file(dict(inputs), {str(tmp_path / "out.safetensors")!r}, metadata=metadata)
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
-    reloaded = torch.load(tmp_path / "out.pt")
-    assert reloaded["class"] == "DimpleProcessor"
-    assert reloaded["prompt"] == EXPECTED_PROMPT
-    assert_same_outputs(reloaded["inputs"], expected)
+    with safe_open(tmp_path / "out.safetensors", framework="pt") as reloaded:  # safetensors, never a pickle
+        assert reloaded.metadata() == {"class": "DimpleProcessor", "prompt": EXPECTED_PROMPT}
+        assert_same_outputs({name: reloaded.get_tensor(name) for name in reloaded.keys()}, expected)
 
 
 # --- errors ------------------------------------------------------------------------------------------------

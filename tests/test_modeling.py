@@ -947,8 +947,6 @@ def test_rope_scaling_reads_as_on_qwen2_config(tmp_path):
     null itself on 4.x (saved again), and on 5.x, where `rope_scaling` is an alias of `rope_parameters`, the
     standard rotary parameters (reading it once raised AttributeError). M-RoPE uses neither; a save and load
     keeps it, without the deprecation warning of the old setter."""
-    import warnings
-
     from transformers import PretrainedConfig, Qwen2Config
 
     from dimple.configuration_dimple import DimpleConfig

@@ -112,6 +112,15 @@ class DimpleGenerationConfig(GenerationConfig):
     def validate(self, *args, **kwargs):
         """Autoregressive-sampling checks of the base class do not apply; see `check_generation_config`."""
 
+    def to_diff_dict(self) -> dict:
+        """What `save_pretrained` writes. Greedy decoding (temperature 0, the default) is left out:
+        `from_pretrained` reads the file as transformers' `GenerationConfig`, which on 4.46–4.5x warns that
+        `temperature=0.0` without `do_sample` is a mistake "the corresponding file should fix"."""
+        values = super().to_diff_dict()
+        if not values.get("temperature", 1):
+            values.pop("temperature")
+        return values
+
 
 def _is_int(value) -> bool:  # a bool is an int to Python, but `steps=True` is a mistake
     return isinstance(value, int) and not isinstance(value, bool)

@@ -948,6 +948,23 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
         assert (config.max_new_tokens, config.steps, config.alg_p_threshold, config.use_cache) == (16, 64, 0.95, True)
 
 
+def test_a_saved_generation_config_reloads_without_warnings(model, tmp_path, monkeypatch):
+    """`from_pretrained` reads generation_config.json as transformers' `GenerationConfig`; on 4.46–4.5x that
+    warns about `temperature=0.0` without `do_sample`, so greedy decoding (the default) is not written."""
+    import json
+
+    for temperature in (0.0, 0.7):
+        monkeypatch.setattr(model, "generation_config", DimpleGenerationConfig(steps=5, temperature=temperature, do_sample=temperature > 0))
+        model.save_pretrained(tmp_path / str(temperature))
+        written = json.loads((tmp_path / str(temperature) / "generation_config.json").read_text())
+        assert written.get("temperature") == (temperature or None) and written["steps"] == 5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            reloaded = DimpleModel.from_pretrained(tmp_path / str(temperature))
+        config = reloaded._dimple_generation_config(None, {})
+        assert (config.steps, config.temperature) == (5, temperature)
+
+
 def test_without_a_padding_token_ended_answers_are_filled_with_end_of_text(model, monkeypatch):
     monkeypatch.setattr(model.config, "pad_token_id", None)
     monkeypatch.setattr(model, "generation_config", GenerationConfig(max_new_tokens=6, steps=6))

@@ -44,12 +44,11 @@ VISION = dict(
 
 def _save_qwen2_5_vl(folder: Path) -> Path:
     torch.manual_seed(1)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": MROPE_SECTION}, rope_theta=1e6),
-        vision_config=VISION,
-        tie_word_embeddings=False,
-        **QWEN_IDS,
-    )
+    text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": MROPE_SECTION}, rope_theta=1e6)
+    # Before 4.52 the text fields sat at the top level of the config (as in the released Qwen2.5-VL-7B config.json).
+    nested = "text_config" in getattr(Qwen2_5_VLConfig, "sub_configs", {})
+    text_fields = {"text_config": text} if nested else text
+    config = Qwen2_5_VLConfig(vision_config=VISION, tie_word_embeddings=False, **text_fields, **QWEN_IDS)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
     return folder
 

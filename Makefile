@@ -43,16 +43,20 @@ $(COMPAT_VENV)/.installed: requirements-compat.txt
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_PY) -m pytest -q tests
 
-# The suite on other transformers releases: `make test-transformers TRANSFORMERS=4.57.6` (the last 4.x) or
-# `TRANSFORMERS=5.0.0` (the first 5.x). The venv holds that transformers and the tokenizers / huggingface-hub
-# it requires, and reads everything else from .venv (a .pth file), so torch is not installed twice.
+# The suite on other transformers releases: `make test-transformers TRANSFORMERS=4.57.6` (the last 4.x),
+# `TRANSFORMERS=5.0.0` (the first 5.x), or 4.49.0 / 4.51.3 / 4.53.3 between them. The venv holds that
+# transformers and the tokenizers / huggingface-hub it requires, and reads everything else from .venv
+# (a .pth file), so torch is not installed twice.
 TRANSFORMERS ?= 4.57.6
+TRANSFORMERS_PINS_4.49.0 := transformers==4.49.0 tokenizers==0.21.4 huggingface-hub==0.36.2
+TRANSFORMERS_PINS_4.51.3 := transformers==4.51.3 tokenizers==0.21.4 huggingface-hub==0.36.2
+TRANSFORMERS_PINS_4.53.3 := transformers==4.53.3 tokenizers==0.21.4 huggingface-hub==0.36.2
 TRANSFORMERS_PINS_4.57.6 := transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.0
 TRANSFORMERS_PINS_5.0.0 := transformers==5.0.0 tokenizers==0.22.2 huggingface-hub==1.3.0
 OVERLAY_VENV := .venv-transformers-$(TRANSFORMERS)
 
 test-transformers: venv
-	@test -n "$(TRANSFORMERS_PINS_$(TRANSFORMERS))" || { echo "TRANSFORMERS must be 4.57.6 or 5.0.0"; exit 2; }
+	@test -n "$(TRANSFORMERS_PINS_$(TRANSFORMERS))" || { echo "TRANSFORMERS must be 4.49.0, 4.51.3, 4.53.3, 4.57.6 or 5.0.0"; exit 2; }
 	test -x $(OVERLAY_VENV)/bin/python || $(PYTHON) -m venv $(OVERLAY_VENV)
 	$(OVERLAY_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/zz_dimple_venv.pth', 'w').write(sys.argv[1])" \
 		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"

@@ -65,6 +65,7 @@ class DimpleProcessor(ProcessorMixin):
         padding=True,
         return_tensors=None,
         images_kwargs=None,
+        legacy=None,
         **tokenizer_kwargs,
     ) -> BatchFeature:
         r"""Prepares prompts and images for the model.
@@ -78,6 +79,8 @@ class DimpleProcessor(ProcessorMixin):
             padding: passed to the tokenizer; by default batches are padded (on the left) to the longest prompt.
             return_tensors: `"pt"`, `"np"` or `None` (lists).
             images_kwargs (`dict`, *optional*): extra arguments of the image processor call.
+            legacy: `None` or `False`, ignored: transformers 4.47–4.49's pipeline passes `legacy=False` (processors
+                that do not add image tokens on their own), which is the only behaviour of this one.
             **tokenizer_kwargs: extra arguments of the tokenizer call.
 
         Returns:
@@ -86,6 +89,8 @@ class DimpleProcessor(ProcessorMixin):
         """
         if videos is not None:
             raise ValueError("videos: Dimple is an image-text model and does not take video input.")
+        if legacy not in (None, False):
+            raise ValueError(f"legacy: must be None or False (this processor has no legacy mode), got {legacy!r}")
         if text is None and images is None:
             raise ValueError("DimpleProcessor needs `text`, `images` or both.")
         texts = None if text is None else _as_text_batch(text)

@@ -426,6 +426,13 @@ def test_other_bad_inputs(processor):
         processor(text="<|image_pad|>", images=[{"not": "an image"}])
     with pytest.raises(ValueError, match="needs `text`, `images` or both"):
         processor()
+    with pytest.raises(ValueError, match="legacy: must be None or False"):
+        processor(text="hi", legacy=True)
+
+
+def test_legacy_false_is_accepted(processor):
+    # transformers 4.47–4.49's image-text-to-text pipeline calls processors with `legacy=False`.
+    assert processor(text="hi", legacy=False)["input_ids"] == processor(text="hi")["input_ids"]
 
 
 # --- decoding ----------------------------------------------------------------------------------------------

@@ -389,7 +389,7 @@ def train(args: DimpleTrainingArguments) -> dict:
         args.model_name_or_path, use_safetensors=True, **{dtype_argument: torch.float32}
     )
     set_stage(model, args)
-    if args.gradient_checkpointing:
+    if checkpointing(args):
         model.config.use_cache = False
     tokenizer = processor.tokenizer
     collator = DimpleCollator(
@@ -404,7 +404,7 @@ def train(args: DimpleTrainingArguments) -> dict:
     dataset = ConversationDataset(samples, processor, args.max_seq_length, seed=args.seed + args.data_seed_offset)
     if args.lora_r:
         model = apply_lora(model, args)
-        if args.gradient_checkpointing:
+        if checkpointing(args):
             # With reentrant checkpointing (transformers 4.x's default) the frozen embeddings' output needs
             # requires_grad, or no gradient reaches the adapters.
             model.enable_input_require_grads()
@@ -457,8 +457,26 @@ def push_checkpoint(output_dir: str, args):
     )
 
 
+# transformers 5.23 renamed `--gradient_checkpointing[_kwargs]` to `--activation_checkpointing[_kwargs]` (the old
+# name warns that it goes in v6; older releases know only it): either spelling works on every version.
+HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+CHECKPOINTING_FLAGS = ("--gradient_checkpointing", "--activation_checkpointing")
+
+
+def respell_checkpointing_flags(argv: list) -> list:
+    """The command line with the checkpointing flags in the spelling this transformers release uses."""
+    old, new = CHECKPOINTING_FLAGS if HAS_ACTIVATION_CHECKPOINTING else CHECKPOINTING_FLAGS[::-1]
+    return [new + arg[len(old):] if arg.startswith(old) and arg[len(old):].split("=")[0] in ("", "_kwargs") else arg
+            for arg in argv]
+
+
+def checkpointing(args) -> bool:
+    return bool(args.activation_checkpointing if HAS_ACTIVATION_CHECKPOINTING else args.gradient_checkpointing)
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = respell_checkpointing_flags(sys.argv[1:] if argv is None else list(argv))
     (args,) = HfArgumentParser(DimpleTrainingArguments).parse_args_into_dataclasses(args=argv)
     return train(args)
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ from train_dimple import (  # noqa: E402
     load_conversations,
     padded_answer_length,
 )
-from transformers import GenerationConfig  # noqa: E402
+from transformers import GenerationConfig, HfArgumentParser  # noqa: E402
 
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
@@ -514,6 +515,7 @@ def test_resume_continues_from_saved_step(tiny, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("error:`gradient_checkpointing` is deprecated:FutureWarning")  # 5.23's new spelling is used
 def test_lora_with_gradient_checkpointing_trains_the_adapters_and_follows_the_seed(tiny, tmp_path):
     """Reentrant checkpointing (4.x's default) needs the embeddings' output to require grad, or the adapters
     get none; the adapters are initialised after `--seed` is set, so identical runs are identical."""
@@ -612,7 +614,7 @@ def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_pat
     data = Path(tiny["data"]).with_name("mixed.jsonl")
     data.write_text("".join(json.dumps(record) + "\n" for record in records))
     # SGD: Adam would turn gradients that are rounding noise (k_proj's bias: softmax ignores it) into full steps.
-    common = ("--logging_steps", "1", "--gradient_checkpointing", "true", "--optim", "sgd", *extra)
+    common = ("--logging_steps", "1", "--activation_checkpointing", "true", "--optim", "sgd", *extra)
 
     single = run(tiny, tmp_path / "single", *common, "--per_device_train_batch_size", "4", stage=stage,
                  steps=3, data=data)
@@ -715,6 +717,22 @@ def test_bad_samples_are_named_before_training(tiny, tmp_path, no_training, prob
     with pytest.raises(ValueError, match=pattern):
         run(tiny, tmp_path / "out", data=data, steps=2)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("spelling", ["--gradient_checkpointing", "--activation_checkpointing"])
+def test_either_spelling_of_the_checkpointing_flags_works_without_a_deprecation_warning(tmp_path, spelling):
+    """transformers 5.23 renamed the flags (the old name warns); older releases know only the old one."""
+    argv = ["--output_dir", str(tmp_path), f"{spelling}=true", f"{spelling}_kwargs", '{"use_reentrant": false}']
+    current = "activation" if train_dimple.HAS_ACTIVATION_CHECKPOINTING else "gradient"
+    assert train_dimple.respell_checkpointing_flags(argv)[2:4] == [f"--{current}_checkpointing=true", f"--{current}_checkpointing_kwargs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        (args,) = HfArgumentParser(train_dimple.DimpleTrainingArguments).parse_args_into_dataclasses(
+            args=train_dimple.respell_checkpointing_flags(argv)
+        )
+    assert train_dimple.checkpointing(args)
+    assert getattr(args, f"{current}_checkpointing_kwargs") == {"use_reentrant": False}
+    assert train_dimple.respell_checkpointing_flags(["--gradient_checkpointing_other", "1"]) == ["--gradient_checkpointing_other", "1"]
 
 
 @pytest.mark.parametrize(

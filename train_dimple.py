@@ -25,6 +25,7 @@ import os
 import pathlib
 import random
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -341,7 +342,10 @@ def apply_lora(model: DimpleModel, args: DimpleTrainingArguments):
         target_modules=r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
         modules_to_save=[name for name in args.trainable_modules if name in ("img_projector", "lm_head", "visual")],
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads `model.is_gradient_checkpointing`, which transformers 5.23 deprecates.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def save_checkpoint(model, processor, output_dir: str) -> None:

@@ -516,6 +516,7 @@ def test_resume_continues_from_saved_step(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("error:`gradient_checkpointing` is deprecated:FutureWarning")  # 5.23's new spelling is used
+@pytest.mark.filterwarnings("error:`is_gradient_checkpointing` is deprecated:FutureWarning")  # read by peft
 def test_lora_with_gradient_checkpointing_trains_the_adapters_and_follows_the_seed(tiny, tmp_path):
     """Reentrant checkpointing (4.x's default) needs the embeddings' output to require grad, or the adapters
     get none; the adapters are initialised after `--seed` is set, so identical runs are identical."""

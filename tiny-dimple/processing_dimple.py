@@ -79,8 +79,8 @@ class DimpleProcessor(ProcessorMixin):
             padding: passed to the tokenizer; by default batches are padded (on the left) to the longest prompt.
             return_tensors: `"pt"`, `"np"` or `None` (lists).
             images_kwargs (`dict`, *optional*): extra arguments of the image processor call.
-            legacy: `None` or `False`, ignored: transformers 4.47–4.49's pipeline passes `legacy=False` (processors
-                that do not add image tokens on their own), which is the only behaviour of this one.
+            legacy: `None` or `False`, ignored: transformers 4.47–4.49's pipeline passes `legacy=False` to ask
+                processors for their current behaviour, the only one this processor has.
             **tokenizer_kwargs: extra arguments of the tokenizer call.
 
         Returns:

@@ -605,6 +605,7 @@ def test_stacked_qkv_projections_leave_training_on_the_separate_layers():
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft reads it (5.23)
 def test_stacked_qkv_projections_keep_peft_adapters_and_hooks():
     """A LoRA-wrapped or hooked projection computes something the stacked weights do not: such layers are not
     stacked, and the adapters change the decode's logits exactly as merging them into the weights does."""

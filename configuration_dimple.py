@@ -161,6 +161,10 @@ class DimpleConfig(PretrainedConfig):
         self.vision_token_id = vision_token_id
         self.mask_token_id = mask_token_id
 
+        if not isinstance(full_attn_mask, bool):  # a truthy string such as "false" would mean bidirectional
+            raise ValueError(
+                f"`full_attn_mask` must be True (bidirectional, diffusion) or False (causal), got {full_attn_mask!r}"
+            )
         for name, value in (("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")

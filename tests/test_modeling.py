@@ -427,10 +427,12 @@ def test_all_ones_mask_equals_no_mask(full_attn_mask, monkeypatch):
     assert calls and all(m is not None and m.dtype == torch.bool and not c for m, c in calls)
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("full_attn_mask", [True, False], ids=["bidirectional", "causal"])
-def test_eager_attention_matches_sdpa(full_attn_mask):
+def test_eager_attention_matches_sdpa(full_attn_mask, padded):
+    # Unpadded causal is the case where SDPA gets no mask, only `is_causal`: eager must build the causal mask.
     model = make_model(seed=8, full_attn_mask=full_attn_mask)
-    ids, mask = text_batch(seed=8)
+    ids, mask = text_batch(seed=8) if padded else text_batch(seed=8, lengths=(9, 9, 9))
     with torch.no_grad():
         sdpa = model(input_ids=ids, attention_mask=mask)
         eager = model(input_ids=ids, attention_mask=mask, output_attentions=True)
@@ -884,6 +886,15 @@ def _bad_inputs():
             dict(batch, image_grid_thw=torch.tensor([[1, 8, 8], [1, 3, 16]])),
             r"`image_grid_thw`",
         ),
+        # placeholders with nothing to fill them (the grid or position ids alone give the positions)
+        "image-tokens-without-pixel-values": (
+            {k: v for k, v in batch.items() if k != "pixel_values"},
+            r"`input_ids` has 28 placeholder tokens \(id \d+\) but no `pixel_values` were given",
+        ),
+        "image-tokens-with-position-ids-only": (
+            dict(input_ids=ids, attention_mask=mask, position_ids=torch.zeros(3, *ids.shape, dtype=torch.long)),
+            r"no `pixel_values`",
+        ),
         "pixel-values-without-grid": (
             {k: v for k, v in batch.items() if k != "image_grid_thw"},
             r"`image_grid_thw`",
@@ -900,6 +911,23 @@ def _bad_inputs():
         "attention-mask-shape-with-positions": (
             dict(input_ids=text_ids, attention_mask=text_mask[:, 1:], position_ids=text_positions(text_mask)),
             r"`attention_mask`",
+        ),
+        # a float 0/1 mask would be added to the attention scores by SDPA, not read as "may attend"
+        "attention-mask-4d-float": (
+            dict(input_ids=text_ids, attention_mask=torch.ones(2, 1, 8, 8)),
+            r"`attention_mask` must be .* boolean \(batch, 1, q_len, seq\) = \(2, 1, 8, 8\) .*got torch.float32",
+        ),
+        "attention-mask-3d": (
+            dict(input_ids=text_ids, attention_mask=torch.ones(2, 8, 8, dtype=torch.bool)),
+            r"`attention_mask` must be .* of shape \(2, 8, 8\)",
+        ),
+        "labels-shape": (
+            dict(input_ids=text_ids, labels=text_ids[:, 1:]),
+            r"`labels` must have the inputs' shape \(batch, seq\) = \(2, 8\), got \(2, 7\)",
+        ),
+        "labels-with-logits-to-keep": (
+            dict(input_ids=text_ids, labels=text_ids, logits_to_keep=3),
+            r"`labels` need the logits of every position: leave `logits_to_keep` at 0, got 3",
         ),
         "both-ids-and-embeds": (
             dict(input_ids=text_ids, inputs_embeds=torch.zeros(2, 8, 64)),
@@ -924,6 +952,7 @@ def test_bad_input_raises_before_running(model, monkeypatch, case):
         (dict(num_key_value_heads=3), r"num_attention_heads by num_key_value_heads \(3\)"),
         (dict(hidden_size=100), r"hidden_size \(100\) must be divisible by num_attention_heads \(28\)"),
         (dict(mrope_section=(16, 24, 16)), r"mrope_section \[16, 24, 16\] must sum to head_dim / 2 = 64"),
+        (dict(full_attn_mask="false"), r"`full_attn_mask` must be True \(bidirectional, diffusion\) or False \(causal\), got 'false'"),
     ],
 )
 def test_bad_config_values_are_named(values, pattern):

@@ -414,8 +414,8 @@ class DimpleAttention(nn.Module):
         k, v = key_value.transpose(1, 2).split(kv_heads, dim=1)  # (batch, kv_heads, keys, head_dim) each
         dropout = self.attention_dropout if self.training else 0.0
         if output_attentions or uses_eager_attention(self.config):
-            if is_causal:
-                attn_mask = build_attention_mask(None, q_len, k.shape[-2], True, q.device)
+            if is_causal:  # SDPA's `is_causal` flag has no eager counterpart: the mask is built whole
+                attn_mask = build_attention_mask(None, q_len, k.shape[-2], True, q.device, explicit=True)
             out, probs = eager_attention(q, k, v, attn_mask, dropout, self.training)
         else:
             out = F.scaled_dot_product_attention(
@@ -428,14 +428,14 @@ class DimpleAttention(nn.Module):
 
 def build_attention_mask(
     padding_mask: Optional[torch.Tensor], q_len: int, k_len: int, is_causal: bool, device=None,
-    query_positions: Optional[torch.Tensor] = None,
+    query_positions: Optional[torch.Tensor] = None, explicit: bool = False,
 ) -> Optional[torch.Tensor]:
     """Boolean (batch, 1, q_len, k_len) mask, True = may attend; the queries are the last q_len of the
     k_len positions, or `query_positions` (a window of a cached sequence). Padding (0 in the (batch, k_len)
     `padding_mask`) is excluded as key and every query may attend to itself, so a padded query row is never
     empty; causal masking is folded in. Returns None when SDPA needs no mask (no padding, and not causal or
-    square causal)."""
-    if padding_mask is None and (not is_causal or q_len == k_len):
+    square causal, which SDPA's `is_causal` covers), unless `explicit` (eager attention) asks for one."""
+    if padding_mask is None and not explicit and (not is_causal or q_len == k_len):
         return None
     device = padding_mask.device if padding_mask is not None else device
     if query_positions is None:
@@ -743,6 +743,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             (pixel_values_videos, video_grid_thw, self.config.video_token_id, "pixel_values_videos", "video_grid_thw"),
         ):
             if pixels is None:
+                if input_ids is not None and bool((input_ids == token_id).any()):
+                    raise ValueError(
+                        f"image tokens and image features do not match: `input_ids` has "
+                        f"{int((input_ids == token_id).sum())} placeholder tokens (id {token_id}) but no `{name}` "
+                        f"were given"
+                    )
                 continue
             if grid is None:
                 raise ValueError(f"`{name}` was given without `{grid_name}`")
@@ -787,6 +793,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         video_grid_thw=None,
     ) -> torch.Tensor:
         """Token embeddings with image/video features written over their placeholder tokens."""
+        vocab_size = self.model.embed_tokens.num_embeddings
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(outside.any()):  # else an IndexError deep in the embedding (a device-side assert on CUDA)
+            raise ValueError(
+                f"`input_ids` must be token ids in [0, {vocab_size}), got {input_ids[outside].unique()[:5].tolist()}"
+            )
         visual = self._visual_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         embeds = self.model.embed_tokens(input_ids)
         for item in visual:
@@ -862,6 +874,15 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device, window)
         elif attention_mask is None:
             attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device, window)
+        elif (
+            attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or attention_mask.shape[0] not in (1, batch) or tuple(attention_mask.shape[2:]) != (q_len, k_len)
+        ):  # a float 0/1 mask would be added to the scores by SDPA, not read as "may attend"
+            raise ValueError(
+                f"`attention_mask` must be a (batch, seq) padding mask or a boolean (batch, 1, q_len, seq) = "
+                f"({batch}, 1, {q_len}, {k_len}) mask (True = may attend), got {attention_mask.dtype} of shape "
+                f"{tuple(attention_mask.shape)}"
+            )
         # A prepared 4-D mask already holds the causal part; SDPA's own flag is for the mask-free case.
         is_causal = is_causal and attention_mask is None
         return self.model(
@@ -921,6 +942,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             raise TypeError(f"DimpleModel.forward() got unexpected keyword arguments {sorted(loss_kwargs)}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if labels is not None:
+            inputs_shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+            if tuple(labels.shape) != inputs_shape:
+                raise ValueError(f"`labels` must have the inputs' shape (batch, seq) = {inputs_shape}, got {tuple(labels.shape)}")
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError(f"`labels` need the logits of every position: leave `logits_to_keep` at 0, got {logits_to_keep!r}")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw

@@ -51,6 +51,7 @@ STAGE_TRAINABLE = {
 }
 MODULES = ("visual", "img_projector", "model", "lm_head")
 IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass
@@ -158,8 +159,20 @@ def load_conversations(data_path: str, image_folder: Optional[str] = None) -> li
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError(f"sample {name}: `messages` must be a list of {{role, content}} objects")
         messages = [_normalise_message(m) for m in messages]
+        for message in messages:
+            if message["role"] not in ROLES:
+                raise ValueError(
+                    f"sample {name}: role {message['role']!r} is not one of {', '.join(ROLES)} (or LLaVA's human, gpt)"
+                )
+            if not isinstance(message["content"], str):
+                raise ValueError(
+                    f"sample {name}: a message's `content` must be a string, images as `{IMAGE_PLACEHOLDER}` "
+                    f"placeholders, got {type(message['content']).__name__}"
+                )
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             raise ValueError(f"sample {name}: the conversation must end with a non-empty assistant answer")
+        if IMAGE_PLACEHOLDER in messages[-1]["content"]:
+            raise ValueError(f"sample {name}: the answer (the last message) holds `{IMAGE_PLACEHOLDER}`; images go in the prompt")
         images = record.get("images", record.get("image", []))
         images = [images] if isinstance(images, str) else list(images)
         images = [str(root / image) for image in images]

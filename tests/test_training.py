@@ -701,11 +701,25 @@ def _good(tiny, index: int) -> dict:
     return record
 
 
-@pytest.mark.parametrize("problem", ["placeholders", "missing-image", "empty-answer"])
+@pytest.mark.parametrize(
+    "problem", ["placeholders", "missing-image", "empty-answer", "image-in-answer", "list-content", "null-content", "role"]
+)
 def test_bad_samples_are_named_before_training(tiny, tmp_path, no_training, problem):
     bad = _good(tiny, 3)
     bad["id"] = "the-bad-one"
-    if problem == "placeholders":
+    if problem == "image-in-answer":  # the processor would only fail on it inside the dataloader, mid-training
+        bad["messages"][0]["content"] = bad["messages"][0]["content"].replace("<image>\n", "")
+        bad["messages"][-1]["content"] = "<image>\n" + bad["messages"][-1]["content"]
+        pattern = r"sample the-bad-one: the answer \(the last message\) holds `<image>`"
+    elif problem in ("list-content", "null-content"):
+        bad["messages"][0]["content"] = [{"type": "text", "text": "hi"}] if problem == "list-content" else None
+        pattern = r"sample the-bad-one: a message's `content` must be a string, .*got " + (
+            "list" if problem == "list-content" else "NoneType"
+        )
+    elif problem == "role":
+        bad["messages"][0]["role"] = "bot"
+        pattern = r"sample the-bad-one: role 'bot' is not one of system, user, assistant"
+    elif problem == "placeholders":
         bad["messages"][0]["content"] = "<image>\n<image>\nWhat color is the shape?"
         pattern = r"sample the-bad-one: 2 `<image>` placeholders but 1 images"
     elif problem == "missing-image":

@@ -949,20 +949,24 @@ def test_checkpoint_generation_config_file(model, monkeypatch):
 
 
 def test_a_saved_generation_config_reloads_without_warnings(model, tmp_path, monkeypatch):
-    """`from_pretrained` reads generation_config.json as transformers' `GenerationConfig`; on 4.46–4.5x that
-    warns about `temperature=0.0` without `do_sample`, so greedy decoding (the default) is not written."""
+    """`from_pretrained` reads generation_config.json as transformers' `GenerationConfig`. Greedy decoding (the
+    default) is not written: 4.46–4.5x warn about `temperature=0.0` without `do_sample`. Sampling is written with
+    `do_sample: true`: without it 4.x dropped temperature 1.0 (its default; the model reloaded greedy) and 5.x
+    warns. 4.x's default top_k=50 does not come back as a filter."""
     import json
 
-    for temperature in (0.0, 0.7):
-        monkeypatch.setattr(model, "generation_config", DimpleGenerationConfig(steps=5, temperature=temperature, do_sample=temperature > 0))
-        model.save_pretrained(tmp_path / str(temperature))
-        written = json.loads((tmp_path / str(temperature) / "generation_config.json").read_text())
+    for temperature, top_k in ((0.0, None), (0.7, None), (1.0, None), (0.7, 20)):
+        folder = tmp_path / f"{temperature}-{top_k}"
+        monkeypatch.setattr(model, "generation_config", DimpleGenerationConfig(steps=5, temperature=temperature, top_k=top_k))
+        model.save_pretrained(folder)
+        written = json.loads((folder / "generation_config.json").read_text())
         assert written.get("temperature") == (temperature or None) and written["steps"] == 5
+        assert written.get("do_sample", False) == (temperature > 0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            reloaded = DimpleModel.from_pretrained(tmp_path / str(temperature))
+            reloaded = DimpleModel.from_pretrained(folder)
         config = reloaded._dimple_generation_config(None, {})
-        assert (config.steps, config.temperature) == (5, temperature)
+        assert (config.steps, config.temperature, config.top_k, config.top_p) == (5, temperature, top_k, None)
 
 
 def test_without_a_padding_token_ended_answers_are_filled_with_end_of_text(model, monkeypatch):
@@ -1037,7 +1041,9 @@ def test_sampling_settings_equal_to_transformers_defaults_are_kept(model):
         (dict(eps="0.01"), "`eps` must be a number in \\(0, 1\\), got '0.01'"),
         (dict(eps=None), "`eps`"),
         (dict(alg_p_threshold="0.9"), "`alg_p_threshold`"),
-        (dict(temperature=float("nan")), "`temperature` must be a number >= 0"),
+        (dict(temperature=float("nan")), "`temperature` must be 0 \\(greedy\\) or a number >= 1e-06"),
+        # greedy in effect, and the scaled logits would overflow to inf (NaN probabilities)
+        (dict(temperature=1e-39), "`temperature` must be 0 \\(greedy\\) or a number >= 1e-06, got 1e-39"),
         (dict(temperature="0.5"), "`temperature`"),
         (dict(top_p="0.9"), "`top_p`"),
         (dict(alg_temp="1"), "`alg_temp`"),
@@ -1068,6 +1074,13 @@ def test_bad_arguments_raise_before_any_forward(model, monkeypatch, kwargs, matc
     assert calls == []
 
 
+@pytest.mark.parametrize("hook", ["generation_tokens_hook_func", "generation_logits_hook_func"])
+def test_a_hook_that_returns_nothing_is_named(model, hook):
+    shape = r"\(1, 10\)" if hook == "generation_tokens_hook_func" else r"\(1, 4, 300\)"
+    with pytest.raises(ValueError, match=rf"`{hook}` must return a torch\.\w+ tensor of shape {shape}, got NoneType"):
+        model.diffusion_generate(text_inputs(), max_new_tokens=4, steps=4, **{hook: lambda step, x, logits: None})
+
+
 def test_bad_prompts_raise_before_any_forward(model, monkeypatch):
     calls = []
     monkeypatch.setattr(model, "decoder_forward", lambda *a, **k: calls.append("forward"))
@@ -1087,8 +1100,12 @@ def test_bad_prompts_raise_before_any_forward(model, monkeypatch):
     right_padded = torch.tensor([[BOS_ID, 20, 21, 22], [BOS_ID, 20, PAD_ID, PAD_ID]])
     with pytest.raises(ValueError, match="`attention_mask` must be left-padded"):
         model.diffusion_generate(right_padded, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
-    with pytest.raises(ValueError, match=r"`attention_mask` must have the prompt's shape \(2, 4\), got \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"`attention_mask` must be a tensor of the prompt's shape \(2, 4\), got shape \(2, 3\)"):
         model.diffusion_generate(padded, attention_mask=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`attention_mask` must be a tensor of the prompt's shape \(2, 4\), got list"):
+        model.diffusion_generate(padded, attention_mask=[[1] * 4] * 2)
+    with pytest.raises(ValueError, match=r"`input_ids` must be token ids in \[0, 300\), got \[-1, 300\]"):
+        model.diffusion_generate(torch.tensor([[BOS_ID, 300, 20, -1]]))
     with pytest.raises(ValueError, match=r"`inputs` must be a tensor of token ids \(torch.long\), got list"):
         model.diffusion_generate([[BOS_ID, 20]])
     with pytest.raises(ValueError, match="got Tensor of torch.float32"):

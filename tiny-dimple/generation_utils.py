@@ -42,7 +42,7 @@ SETTINGS = (
     "stop_at_eos", "use_cuda_graph", "use_torch_compile", "output_history", "return_dict_in_generate",
     "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample",
 )
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+MIN_TEMPERATURE = 1e-6
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -59,7 +59,7 @@ class DimpleGenerationConfig(GenerationConfig):
         use_original_confidence (`bool`, defaults to `True`): confidence from the unmodified distribution
             (before temperature / top-p / top-k) in the `dim` pipeline.
         decoding_pipeline (`str`, defaults to `"dim"`): `"dim"` (Dimple, early exit) or `"dream"`.
-        temperature (`float`, defaults to 0.0): 0 is greedy. `top_p` / `top_k` are off unless set.
+        temperature (`float`, defaults to 0.0): 0 is greedy, else >= 1e-6. `top_p` / `top_k` are off unless set.
         mask_token_id (`int`, *optional*): the `<|mask|>` id (defaults to the model config's).
         stop_at_eos (`bool`, defaults to `False`): once a row commits an end-of-text token at position k,
             its masks after k become `<|endoftext|>` at once (saves passes; the release does not do this).
@@ -113,12 +113,15 @@ class DimpleGenerationConfig(GenerationConfig):
         """Autoregressive-sampling checks of the base class do not apply; see `check_generation_config`."""
 
     def to_diff_dict(self) -> dict:
-        """What `save_pretrained` writes. Greedy decoding (temperature 0, the default) is left out:
-        `from_pretrained` reads the file as transformers' `GenerationConfig`, which on 4.46–4.5x warns that
-        `temperature=0.0` without `do_sample` is a mistake "the corresponding file should fix"."""
+        """What `save_pretrained` writes, in terms `from_pretrained` reads back the same: it reads the file as
+        transformers' `GenerationConfig`. Greedy decoding (temperature 0, the default) is left out, since 4.46–4.5x
+        warn that `temperature=0.0` without `do_sample` is a mistake "the corresponding file should fix";
+        sampling (temperature > 0) is written with `do_sample: true`, without which 4.x drops temperature 1.0
+        (its own default) and 5.x warns that the temperature may be ignored."""
         values = super().to_diff_dict()
-        if not values.get("temperature", 1):
-            values.pop("temperature")
+        values.pop("temperature", None)
+        if self.temperature:
+            values.update(do_sample=True, temperature=self.temperature)
         return values
 
 
@@ -153,8 +156,9 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
         fail("top_p", "a number in (0, 1] (or None)", config.top_p)
     if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 1):
         fail("top_k", "an integer >= 1 (or None)", config.top_k)
-    if not (_is_real(config.temperature) and config.temperature >= 0):
-        fail("temperature", "a number >= 0 (0 is greedy)", config.temperature)
+    if not (_is_real(config.temperature) and (config.temperature == 0 or config.temperature >= MIN_TEMPERATURE)):
+        # below it, sampling is greedy in effect and the scaled logits can overflow to inf (NaN probabilities)
+        fail("temperature", f"0 (greedy) or a number >= {MIN_TEMPERATURE}", config.temperature)
     if not (_is_real(config.eps) and 0 < config.eps < 1):
         fail("eps", "a number in (0, 1)", config.eps)
     if config.alg_temp is not None and not (_is_real(config.alg_temp) and config.alg_temp >= 0):
@@ -184,17 +188,13 @@ def check_generation_config(config: DimpleGenerationConfig) -> None:
 def fields_set_by(config: GenerationConfig) -> dict:
     """The fields a generation config sets: those that differ from its class's defaults (a
     `DimpleGenerationConfig`'s, or transformers' `GenerationConfig`'s, whose autoregressive defaults such as
-    4.x's top_k=50 must not leak into diffusion decoding)."""
+    4.x's top_k=50 must not leak into diffusion decoding, with `do_sample` or without: on 4.x a file's
+    explicit top_k 50 reads the same as none). `do_sample` without a temperature samples at 1.0."""
     dimple = isinstance(config, DimpleGenerationConfig)
     defaults = (DimpleGenerationConfig() if dimple else GenerationConfig()).to_dict()
     values = {k: v for k, v in config.to_dict().items() if k not in defaults or defaults[k] != v}
-    if not dimple:
-        if config.use_cache is not None:
-            values["use_cache"] = config.use_cache  # transformers 4.x's default is True, the release's setting
-        if config.do_sample:
-            # 4.x cannot tell set sampling values from its defaults (temperature 1.0, top_k 50); with
-            # `do_sample` they are what transformers samples with.
-            values.update({k: getattr(config, k) for k in SAMPLING_FIELDS if getattr(config, k) is not None})
+    if not dimple and config.use_cache is not None:
+        values["use_cache"] = config.use_cache  # transformers 4.x's default is True, the release's setting
     return {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
 
 
@@ -247,7 +247,9 @@ def score_positions(logits: torch.Tensor, config, original_confidence: bool, gen
     filtered = filter_logits(candidates, config.temperature, config.top_p, config.top_k)
     if config.temperature > 0:
         probs = filtered.softmax(dim=-1)
-        tokens = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
+        # torch.multinomial's draw of one sample, argmax(p / q) with q ~ Exp(1) (the same numbers for the same
+        # generator), without the two validity checks it reads back to the host: no sync inside the step.
+        tokens = (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
     else:
         probs, tokens = None, filtered.argmax(dim=-1)  # greedy needs no softmax of the filtered logits
     if original_confidence or probs is None:
@@ -561,6 +563,15 @@ class SettledTextStream:
         self.streamer.end()
 
 
+def hook_result(name: str, result, expected: torch.Tensor) -> torch.Tensor:
+    """What a decoding hook returned, checked to be a tensor like the one it was given (a hook that forgets
+    to return it would otherwise fail deep in the next step)."""
+    if not torch.is_tensor(result) or result.shape != expected.shape or result.dtype != expected.dtype:
+        got = f"{result.dtype} of shape {tuple(result.shape)}" if torch.is_tensor(result) else type(result).__name__
+        raise ValueError(f"`{name}` must return a {expected.dtype} tensor of shape {tuple(expected.shape)}, got {got}")
+    return result
+
+
 def end_of_text_ids(config, device) -> torch.Tensor:
     """The tokens that end an answer: the padding token and every end-of-sequence id."""
     return torch.tensor(sorted({config.pad_token_id, *_as_list(config.eos_token_id)} - {None}), device=device)
@@ -685,7 +696,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 answer canvas, fixed; mask tokens in it are generated, other tokens never change, and an
                 end-of-text at position k ends the answer there. A string needs `tokenizer=`.
             generation_tokens_hook_func (`Callable[[step, x, logits], x]`, *optional*): called with step None
-                before the first step, then after every step; may rewrite the sequences `x`.
+                before the first step, then after every step; may rewrite the answer positions of the sequences
+                `x` (the prompt is encoded once, before the first step: edits to it do not reach the model).
             generation_logits_hook_func (`Callable[[step, x, logits], logits]`, *optional*): may rewrite the
                 logits of a step. The logits passed to both hooks are those of the answer canvas,
                 `(batch, max_new_tokens, vocab)`: `logits[:, j]` predicts `x[:, prompt_length + j]`; with
@@ -733,9 +745,10 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError(f"`inputs` must be (batch, prompt) token ids, prompt >= 1, got shape {tuple(input_ids.shape)}")
         prompt_len = input_ids.shape[1]
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
                 raise ValueError(
-                    f"`attention_mask` must have the prompt's shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+                    f"`attention_mask` must be a tensor of the prompt's shape {tuple(input_ids.shape)}, got "
+                    + (f"shape {tuple(attention_mask.shape)}" if torch.is_tensor(attention_mask) else type(attention_mask).__name__)
                 )
             # Left padding only: the answer canvas follows the last prompt token of every row.
             if bool((attention_mask[:, 1:].long() < attention_mask[:, :-1].long()).any()):
@@ -810,7 +823,7 @@ class DimpleGenerationMixin(GenerationMixin):
             # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
             with self.stacked_qkv_projections():
                 if tokens_hook is not None:
-                    x = tokens_hook(None, x, None)
+                    x = hook_result("generation_tokens_hook_func", tokens_hook(None, x, None), x)
                     # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
                     x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
                 history = [] if config.output_history else None
@@ -831,7 +844,7 @@ class DimpleGenerationMixin(GenerationMixin):
                         if tokens_hook is not None or logits_hook is not None:  # hooks see the whole block's logits
                             logits = self.lm_head(hidden)
                             if logits_hook is not None:
-                                logits = logits_hook(forward_passes - 1, x, logits)
+                                logits = hook_result("generation_logits_hook_func", logits_hook(forward_passes - 1, x, logits), logits)
                             masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
                         else:  # the head only where a token is scored
                             masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
@@ -844,7 +857,7 @@ class DimpleGenerationMixin(GenerationMixin):
                             answer = x[:, prompt_len:]
                             x[:, prompt_len:] = fill_after_end_of_text(answer, mask_id, end_ids, config.pad_token_id)
                         if tokens_hook is not None:
-                            x = tokens_hook(forward_passes - 1, x, logits)
+                            x = hook_result("generation_tokens_hook_func", tokens_hook(forward_passes - 1, x, logits), x)
                         if history is not None:
                             history.append(x.clone())
                         if streamer is not None:

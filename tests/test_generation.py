@@ -1136,8 +1136,9 @@ class HostSyncRecorder(TorchDispatchMode):
     `tolist()` of a CPU tensor bypasses the dispatcher and is not seen (on CUDA it copies to the host, which
     `torch.cuda.set_sync_debug_mode` reports)."""
 
+    # multinomial reads two validity checks back inside its kernel, below the dispatcher: named here
     DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2",
-                      "unique_dim", "unique_consecutive"}
+                      "unique_dim", "unique_consecutive", "multinomial"}
 
     def __init__(self):
         super().__init__()

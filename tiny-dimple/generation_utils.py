@@ -566,7 +566,10 @@ class SettledTextStream:
 def hook_result(name: str, result, expected: torch.Tensor) -> torch.Tensor:
     """What a decoding hook returned, checked to be a tensor like the one it was given (a hook that forgets
     to return it would otherwise fail deep in the next step)."""
-    if not torch.is_tensor(result) or result.shape != expected.shape or result.dtype != expected.dtype:
+    if (  # a hook may return logits in another float dtype; token ids must stay integers
+        not torch.is_tensor(result) or result.shape != expected.shape
+        or result.dtype.is_floating_point != expected.dtype.is_floating_point
+    ):
         got = f"{result.dtype} of shape {tuple(result.shape)}" if torch.is_tensor(result) else type(result).__name__
         raise ValueError(f"`{name}` must return a {expected.dtype} tensor of shape {tuple(expected.shape)}, got {got}")
     return result

@@ -3,7 +3,37 @@
 The defaults are the values of the released Dimple-7B checkpoint, so `DimpleConfig()` describes it.
 """
 
+import math
+
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    """A finite number > 0 (a JSON int such as 10000 is fine)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+
+
+def _check_activation(name: str, value) -> None:
+    if not isinstance(value, str) or value not in ACT2FN:
+        raise ValueError(f"`{name}` must be one of transformers' activations {sorted(ACT2FN)}, got {value!r}")
+
+
+# The special token ids a config holds: each must be a row of the embedding (eos may be a list of ids).
+TOKEN_ID_FIELDS = (
+    "pad_token_id", "bos_token_id", "eos_token_id", "image_token_id", "video_token_id", "vision_start_token_id",
+    "vision_end_token_id", "vision_token_id", "mask_token_id",
+)
 
 
 class DimpleVisionConfig(PretrainedConfig):
@@ -58,11 +88,49 @@ class DimpleVisionConfig(PretrainedConfig):
         self.temporal_patch_size = temporal_patch_size
         self.spatial_merge_size = spatial_merge_size
         self.window_size = window_size
-        self.fullatt_block_indexes = list(fullatt_block_indexes)
+        self.fullatt_block_indexes = (
+            list(fullatt_block_indexes) if isinstance(fullatt_block_indexes, (list, tuple)) else fullatt_block_indexes
+        )
         self.out_hidden_size = out_hidden_size
         self.tokens_per_second = tokens_per_second
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Raise a `ValueError` naming the first field whose value cannot describe a vision tower (called when
+        the config is built, so a tampered config.json fails on loading, not deep inside a forward)."""
+        for name in (
+            "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+            "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size",
+        ):
+            _check_int(f"vision_config.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"`vision_config.hidden_size` ({self.hidden_size}) must be divisible by `vision_config.num_heads` "
+                f"({self.num_heads}) into heads whose size is a multiple of 4 (the 2-D rotary embedding's row and "
+                "column halves)"
+            )
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit:
+            raise ValueError(
+                f"`vision_config.window_size` ({self.window_size}) must be a multiple of patch_size × "
+                f"spatial_merge_size = {unit} pixels (whole merged tokens per window side)"
+            )
+        indexes = self.fullatt_block_indexes
+        if not isinstance(indexes, list) or not all(_is_int(i) and 0 <= i < self.depth for i in indexes) or len(
+            set(indexes)
+        ) != len(indexes):
+            raise ValueError(
+                f"`vision_config.fullatt_block_indexes` must be distinct block indexes in [0, depth = {self.depth}), "
+                f"got {indexes}"
+            )
+        _check_positive("vision_config.tokens_per_second", self.tokens_per_second)
+        _check_activation("vision_config.hidden_act", self.hidden_act)
+        if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) or not (
+            self.initializer_range >= 0
+        ):
+            raise ValueError(f"`vision_config.initializer_range` must be a number >= 0, got {self.initializer_range!r}")
 
 
 class DimpleConfig(PretrainedConfig):
@@ -129,6 +197,11 @@ class DimpleConfig(PretrainedConfig):
             vision_config = DimpleVisionConfig(**vision_config)
         elif vision_config is None:
             vision_config = DimpleVisionConfig()
+        elif not isinstance(vision_config, PretrainedConfig):
+            raise ValueError(
+                "`vision_config` must be a dict of DimpleVisionConfig fields or a DimpleVisionConfig, got "
+                f"{type(vision_config).__name__}"
+            )
         self.vision_config = vision_config
 
         self.vocab_size = vocab_size
@@ -151,7 +224,7 @@ class DimpleConfig(PretrainedConfig):
             self.rope_parameters = {"rope_theta": rope_theta, **(rope_scaling or {})}
         else:
             self.rope_scaling = rope_scaling
-        self.mrope_section = list(mrope_section)
+        self.mrope_section = list(mrope_section) if isinstance(mrope_section, (list, tuple)) else mrope_section
         self.attention_dropout = attention_dropout
         self.full_attn_mask = full_attn_mask
         self.image_token_id = image_token_id
@@ -161,23 +234,6 @@ class DimpleConfig(PretrainedConfig):
         self.vision_token_id = vision_token_id
         self.mask_token_id = mask_token_id
 
-        if not isinstance(full_attn_mask, bool):  # a truthy string such as "false" would mean bidirectional
-            raise ValueError(
-                f"`full_attn_mask` must be True (bidirectional, diffusion) or False (causal), got {full_attn_mask!r}"
-            )
-        for name, value in (("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        head_dim = hidden_size // num_attention_heads
-        if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}), "
-                f"and num_attention_heads by num_key_value_heads ({num_key_value_heads})"
-            )
-        if sum(self.mrope_section) != head_dim // 2:
-            raise ValueError(
-                f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
-            )
         # Also transformers' image-text-to-text model class, so `pipeline("image-text-to-text", model=folder,
         # trust_remote_code=True)` loads it (save_pretrained adds the AutoConfig / AutoModel entries).
         kwargs["auto_map"] = {"AutoModelForImageTextToText": "modeling_dimple.DimpleModel", **kwargs.get("auto_map", {})}
@@ -188,6 +244,65 @@ class DimpleConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Raise a `ValueError` naming the first field whose value cannot describe a Dimple model. Called when
+        the config is built (so a tampered config.json fails on loading, not deep inside a forward or with NaN
+        logits) and again by the model (for values set after that, e.g. `from_pretrained(..., field=value)`)."""
+        if not isinstance(self.full_attn_mask, bool):  # a truthy string such as "false" would mean bidirectional
+            raise ValueError(
+                f"`full_attn_mask` must be True (bidirectional, diffusion) or False (causal), got {self.full_attn_mask!r}"
+            )
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings",
+        ):
+            _check_int(name, getattr(self, name))
+        hidden_size, heads, kv_heads = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if hidden_size % heads or heads % kv_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({heads}), "
+                f"and num_attention_heads by num_key_value_heads ({kv_heads})"
+            )
+        head_dim = hidden_size // heads
+        if head_dim % 2:
+            raise ValueError(
+                f"hidden_size / num_attention_heads = {head_dim} (the head size) must be even for rotary embeddings"
+            )
+        section = self.mrope_section
+        if (
+            not isinstance(section, list) or len(section) != 3 or not all(_is_int(n) and n >= 0 for n in section)
+            or sum(section) != head_dim // 2
+        ):
+            raise ValueError(
+                f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}, as 3 integers >= 0 (the "
+                "rotary frequencies of the t, h and w positions)"
+            )
+        _check_activation("hidden_act", self.hidden_act)
+        _check_positive("rms_norm_eps", self.rms_norm_eps)
+        _check_positive("rope_theta", self.rope_theta)
+        dropout = self.attention_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"`attention_dropout` must be a number in [0, 1), got {dropout!r}")
+        init = self.initializer_range
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not init >= 0:
+            raise ValueError(f"`initializer_range` must be a number >= 0, got {init!r}")
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(self, name, None)
+            values = value if isinstance(value, (list, tuple)) and name == "eos_token_id" else [value]
+            if not all(v is None or _is_int(v) and 0 <= v < self.vocab_size for v in values):
+                raise ValueError(
+                    f"`{name}` must be a token id in [0, vocab_size = {self.vocab_size}) (or null), got {value!r}: "
+                    "`vocab_size` is smaller than the special token ids, or the id is wrong"
+                )
+        check_vision = getattr(self.vision_config, "check_values", None)  # also another module's copy of the class
+        if check_vision is None:
+            raise ValueError(
+                "`vision_config` must be a dict of DimpleVisionConfig fields or a DimpleVisionConfig, got "
+                f"{type(self.vision_config).__name__}"
+            )
+        check_vision()
 
 
 DimpleConfig.register_for_auto_class("AutoConfig")

@@ -602,6 +602,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     """
 
     def __init__(self, config: DimpleConfig):
+        # Again here: values set on a built config (`from_pretrained(folder, num_hidden_layers=-1)` does) skip
+        # the check of DimpleConfig.__init__.
+        config.check_values()
         super().__init__(config)
         self.visual = DimpleVisionTransformer(config.vision_config)
         self.img_projector = DimpleImageProjector(config)
@@ -985,6 +988,151 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden, attentions=all_attn
         )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a README.md model card (metadata, usage, decoding settings);
+        an existing README.md is kept unless transformers generated it."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", args[0] if args else True):
+            _write_model_card(self, save_directory)
+        return result
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # push_to_hub (and save_pretrained(push_to_hub=True)) write transformers' stub card, or the repository's
+        # card, over README.md just before uploading: a stub becomes Dimple's card, naming the repository.
+        _write_model_card(self, working_dir, path=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card: every folder `save_pretrained` / `push_to_hub` writes carries a README.md
+# --------------------------------------------------------------------------------------------------
+
+# The architecture's origins, the base models of a checkpoint that names no hub model it came from.
+DIMPLE_BASE_MODELS = ("Dream-org/Dream-v0-Instruct-7B", "Qwen/Qwen2.5-VL-7B-Instruct")
+DIMPLE_LICENSE = "apache-2.0"
+DIMPLE_CARD_TAGS = ("diffusion", "discrete-diffusion", "multimodal", "vision-language", "dimple", "custom_code")
+# The card `save_pretrained` writes ends with this comment: a later save may refresh it (other cards are kept).
+MODEL_CARD_MARK = "<!-- model card written by DimpleModel.save_pretrained -->"
+# Cards transformers writes when it knows nothing of the model (push_to_hub's stub, the Trainer's summary)
+# and huggingface_hub's empty template: replaced by Dimple's card.
+_GENERATED_CARD_MARKS = (
+    MODEL_CARD_MARK,
+    "This model card has been automatically generated.",
+    "This model card has been generated automatically according to the information the Trainer had access to",
+    "<!-- Provide a quick summary of what the model is/does. -->",
+)
+# generation_config.json keys that shape the output or the kernels, not the answer
+_NOT_DECODING_SETTINGS = (
+    "transformers_version", "_from_model_config", "output_history", "return_dict_in_generate",
+    "num_return_sequences", "use_cuda_graph", "use_torch_compile",
+)
+_HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
+
+
+def card_lineage(name_or_path) -> tuple:
+    """(base_model list, license) of a checkpoint loaded from `name_or_path`: a hub id is the base model; a
+    local folder passes on the base models and license its own README.md declares; otherwise Dimple's."""
+    import os
+    import re
+
+    name = os.fspath(name_or_path) if name_or_path else ""
+    if name and not os.path.exists(name) and re.fullmatch(_HUB_ID, name):
+        return [name], DIMPLE_LICENSE
+    readme = os.path.join(name, "README.md") if name else ""
+    if readme and os.path.isfile(readme):
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard.load(readme, ignore_metadata_errors=True).data
+        except Exception:  # an unreadable card: fall back to Dimple's lineage
+            data = None
+        if data is not None and data.get("base_model"):
+            base = data.get("base_model")
+            return ([base] if isinstance(base, str) else list(base)), data.get("license") or DIMPLE_LICENSE
+    return list(DIMPLE_BASE_MODELS), DIMPLE_LICENSE
+
+
+def model_card_usage(path: str) -> str:
+    """The card's "Use" section: loading with trust_remote_code and `diffusion_generate`."""
+    return f"""## Use
+
+```python
+import torch
+from transformers import AutoModel, AutoProcessor
+
+path = "{path}"
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe this image."}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=["photo.jpg"], text=prompt, return_tensors="pt")
+with torch.no_grad():
+    sequences = model.diffusion_generate(**inputs)  # the decoding settings below; each can be passed here
+print(processor.decode_answers(sequences, prompt_length=inputs["input_ids"].shape[1]))
+```
+"""
+
+
+def model_card_decoding(generation_config) -> str:
+    """The card's decoding settings: what generation_config.json holds (token ids aside)."""
+    settings = {} if generation_config is None else generation_config.to_diff_dict()
+    rows = [
+        f"| `{key}` | `{value!r}` |"
+        for key, value in sorted(settings.items())
+        if value is not None and not key.endswith("_token_id") and key not in _NOT_DECODING_SETTINGS
+    ]
+    if "temperature" not in settings:
+        temperature = getattr(generation_config, "temperature", None)
+        rows.append(f"| `temperature` | `{temperature!r}` (the default, left out of the file) |")
+    return "## Decoding settings (`generation_config.json`)\n\n| setting | value |\n| --- | --- |\n" + "\n".join(rows) + "\n"
+
+
+def dimple_model_card(model, path: str = "path/to/this/checkpoint", base_model=None, license=None,
+                      extra_tags=(), sections=(), library_name="transformers", mark=MODEL_CARD_MARK):
+    """A `huggingface_hub.ModelCard` for `model`: YAML metadata (library, pipeline, base models, tags, license),
+    the usage snippet, the decoding settings and any further `sections` (markdown)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lineage, inherited_license = card_lineage(getattr(model.config, "_name_or_path", None))
+    tags = list(DIMPLE_CARD_TAGS) + [tag for tag in extra_tags if tag not in DIMPLE_CARD_TAGS]
+    data = ModelCardData(
+        library_name=library_name, pipeline_tag="image-text-to-text", base_model=base_model or lineage,
+        license=license or inherited_license, tags=tags,
+    )
+    config = model.config
+    body = [
+        f"# {path.rstrip('/').split('/')[-1]}",
+        "A [Dimple](https://arxiv.org/abs/2505.16990) checkpoint: a discrete-diffusion multimodal LLM that writes its "
+        "answer by iterative parallel unmasking of a canvas of `<|mask|>` tokens. The code is in this folder: load it "
+        f"with `trust_remote_code=True`. {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+        f"vocabulary {config.vocab_size}; {'bidirectional' if config.full_attn_mask else 'causal'} attention.",
+        model_card_usage(path).rstrip(),
+        model_card_decoding(getattr(model, "generation_config", None)).rstrip(),
+        *[section.rstrip() for section in sections],
+        mark,
+    ]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n\n".join(body) + "\n")
+
+
+def is_replaceable_model_card(path) -> bool:
+    """No README.md yet, or one transformers / huggingface_hub generated, or the one `save_pretrained` wrote."""
+    import os
+
+    if not os.path.isfile(path):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    return any(mark in text for mark in _GENERATED_CARD_MARKS)
+
+
+def _write_model_card(model, folder, path=None) -> None:
+    import os
+
+    readme = os.path.join(folder, "README.md")
+    if is_replaceable_model_card(readme):
+        dimple_model_card(model, path=path or os.path.basename(os.path.abspath(folder))).save(readme)
 
 
 # save_pretrained / push_to_hub then copy the code modules next to the weights on every transformers version

@@ -1,0 +1,141 @@
+"""Issue 22: a tampered config, pickle weights and malformed visual inputs are refused with a `ValueError` that
+names the field or argument, before any heavy work (not a model with no layers, NaN logits or a TypeError
+deep inside)."""
+
+import json
+
+import pytest
+import torch
+
+from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig
+from dimple.modeling_dimple import DimpleModel
+from tiny_configs import IMAGE_ID, TINY_TEXT, TINY_VISION, tiny_config
+
+# --------------------------------------------------------------------------------------------------
+# Item 7: the config is checked when it is built
+# --------------------------------------------------------------------------------------------------
+
+
+BAD_TEXT_VALUES = [
+    ("num_hidden_layers", -1, r"`num_hidden_layers` must be an integer >= 1, got -1"),
+    ("num_hidden_layers", 0, r"`num_hidden_layers` must be an integer >= 1, got 0"),
+    ("num_hidden_layers", 2.5, r"`num_hidden_layers` must be an integer >= 1, got 2.5"),
+    ("vocab_size", 0, r"`vocab_size` must be an integer >= 1"),
+    ("hidden_size", -64, r"`hidden_size` must be an integer >= 1"),
+    ("intermediate_size", 0, r"`intermediate_size` must be an integer >= 1"),
+    ("max_position_embeddings", 0, r"`max_position_embeddings` must be an integer >= 1"),
+    # special ids beyond the embedding: an IndexError (a device-side assert on CUDA) in the first forward
+    ("vocab_size", 8, r"`mask_token_id` must be a token id in \[0, vocab_size = 8\)"),
+    ("mask_token_id", 300, r"`mask_token_id` must be a token id in \[0, vocab_size = 300\)"),
+    ("pad_token_id", -1, r"`pad_token_id` must be a token id in \[0, vocab_size = 300\)"),
+    ("eos_token_id", [2, 999], r"`eos_token_id` must be a token id in \[0, vocab_size = 300\)"),
+    ("hidden_act", "swishy", r"`hidden_act` must be one of transformers' activations \[.*'silu'.*\], got 'swishy'"),
+    ("rms_norm_eps", 0, r"`rms_norm_eps` must be a finite number > 0, got 0"),
+    ("rms_norm_eps", -1e-6, r"`rms_norm_eps` must be a finite number > 0"),
+    ("rope_theta", 0.0, r"`rope_theta` must be a finite number > 0, got 0.0"),
+    ("rope_theta", -10000.0, r"`rope_theta` must be a finite number > 0"),
+    ("rope_theta", float("nan"), r"`rope_theta` must be a finite number > 0"),
+    ("attention_dropout", 1.5, r"`attention_dropout` must be a number in \[0, 1\)"),
+    ("initializer_range", -0.02, r"`initializer_range` must be a number >= 0"),
+    ("mrope_section", [2, 3, 4], r"mrope_section \[2, 3, 4\] must sum to head_dim / 2 = 8"),
+    ("mrope_section", [4, 4], r"mrope_section \[4, 4\] must sum to head_dim / 2 = 8, as 3 integers"),
+    ("mrope_section", [8, -3, 3], r"mrope_section \[8, -3, 3\] must sum to head_dim / 2 = 8, as 3 integers >= 0"),
+    ("mrope_section", 8, r"mrope_section 8 must sum to head_dim / 2 = 8"),
+]
+
+BAD_VISION_VALUES = [
+    ("depth", 0, r"`vision_config.depth` must be an integer >= 1, got 0"),
+    ("depth", -1, r"`vision_config.depth` must be an integer >= 1, got -1"),
+    ("hidden_size", 0, r"`vision_config.hidden_size` must be an integer >= 1"),
+    ("num_heads", 3, r"`vision_config.hidden_size` \(32\) must be divisible by `vision_config.num_heads` \(3\)"),
+    ("num_heads", 16, r"`vision_config.hidden_size` \(32\) .* heads whose size is a multiple of 4"),
+    ("intermediate_size", -64, r"`vision_config.intermediate_size` must be an integer >= 1"),
+    ("patch_size", 0, r"`vision_config.patch_size` must be an integer >= 1"),
+    ("spatial_merge_size", 0, r"`vision_config.spatial_merge_size` must be an integer >= 1"),
+    ("temporal_patch_size", 0, r"`vision_config.temporal_patch_size` must be an integer >= 1"),
+    ("in_channels", 0, r"`vision_config.in_channels` must be an integer >= 1"),
+    ("out_hidden_size", 0, r"`vision_config.out_hidden_size` must be an integer >= 1"),
+    ("window_size", 0, r"`vision_config.window_size` must be an integer >= 1"),
+    ("window_size", 100, r"`vision_config.window_size` \(100\) must be a multiple of patch_size × spatial_merge_size = 28"),
+    ("fullatt_block_indexes", [2], r"`vision_config.fullatt_block_indexes` must be distinct block indexes in \[0, depth = 2\), got \[2\]"),
+    ("fullatt_block_indexes", [-1], r"`vision_config.fullatt_block_indexes` must be distinct block indexes"),
+    ("fullatt_block_indexes", 1, r"`vision_config.fullatt_block_indexes` must be distinct block indexes"),
+    ("tokens_per_second", 0, r"`vision_config.tokens_per_second` must be a finite number > 0"),
+    ("hidden_act", "nope", r"`vision_config.hidden_act` must be one of transformers' activations"),
+]
+
+
+@pytest.mark.parametrize("field, value, pattern", BAD_TEXT_VALUES, ids=lambda v: str(v)[:30])
+def test_bad_text_config_value_is_named(field, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        tiny_config(**{field: value})
+
+
+def test_vision_config_of_another_type_is_named():
+    with pytest.raises(ValueError, match=r"`vision_config` must be a dict of DimpleVisionConfig fields or a DimpleVisionConfig, got str"):
+        DimpleConfig(vision_config="tiny", **TINY_TEXT)
+
+
+@pytest.mark.parametrize("field, value, pattern", BAD_VISION_VALUES, ids=lambda v: str(v)[:30])
+def test_bad_vision_config_value_is_named(field, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        DimpleVisionConfig(**{**TINY_VISION, field: value})
+    with pytest.raises(ValueError, match=pattern):  # as part of a DimpleConfig (config.json holds a dict)
+        tiny_config(vision_config={field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, pattern",
+    [
+        ("num_hidden_layers", -1, r"`num_hidden_layers` must be an integer >= 1, got -1"),
+        ("vocab_size", 100000, None),  # larger than the tiny vocabulary: allowed (the weights then mismatch)
+        ("vocab_size", 5, r"token id in \[0, vocab_size = 5\)"),
+        ("hidden_act", "gelu_fancy", r"`hidden_act` must be one of"),
+        ("rms_norm_eps", 0.0, r"`rms_norm_eps` must be a finite number > 0"),
+        ("rope_theta", -1, r"`rope_theta` must be a finite number > 0"),
+        ("mrope_section", [4, 4, 4], r"mrope_section \[4, 4, 4\] must sum to head_dim / 2 = 8"),
+        ("vision_config.depth", -1, r"`vision_config.depth` must be an integer >= 1, got -1"),
+        ("vision_config.num_heads", 5, r"`vision_config.num_heads` \(5\)"),
+    ],
+)
+def test_tampered_config_json_fails_on_loading(tmp_path, field, value, pattern):
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if field.startswith("vision_config."):
+        saved["vision_config"][field.split(".", 1)[1]] = value
+    else:
+        saved[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    if pattern is None:
+        assert DimpleConfig.from_pretrained(tmp_path).vocab_size == value
+        return
+    with pytest.raises(ValueError, match=pattern):
+        DimpleConfig.from_pretrained(tmp_path)
+
+
+def test_default_and_released_configs_still_build(tmp_path):
+    from pathlib import Path
+
+    released = DimpleConfig.from_pretrained(Path(__file__).resolve().parents[1])
+    assert released.num_hidden_layers == 28 and released.vision_config.depth == 32
+    assert DimpleConfig().to_dict() == DimpleConfig(**DimpleConfig().to_dict()).to_dict()
+    assert DimpleVisionConfig().fullatt_block_indexes == [7, 15, 23, 31]
+    # a round trip through save_pretrained (transformers builds default configs to diff against)
+    config = tiny_config(eos_token_id=[2, 1], rope_theta=10000)
+    config.save_pretrained(tmp_path)
+    loaded = DimpleConfig.from_pretrained(tmp_path)
+    assert loaded.eos_token_id == [2, 1] and loaded.rope_theta == 10000
+    assert loaded.vision_config.to_dict() == config.vision_config.to_dict()
+
+
+def test_model_checks_values_set_after_the_config_was_built():
+    """`from_pretrained(folder, num_hidden_layers=-1)` sets the value on the built config: the model checks
+    it again rather than building no layers."""
+    config = tiny_config()
+    config.num_hidden_layers = -1
+    with pytest.raises(ValueError, match=r"`num_hidden_layers` must be an integer >= 1, got -1"):
+        DimpleModel(config)
+    config = tiny_config()
+    config.vision_config.depth = 0
+    with pytest.raises(ValueError, match=r"`vision_config.depth` must be an integer >= 1, got 0"):
+        DimpleModel(config)

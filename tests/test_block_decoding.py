@@ -139,9 +139,8 @@ def test_dual_cache_recomputes_only_the_block(cache, monkeypatch):
     full, canvas_pass, window = prompt_len + new, new + 1, block + 1
     refresh = full if cache == "dual" else canvas_pass  # with prefilling the prompt stays from the first pass
     assert lengths == [full, window, window, window, refresh, window, window, window]
-    # The head runs on the block's masked positions only. Dream's schedule over τ = linspace(1, 1e-3, 5)
-    # commits floor(masks·(1 − τ_{i+1}/τ_i)) per step: 0 (floor(4·0.24975)), 1, 1, then the last 2.
-    assert head_rows == [4, 4, 3, 2] * 2
+    # The head runs on the block's masked positions only; autoregressive commits one per step.
+    assert head_rows == [4, 3, 2, 1] * 2
     assert len(visual_calls) == 1
 
 

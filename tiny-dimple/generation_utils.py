@@ -286,18 +286,21 @@ def top_k_per_row(priority: torch.Tensor, candidates: torch.Tensor, k: torch.Ten
 def choose_positions(alg, is_mask, count, ratio, confidence, alg_temp, generator=None) -> torch.Tensor:
     """Which masked positions a row commits at this step.
 
-    `count` (per row) positions: `origin` uniformly at random, `autoregressive` the leftmost, confidence
-    algorithms the most confident (or, with `alg_temp` > 0, drawn without replacement from
-    softmax(confidence / alg_temp), by the Gumbel top-k trick). `origin-ratio` instead commits each masked
-    position independently with probability `ratio` (per row).
+    `count` (per row) positions: `origin` uniformly at random, confidence algorithms the most confident (or,
+    with `alg_temp` > 0, drawn without replacement from softmax(confidence / alg_temp), by the Gumbel top-k
+    trick). `autoregressive` commits exactly one position, the leftmost mask, whatever `count` is (the original
+    decoder's rule, on the last step too: with fewer steps than masks and no confidence threshold the answer
+    keeps masks, which `decode_answers` drops). `origin-ratio` instead commits each masked position
+    independently with probability `ratio` (per row).
     """
     if alg == "origin-ratio":
         draw = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
         return is_mask & (draw < ratio.unsqueeze(-1))
     if alg == "origin":
         priority = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
-    elif alg == "autoregressive":
+    elif alg == "autoregressive":  # as the original decoder: the leftmost mask alone, whatever the count
         priority = -torch.arange(is_mask.shape[-1], device=is_mask.device, dtype=torch.float32).expand(is_mask.shape)
+        count = torch.ones_like(count)
     elif alg_temp:
         uniform = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
         gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))

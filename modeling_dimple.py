@@ -536,6 +536,45 @@ class DimpleTextModel(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------------
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_ONLY = (
+    "Dimple loads safetensors weights only (a pickle-based checkpoint can run code when it is loaded). If you trust "
+    "the file, convert it once, e.g. in the model folder:\n"
+    "    python -c \"import torch; from safetensors.torch import save_file; "
+    "sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); "
+    "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors', metadata={'format': 'pt'})\"\n"
+    "(a sharded checkpoint: convert every shard, or load it once and `save_pretrained` it, which writes safetensors)"
+)
+
+
+def check_safetensors_checkpoint(path, subfolder: str = "") -> None:
+    """A local checkpoint (folder or file) must hold safetensors weights: a `ValueError` saying how to convert
+    a pickle-based one, raised before transformers would unpickle it. Hub names are left to `from_pretrained`
+    (asked for safetensors only)."""
+    import os
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if not path.endswith((".safetensors", ".safetensors.index.json")):
+            raise ValueError(
+                f"`pretrained_model_name_or_path` is the weights file {path!r}, which is not a .safetensors file. "
+                + SAFETENSORS_ONLY
+            )
+        return
+    folder = os.path.join(path, subfolder)
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    if any(name.endswith(".safetensors") or ".safetensors.index" in name for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES) or name.endswith(".bin.index.json"))
+    if pickled:
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {path!r} holds no .safetensors weights, only pickle-based ones "
+            f"({', '.join(pickled)}). " + SAFETENSORS_ONLY
+        )
+
+
 # Guards the count of decodes using a model's stacked q/k/v copies (see `DimpleModel.stacked_qkv_projections`);
 # module-level, so that a model stays deep-copyable (a lock object is not).
 _QKV_STACKING_LOCK = threading.Lock()
@@ -548,6 +587,26 @@ class DimplePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DimpleDecoderLayer", "DimpleVisionBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only: a pickle-based checkpoint
+        (`pytorch_model.bin`, ...) can run code when it is loaded, so it is refused with a note on how to convert
+        it, never unpickled. Without `state_dict`, the weights must be a `.safetensors` file (or an index of them)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "`use_safetensors` must be True or None: Dimple loads safetensors weights only (pickle-based "
+                "checkpoints can run code when loaded)"
+            )
+        if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
+            kwargs["use_safetensors"] = True
+            check_safetensors_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as error:  # a Hub repository (or cache) without safetensors weights
+            if "safetensors" not in str(error):
+                raise
+            raise OSError(f"{error}\n{SAFETENSORS_ONLY}") from error
 
     @torch.no_grad()
     def _init_weights(self, module):

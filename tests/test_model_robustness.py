@@ -9,7 +9,7 @@ import torch
 
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig
 from dimple.modeling_dimple import DimpleModel
-from tiny_configs import IMAGE_ID, TINY_TEXT, TINY_VISION, tiny_config
+from tiny_configs import TINY_TEXT, TINY_VISION, tiny_config
 
 # --------------------------------------------------------------------------------------------------
 # Item 7: the config is checked when it is built
@@ -139,3 +139,99 @@ def test_model_checks_values_set_after_the_config_was_built():
     config.vision_config.depth = 0
     with pytest.raises(ValueError, match=r"`vision_config.depth` must be an integer >= 1, got 0"):
         DimpleModel(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 8: safetensors weights only (a pickle-based checkpoint is never unpickled)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return DimpleModel(tiny_config(initializer_range=0.2)).eval()
+
+
+def no_torch_load(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) was called")
+
+    monkeypatch.setattr(torch, "load", boom)
+
+
+@pytest.fixture
+def pickle_folder(tmp_path, tiny_model, monkeypatch):
+    """A saved tiny model whose weights are a `pytorch_model.bin` (transformers 5 always writes safetensors,
+    so the test writes the pickle file itself)."""
+    monkeypatch.setattr(DimpleModel, "_auto_class", "AutoModel")  # what a trust_remote_code model has
+    folder = tmp_path / "pickled"
+    tiny_model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(tiny_model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickle_checkpoint_folder_is_refused_with_a_conversion_note(pickle_folder, monkeypatch):
+    no_torch_load(monkeypatch)
+    with pytest.raises(ValueError, match=r"holds no \.safetensors weights, only pickle-based ones \(pytorch_model\.bin\)") as info:
+        DimpleModel.from_pretrained(pickle_folder)
+    assert "from safetensors.torch import save_file" in str(info.value)
+    assert "weights_only=True" in str(info.value)
+    for kwargs in ({"use_safetensors": None}, {"subfolder": ""}):
+        with pytest.raises(ValueError, match=r"only pickle-based ones"):
+            DimpleModel.from_pretrained(str(pickle_folder), **kwargs)
+
+
+def test_pickle_weights_file_and_use_safetensors_false_are_refused(pickle_folder, tmp_path, monkeypatch):
+    no_torch_load(monkeypatch)
+    with pytest.raises(ValueError, match=r"`pretrained_model_name_or_path` is the weights file .*pytorch_model\.bin"):
+        DimpleModel.from_pretrained(pickle_folder / "pytorch_model.bin", config=tiny_config())
+    with pytest.raises(ValueError, match=r"`use_safetensors` must be True or None"):
+        DimpleModel.from_pretrained(pickle_folder, use_safetensors=False)
+    # the pickle file next to safetensors weights: safetensors are read, the pickle is ignored
+    folder = tmp_path / "both"
+    DimpleModel(tiny_config()).save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes((pickle_folder / "pytorch_model.bin").read_bytes())
+    DimpleModel.from_pretrained(folder)
+
+
+def test_safetensors_checkpoint_still_loads(tmp_path, tiny_model, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "safe")
+    no_torch_load(monkeypatch)
+    loaded = DimpleModel.from_pretrained(tmp_path / "safe")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
+
+
+_AUTOMODEL_SCRIPT = r"""
+import sys, torch
+from transformers import AutoModel
+
+def boom(*args, **kwargs):
+    raise AssertionError("torch.load (pickle) was called")
+
+torch.load = boom
+try:
+    AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+except ValueError as error:
+    print("REFUSED:", str(error).splitlines()[0])
+else:
+    print("LOADED")
+"""
+
+
+def test_automodel_trust_remote_code_refuses_pickle_weights(pickle_folder, tmp_path):
+    """The issue's case: AutoModel (remote code, the folder's own modeling_dimple.py) on a folder holding only
+    pytorch_model.bin."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run(
+        [sys.executable, "-c", _AUTOMODEL_SCRIPT, str(pickle_folder)], capture_output=True, text=True, env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED:" in result.stdout and "pytorch_model.bin" in result.stdout, result.stdout + result.stderr[-3000:]
+

@@ -536,6 +536,45 @@ class DimpleTextModel(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------------
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_ONLY = (
+    "Dimple loads safetensors weights only (a pickle-based checkpoint can run code when it is loaded). If you trust "
+    "the file, convert it once, e.g. in the model folder:\n"
+    "    python -c \"import torch; from safetensors.torch import save_file; "
+    "sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); "
+    "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors', metadata={'format': 'pt'})\"\n"
+    "(a sharded checkpoint: convert every shard, or load it once and `save_pretrained` it, which writes safetensors)"
+)
+
+
+def check_safetensors_checkpoint(path, subfolder: str = "") -> None:
+    """A local checkpoint (folder or file) must hold safetensors weights: a `ValueError` saying how to convert
+    a pickle-based one, raised before transformers would unpickle it. Hub names are left to `from_pretrained`
+    (asked for safetensors only)."""
+    import os
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if not path.endswith((".safetensors", ".safetensors.index.json")):
+            raise ValueError(
+                f"`pretrained_model_name_or_path` is the weights file {path!r}, which is not a .safetensors file. "
+                + SAFETENSORS_ONLY
+            )
+        return
+    folder = os.path.join(path, subfolder)
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    if any(name.endswith(".safetensors") or ".safetensors.index" in name for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES) or name.endswith(".bin.index.json"))
+    if pickled:
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {path!r} holds no .safetensors weights, only pickle-based ones "
+            f"({', '.join(pickled)}). " + SAFETENSORS_ONLY
+        )
+
+
 # Guards the count of decodes using a model's stacked q/k/v copies (see `DimpleModel.stacked_qkv_projections`);
 # module-level, so that a model stays deep-copyable (a lock object is not).
 _QKV_STACKING_LOCK = threading.Lock()
@@ -548,6 +587,26 @@ class DimplePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DimpleDecoderLayer", "DimpleVisionBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only: a pickle-based checkpoint
+        (`pytorch_model.bin`, ...) can run code when it is loaded, so it is refused with a note on how to convert
+        it, never unpickled. Without `state_dict`, the weights must be a `.safetensors` file (or an index of them)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "`use_safetensors` must be True or None: Dimple loads safetensors weights only (pickle-based "
+                "checkpoints can run code when loaded)"
+            )
+        if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
+            kwargs["use_safetensors"] = True
+            check_safetensors_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as error:  # a Hub repository (or cache) without safetensors weights
+            if "safetensors" not in str(error):
+                raise
+            raise OSError(f"{error}\n{SAFETENSORS_ONLY}") from error
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -989,6 +1048,20 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden, attentions=all_attn
         )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a README.md model card (metadata, usage, decoding settings);
+        an existing README.md is kept unless transformers generated it."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", args[0] if args else True):
+            _write_model_card(self, save_directory)
+        return result
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # push_to_hub (and save_pretrained(push_to_hub=True)) write transformers' stub card, or the repository's
+        # card, over README.md just before uploading: a stub becomes Dimple's card, naming the repository.
+        _write_model_card(self, working_dir, path=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
 
 # --------------------------------------------------------------------------------------------------
 # Model card: every folder `save_pretrained` / `push_to_hub` writes carries a README.md
@@ -1007,6 +1080,11 @@ _GENERATED_CARD_MARKS = (
     "This model card has been automatically generated.",
     "This model card has been generated automatically according to the information the Trainer had access to",
     "<!-- Provide a quick summary of what the model is/does. -->",
+)
+# generation_config.json keys that shape the output or the kernels, not the answer
+_NOT_DECODING_SETTINGS = (
+    "transformers_version", "_from_model_config", "output_history", "return_dict_in_generate",
+    "num_return_sequences", "use_cuda_graph", "use_torch_compile",
 )
 _HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
 
@@ -1062,10 +1140,11 @@ def model_card_decoding(generation_config) -> str:
     rows = [
         f"| `{key}` | `{value!r}` |"
         for key, value in sorted(settings.items())
-        if not key.endswith("_token_id") and key not in ("transformers_version", "_from_model_config")
+        if value is not None and not key.endswith("_token_id") and key not in _NOT_DECODING_SETTINGS
     ]
     if "temperature" not in settings:
-        rows.append("| `temperature` | `0.0` (greedy: the default, not written to the file) |")
+        temperature = getattr(generation_config, "temperature", None)
+        rows.append(f"| `temperature` | `{temperature!r}` (the default, left out of the file) |")
     return "## Decoding settings (`generation_config.json`)\n\n| setting | value |\n| --- | --- |\n" + "\n".join(rows) + "\n"
 
 
@@ -1113,27 +1192,6 @@ def _write_model_card(model, folder, path=None) -> None:
     readme = os.path.join(folder, "README.md")
     if is_replaceable_model_card(readme):
         dimple_model_card(model, path=path or os.path.basename(os.path.abspath(folder))).save(readme)
-
-
-def _save_pretrained_with_card(self, save_directory, *args, **kwargs):
-    """`PreTrainedModel.save_pretrained`, plus a README.md model card (an existing README is kept unless
-    transformers generated it)."""
-    result = PreTrainedModel.save_pretrained(self, save_directory, *args, **kwargs)
-    is_main_process = kwargs.get("is_main_process", args[0] if args else True)
-    if is_main_process:
-        _write_model_card(self, save_directory)
-    return result
-
-
-def _upload_modified_files_with_card(self, working_dir, repo_id, *args, **kwargs):
-    # push_to_hub (and save_pretrained(push_to_hub=True)) write transformers' stub card (or the repository's
-    # card) over the folder's README.md just before uploading: a stub becomes Dimple's card, naming repo_id.
-    _write_model_card(self, working_dir, path=repo_id)
-    return PreTrainedModel._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
-
-
-DimpleModel.save_pretrained = _save_pretrained_with_card
-DimpleModel._upload_modified_files = _upload_modified_files_with_card
 
 
 # save_pretrained / push_to_hub then copy the code modules next to the weights on every transformers version

@@ -631,6 +631,45 @@ class _ImageInputs:
     name: str
 
 
+def check_grid_thw(grid_thw, grid_name: str, merge: int) -> None:
+    """`image_grid_thw` / `video_grid_thw` must be an integer tensor (items, 3) of (t, h, w) >= 1, h and w
+    multiples of `merge`; an image is one frame (t = 1: the processor repeats a still image over the temporal
+    patch), more frames are a video's. A `ValueError` naming the argument, not a TypeError or wrong positions."""
+    if not torch.is_tensor(grid_thw):
+        raise ValueError(
+            f"`{grid_name}` must be a tensor of shape (items, 3) holding integer (t, h, w), got "
+            f"{type(grid_thw).__name__} (e.g. torch.tensor([[1, 16, 16]]))"
+        )
+    if grid_thw.dtype.is_floating_point or grid_thw.dtype.is_complex or grid_thw.dtype == torch.bool:
+        raise ValueError(f"`{grid_name}` must hold integers (torch.long) (t, h, w), got {grid_thw.dtype}")
+    if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
+        raise ValueError(f"`{grid_name}` must have shape (items, 3) of (t, h, w), got {tuple(grid_thw.shape)}")
+    if bool((grid_thw < 1).any()):
+        raise ValueError(f"`{grid_name}` values (t, h, w) must be >= 1, got {grid_thw.tolist()}")
+    if bool((grid_thw[:, 1:] % merge).any()):
+        raise ValueError(f"`{grid_name}` heights and widths must be multiples of {merge}, got {grid_thw.tolist()}")
+    if grid_name == "image_grid_thw" and bool((grid_thw[:, 0] != 1).any()):
+        raise ValueError(
+            f"`image_grid_thw` must have t = 1 for every image (one frame; frames are a video's, in "
+            f"`video_grid_thw`), got {grid_thw.tolist()}"
+        )
+
+
+def check_placeholders_attended(input_ids, attention_mask, token_ids: dict) -> None:
+    """An image's placeholder tokens must all be attended: a padding mask over some of them would drop part of
+    the image from attention (and from the positions), silently changing the answer."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
+        return
+    for token_id, name in token_ids.items():
+        hidden = (input_ids == token_id) & ~attention_mask.bool()
+        if bool(hidden.any()):
+            rows = hidden.any(-1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"`attention_mask` is 0 at {int(hidden.sum())} {name} placeholder tokens (id {token_id}) of "
+                f"`input_ids` rows {rows}: every placeholder must be attended (1); padding goes on pad tokens"
+            )
+
+
 def check_placeholder_runs(input_ids, token_id: int, grid_thw, merge: int, grid_name: str) -> None:
     """Each run of placeholder tokens (rows in order, left to right) must hold whole items of `grid_thw`, in
     order: equal totals are not enough, since features are written over the placeholders in that order and
@@ -723,6 +762,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
     # ---------------------------------------------------------------- positions
 
+    def placeholder_names(self) -> dict:
+        return {self.config.image_token_id: "image", self.config.video_token_id: "video"}
+
     def get_rope_index(
         self,
         input_ids: torch.LongTensor,
@@ -750,6 +792,10 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        for grid, grid_name in ((image_grid_thw, "image_grid_thw"), (video_grid_thw, "video_grid_thw")):
+            if grid is not None:
+                check_grid_thw(grid, grid_name, merge)
+        check_placeholders_attended(input_ids, attention_mask, self.placeholder_names())
         position_ids = torch.ones(3, batch, seq_len, dtype=torch.long, device=input_ids.device)
         grids = {
             self.config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
@@ -819,15 +865,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                     f"`{name}` must have shape (patches, {row_width}) (channels·temporal_patch·patch²), "
                     f"got {tuple(pixels.shape)}"
                 )
-            if grid.dim() != 2 or grid.shape[-1] != 3:
-                raise ValueError(f"`{grid_name}` must have shape (items, 3) of (t, h, w), got {tuple(grid.shape)}")
+            check_grid_thw(grid, grid_name, vision.spatial_merge_size)
             if int(grid.prod(-1).sum()) != pixels.shape[0]:
                 raise ValueError(
                     f"`{grid_name}` describes {int(grid.prod(-1).sum())} patches but `{name}` has "
                     f"{pixels.shape[0]} rows"
                 )
-            if bool((grid[:, 1:] % vision.spatial_merge_size).any()):
-                raise ValueError(f"`{grid_name}` heights and widths must be multiples of {vision.spatial_merge_size}")
             if input_ids is not None:
                 n_tokens = int((input_ids == token_id).sum())
                 n_features = int(grid.prod(-1).sum()) // vision.spatial_merge_size**2
@@ -986,7 +1029,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             position_ids (`torch.LongTensor`, *optional*): `(3, batch, seq)` M-RoPE positions (a
                 `(batch, seq)` tensor is taken as text positions). Computed with `get_rope_index` when absent.
             pixel_values (`torch.Tensor`, *optional*): `(patches, 1176)` patch rows from the processor.
-            image_grid_thw (`torch.LongTensor`, *optional*): `(images, 3)` patch grid of every image.
+            image_grid_thw (`torch.LongTensor`, *optional*): `(images, 3)` patch grid (1, h, w) of every image.
             labels (`torch.LongTensor`, *optional*): targets aligned with `input_ids`; the loss is the mean
                 cross-entropy of logits at j − 1 against labels at j, ignoring -100.
             past_key_values (`DimplePrefixCache`, *optional*): the cache of a diffusion decode: once filled,
@@ -1011,6 +1054,8 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
                 raise ValueError(f"`labels` need the logits of every position: leave `logits_to_keep` at 0, got {logits_to_keep!r}")
         if inputs_embeds is None:
+            if pixel_values is not None or pixel_values_videos is not None:  # text only: no check, no host sync
+                check_placeholders_attended(input_ids, attention_mask, self.placeholder_names())
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )

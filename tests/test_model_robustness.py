@@ -9,7 +9,7 @@ import torch
 
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig
 from dimple.modeling_dimple import DimpleModel
-from tiny_configs import TINY_TEXT, TINY_VISION, tiny_config
+from tiny_configs import IMAGE_ID, TINY_TEXT, TINY_VISION, tiny_config
 
 # --------------------------------------------------------------------------------------------------
 # Item 7: the config is checked when it is built
@@ -235,3 +235,124 @@ def test_automodel_trust_remote_code_refuses_pickle_weights(pickle_folder, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REFUSED:" in result.stdout and "pytorch_model.bin" in result.stdout, result.stdout + result.stderr[-3000:]
 
+
+# --------------------------------------------------------------------------------------------------
+# Items 5 and 11: image grids and attention masks the model cannot honour
+# --------------------------------------------------------------------------------------------------
+
+
+def image_inputs(grid=(1, 8, 8), before: int = 3, after: int = 4, rows: int = 1) -> dict:
+    t, h, w = grid
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1] + torch.randint(10, 300, (before,), generator=gen).tolist() + [5] + [IMAGE_ID] * (t * h * w // 4) + [
+        6
+    ] + torch.randint(10, 300, (after,), generator=gen).tolist()
+    ids = torch.tensor([prompt] * rows)
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=torch.randn(rows * t * h * w, 1176, generator=gen),
+        image_grid_thw=torch.tensor([list(grid)] * rows),
+    )
+
+
+def forbid_running(model, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran before the input was rejected")
+
+    monkeypatch.setattr(model.model, "forward", boom)
+    monkeypatch.setattr(model.visual, "forward", boom)
+
+
+def masked_image_tokens():
+    inputs = image_inputs()
+    positions = (inputs["input_ids"][0] == IMAGE_ID).nonzero().flatten()
+    inputs["attention_mask"][0, positions[:5]] = 0  # part of the image hidden
+    return inputs
+
+
+def left_padding_over_image_tokens():
+    """Zeros before the row's tokens, as left padding, but over the image's first placeholders."""
+    inputs = image_inputs()
+    start = int((inputs["input_ids"][0] == IMAGE_ID).nonzero()[0, 0])
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, start:], inputs["attention_mask"][:, start:]
+    inputs["attention_mask"][0, :4] = 0
+    return inputs
+
+
+BAD_VISUAL = {
+    # item 5: an image is one frame; t = 2 was accepted (and changed the answer)
+    "image-with-2-frames": (
+        dict(image_inputs(grid=(2, 8, 8))), r"`image_grid_thw` must have t = 1 for every image .*got \[\[2, 8, 8\]\]"
+    ),
+    "attention-mask-over-image-tokens": (
+        masked_image_tokens(),
+        r"`attention_mask` is 0 at 5 image placeholder tokens \(id 3\) of `input_ids` rows \[0\]",
+    ),
+    "left-padding-over-image-tokens": (
+        left_padding_over_image_tokens(),
+        r"`attention_mask` is 0 at 4 image placeholder tokens \(id 3\) of `input_ids` rows \[0\]",
+    ),
+    # item 11: malformed grids
+    "grid-floats": (
+        dict(image_inputs(), image_grid_thw=torch.tensor([[1.0, 8.0, 8.0]])), r"`image_grid_thw` must hold integers .*float"
+    ),
+    "grid-bool": (dict(image_inputs(), image_grid_thw=torch.ones(1, 3, dtype=torch.bool)), r"`image_grid_thw` must hold integers"),
+    "grid-list": (dict(image_inputs(), image_grid_thw=[[1, 8, 8]]), r"`image_grid_thw` must be a tensor of shape \(items, 3\) .*got list"),
+    "grid-tuple": (dict(image_inputs(), image_grid_thw=(1, 8, 8)), r"`image_grid_thw` must be a tensor .*got tuple"),
+    "grid-1d": (dict(image_inputs(), image_grid_thw=torch.tensor([1, 8, 8])), r"`image_grid_thw` must have shape \(items, 3\) of \(t, h, w\), got \(3,\)"),
+    "grid-negative": (
+        dict(image_inputs(), image_grid_thw=torch.tensor([[-1, -8, 8]])), r"`image_grid_thw` values \(t, h, w\) must be >= 1"
+    ),
+    "grid-zero": (dict(image_inputs(), image_grid_thw=torch.tensor([[1, 0, 8]])), r"`image_grid_thw` values \(t, h, w\) must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VISUAL))
+def test_bad_visual_input_raises_before_running(tiny_model, monkeypatch, case):
+    kwargs, pattern = BAD_VISUAL[case]
+    forbid_running(tiny_model, monkeypatch)
+    with pytest.raises(ValueError, match=pattern):
+        tiny_model(**kwargs)
+
+
+@pytest.mark.parametrize("case", list(BAD_VISUAL))
+def test_bad_visual_input_is_refused_by_get_rope_index(tiny_model, case):
+    """Decoding and the training collator compute positions first, with get_rope_index."""
+    kwargs, pattern = BAD_VISUAL[case]
+    with pytest.raises(ValueError, match=pattern):
+        tiny_model.get_rope_index(kwargs["input_ids"], kwargs["image_grid_thw"], attention_mask=kwargs["attention_mask"])
+
+
+@pytest.mark.parametrize("case", ["image-with-2-frames", "left-padding-over-image-tokens", "grid-floats", "grid-list", "grid-1d", "grid-negative"])
+def test_bad_visual_input_is_refused_by_diffusion_generate(tiny_model, monkeypatch, case):
+    kwargs, pattern = BAD_VISUAL[case]
+    forbid_running(tiny_model, monkeypatch)
+    with pytest.raises(ValueError, match=pattern):
+        tiny_model.diffusion_generate(**kwargs, max_new_tokens=4, steps=2)
+
+
+def test_video_grids_are_checked_too(tiny_model):
+    inputs = image_inputs()
+    with pytest.raises(ValueError, match=r"`video_grid_thw` must hold integers"):
+        tiny_model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], torch.tensor([[2.0, 8.0, 8.0]]))
+    with pytest.raises(ValueError, match=r"`video_grid_thw` must be a tensor"):
+        tiny_model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], [[2, 8, 8]])
+
+
+def test_well_formed_visual_input_and_padding_still_work(tiny_model):
+    """Left padding over pad tokens (not image tokens) is fine, and a padded row gives the unpadded row's logits."""
+    inputs = image_inputs(rows=2)
+    ids = torch.cat([torch.zeros(2, 3, dtype=torch.long), inputs["input_ids"]], dim=1)
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), inputs["attention_mask"]], dim=1)
+    ids[0, :3], mask[0, :3] = torch.tensor([1, 20, 21]), 1  # row 0 has 3 more real tokens, row 1 is padded
+    with torch.no_grad():
+        padded = tiny_model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                            image_grid_thw=inputs["image_grid_thw"]).logits
+        alone = tiny_model(input_ids=ids[1:, 3:], pixel_values=inputs["pixel_values"][64:],
+                           image_grid_thw=inputs["image_grid_thw"][1:]).logits
+        out = tiny_model.diffusion_generate(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                                            image_grid_thw=inputs["image_grid_thw"], max_new_tokens=4, steps=2)
+    assert torch.allclose(padded[1, 3:], alone[0], atol=1e-4)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    assert sequences.shape == (2, ids.shape[1] + 4)

@@ -24,6 +24,8 @@ import math
 import os
 import pathlib
 import random
+import re
+import shutil
 import sys
 import warnings
 from typing import Optional
@@ -51,6 +53,8 @@ STAGE_TRAINABLE = {
 }
 MODULES = ("visual", "img_projector", "model", "lm_head")
 IMAGE_PLACEHOLDER = "<image>"
+# Qwen2-VL's image processor refuses images more elongated than this.
+MAX_ASPECT_RATIO = 200
 ROLES = ("system", "user", "assistant")
 
 
@@ -128,68 +132,243 @@ def padded_answer_length(n: int, rng: random.Random) -> int:
     return rng.randint(n + 1, bucket)
 
 
-def load_conversations(data_path: str, image_folder: Optional[str] = None) -> list:
-    """Read and check LLaVA-style samples: {"id", "image" or "images", "messages" (or "conversations")}.
+class DataProblems(ValueError):
+    """Every problem found in the training data, one per line as `file:line: sample id: what`."""
 
-    Every problem is a ValueError naming the sample, raised before training starts."""
+    def __init__(self, data_path: str, problems: list, limit: int = 200):
+        self.problems = problems
+        shown = problems[:limit]
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        super().__init__(
+            f"--data_path {data_path}: {len(problems)} problem(s), nothing trained:\n  " + "\n  ".join(shown) + more
+        )
+
+
+def read_records(path: pathlib.Path) -> tuple:
+    """(records, line numbers, problems) of a JSON list or a JSONL file; a JSONL line that does not parse is a
+    problem naming its line, the others are still read."""
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"--data_path {path} holds no samples")
+    records, lines, problems = [], [], []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                    lines.append(number)
+                except json.JSONDecodeError as error:
+                    problems.append(f"{path.name}:{number}: not valid JSON: {error.msg} (column {error.colno})")
+        return records, lines, problems
+    try:
+        start = len(text) - len(text.lstrip())
+        if not text.startswith("[", start):
+            records = json.loads(text)  # not a list: named below
+            return records, None, problems
+        # A list, read record by record to know the line each starts on.
+        decoder, position, line, counted = json.JSONDecoder(), start + 1, 1, 0
+        separators = re.compile(r"\s*(,\s*)?")
+        while True:
+            position = separators.match(text, position).end()
+            if text.startswith("]", position):
+                break
+            line += text.count("\n", counted, position)
+            counted = position
+            record, position = decoder.raw_decode(text, position)
+            records.append(record)
+            lines.append(line)
+        if text[position + 1:].strip():
+            json.loads(text)  # raises "Extra data" at the right place
+    except json.JSONDecodeError as error:
+        hint = " (one record per line is a .jsonl file)" if "Extra data" in str(error) else ""
+        raise ValueError(f"--data_path {path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}") from None
+    return records, lines, problems
+
+
+def load_conversations(data_path: str, image_folder: Optional[str] = None, processor=None,
+                       max_seq_length: Optional[int] = None) -> list:
+    """Read and check LLaVA-style samples, {"id", "image" or "images", "messages" (or "conversations")}, or TRL's
+    vision SFT records ({"messages": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}],
+    "images": [...]}).
+
+    Every sample is checked before training: its structure, its images' headers (files that are missing, are no
+    image or do not decode), and with `processor` its text (special tokens typed in a message, a prompt longer
+    than `max_seq_length`). All problems are raised together as one `DataProblems` (a ValueError), each naming
+    the file, line and sample."""
     path = pathlib.Path(data_path)
     if not path.exists():
         raise ValueError(f"--data_path {data_path} does not exist")
-    text = path.read_text()
-    if not text.strip():
-        raise ValueError(f"--data_path {data_path} holds no samples")
-    try:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
-    except json.JSONDecodeError as error:
-        hint = " (one record per line is a .jsonl file)" if path.suffix != ".jsonl" and "Extra data" in str(error) else ""
-        raise ValueError(f"--data_path {data_path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}") from None
+    records, lines, problems = read_records(path)
     if not isinstance(records, list):
         raise ValueError(f"--data_path {data_path}: expected a list of samples, got {type(records).__name__}")
-    root = pathlib.Path(image_folder) if image_folder else path.parent
-    if not records:
+    if not records and not problems:
         raise ValueError(f"--data_path {data_path} holds no samples")
+    root = pathlib.Path(image_folder) if image_folder else path.parent
     samples = []
     for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"sample #{index}: expected an object with `messages`, got {type(record).__name__}")
-        name = record.get("id", f"#{index}")
-        messages = record.get("messages") or record.get("conversations")
-        if not messages:
-            raise ValueError(f"sample {name}: no `messages`")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError(f"sample {name}: `messages` must be a list of {{role, content}} objects")
-        messages = [_normalise_message(m) for m in messages]
-        for message in messages:
-            if message["role"] not in ROLES:
-                raise ValueError(
-                    f"sample {name}: role {message['role']!r} is not one of {', '.join(ROLES)} (or LLaVA's human, gpt)"
-                )
-            if not isinstance(message["content"], str):
-                raise ValueError(
-                    f"sample {name}: a message's `content` must be a string, images as `{IMAGE_PLACEHOLDER}` "
-                    f"placeholders, got {type(message['content']).__name__}"
-                )
-        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-            raise ValueError(f"sample {name}: the conversation must end with a non-empty assistant answer")
-        if IMAGE_PLACEHOLDER in messages[-1]["content"]:
-            raise ValueError(f"sample {name}: the answer (the last message) holds `{IMAGE_PLACEHOLDER}`; images go in the prompt")
-        images = record.get("images", record.get("image", []))
-        images = [images] if isinstance(images, str) else list(images)
-        images = [str(root / image) for image in images]
-        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if placeholders != len(images):
-            raise ValueError(f"sample {name}: {placeholders} `{IMAGE_PLACEHOLDER}` placeholders but {len(images)} images")
-        for image in images:
-            if not os.path.isfile(image):
-                raise ValueError(f"sample {name}: image file {image} not found")
-        samples.append({"id": name, "messages": messages, "images": images})
+        where = f"{path.name}:{lines[index]}" if lines else f"{path.name} sample #{index}"
+        sample, problem = _check_record(record, index, root)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+        else:
+            sample["where"] = where
+            samples.append(sample)
+    readable = []
+    for sample in samples:
+        image_problems = _image_problems(sample)
+        problems += [f"{sample['where']}: sample {sample['id']}: {problem}" for problem in image_problems]
+        if not image_problems:
+            readable.append(sample)
+    if processor is not None:
+        problems += check_texts(readable, processor, max_seq_length)
+    if problems:
+        line = re.compile(r"^[^:]*:(\d+): ")
+        problems.sort(key=lambda problem: int(line.match(problem).group(1)) if line.match(problem) else 0)
+        raise DataProblems(data_path, problems)
     return samples
 
 
+def _check_record(record, index: int, root: pathlib.Path) -> tuple:
+    """(sample, None) or (None, the problem) for one record."""
+    if not isinstance(record, dict):
+        return None, f"sample #{index}: expected an object with `messages`, got {type(record).__name__}"
+    name = record.get("id", f"#{index}")
+    messages = record.get("messages") or record.get("conversations")
+    if not messages:
+        return None, f"sample {name}: no `messages`"
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None, f"sample {name}: `messages` must be a list of {{role, content}} objects"
+    messages = [_normalise_message(m) for m in messages]
+    for message in messages:
+        if message["role"] not in ROLES:
+            return None, f"sample {name}: role {message['role']!r} is not one of {', '.join(ROLES)} (or LLaVA's human, gpt)"
+        if not isinstance(message["content"], str):
+            return None, (
+                f"sample {name}: a message's `content` must be a string, images as `{IMAGE_PLACEHOLDER}` placeholders "
+                "(or TRL's list of {\"type\": \"image\"} / {\"type\": \"text\", \"text\": ...} entries), got "
+                f"{_describe_content(message['content'])}"
+            )
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        return None, f"sample {name}: the conversation must end with a non-empty assistant answer"
+    if IMAGE_PLACEHOLDER in messages[-1]["content"]:
+        return None, f"sample {name}: the answer (the last message) holds `{IMAGE_PLACEHOLDER}`; images go in the prompt"
+    images = record.get("images", record.get("image", []))
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        return None, f"sample {name}: `image` / `images` must be a file path or a list of file paths"
+    images = [str(root / image) for image in images]
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        return None, f"sample {name}: {placeholders} `{IMAGE_PLACEHOLDER}` placeholders but {len(images)} images"
+    return {"id": name, "messages": messages, "images": images}, None
+
+
+def _image_problems(sample: dict) -> list:
+    """Opens each image's header (the pixels are decoded in training): missing, not an image, unreadable."""
+    from PIL import Image
+
+    problems, sample["image_sizes"] = [], []
+    for image in sample["images"]:
+        if not os.path.isfile(image):
+            problems.append(f"image file {image} not found")
+            continue
+        try:
+            with Image.open(image) as opened:
+                width, height = opened.size
+        except Image.UnidentifiedImageError:
+            problems.append(f"image file {image} is not an image PIL can read")
+            continue
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            problems.append(f"image file {image} does not decode: {error}")
+            continue
+        if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            problems.append(f"image file {image} is {width}x{height}: an aspect ratio above {MAX_ASPECT_RATIO} is refused")
+            continue
+        sample["image_sizes"].append((height, width))
+    return problems
+
+
+def _describe_content(content) -> str:
+    if isinstance(content, list):
+        return "a list with entries other than {\"type\": \"image\"} / {\"type\": \"text\", \"text\": str}"
+    return type(content).__name__
+
+
+def special_tokens(tokenizer) -> list:
+    """The tokenizer's control tokens (`<|im_start|>`, `<|image_pad|>`, `<|mask|>`, `<|endoftext|>`, ...)."""
+    tokens = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return sorted(tokens | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
+
+def image_tokens(image_processor, height: int, width: int) -> int:
+    """The number of `<|image_pad|>` tokens an image of this size becomes (from its size alone)."""
+    merge = image_processor.merge_size
+    if hasattr(image_processor, "get_number_of_image_patches"):  # transformers >= 4.50
+        return image_processor.get_number_of_image_patches(height, width, {}) // merge**2
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    patch = image_processor.patch_size
+    resized_height, resized_width = smart_resize(
+        height, width, factor=patch * merge, min_pixels=image_processor.min_pixels, max_pixels=image_processor.max_pixels
+    )
+    return (resized_height // patch) * (resized_width // patch) // merge**2
+
+
+def check_texts(samples: list, processor, max_seq_length: Optional[int], chunk: int = 1024) -> list:
+    """Problems in the samples' text: special tokens typed in a message (the tokenizer would read them as control
+    tokens: `<|image_pad|>` in a prompt breaks the image alignment, `<|mask|>` or `<|endoftext|>` in an answer
+    corrupts the targets), and prompts (with their image tokens) longer than `max_seq_length`. Stores each
+    sample's prompt text and length."""
+    tokenizer = processor.tokenizer
+    pattern = re.compile("|".join(re.escape(token) for token in special_tokens(tokenizer)))
+    problems = []
+    for sample in samples:
+        for number, message in enumerate(sample["messages"]):
+            found = sorted(set(pattern.findall(message["content"])))
+            if found:
+                part = "the answer" if number == len(sample["messages"]) - 1 else f"message {number + 1} ({message['role']})"
+                problems.append(
+                    f"{sample['where']}: sample {sample['id']}: {part} holds the special token(s) {', '.join(found)}, which "
+                    "the tokenizer reads as control tokens; remove them (images are `<image>` placeholders)"
+                )
+    if max_seq_length is None:
+        return problems
+    for first in range(0, len(samples), chunk):
+        batch = samples[first: first + chunk]
+        prompts = [prompt_text(processor, s["messages"]) for s in batch]
+        ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        for sample, prompt, prompt_ids in zip(batch, prompts, ids):
+            length = len(prompt_ids) + sum(
+                image_tokens(processor.image_processor, h, w) - 1 for h, w in sample.get("image_sizes", ())
+            )
+            sample["prompt_length"] = length
+            if length >= max_seq_length:
+                problems.append(
+                    f"{sample['where']}: sample {sample['id']}: the prompt alone has {length} tokens (images included), "
+                    f"leaving no room for the answer within --max_seq_length {max_seq_length}"
+                )
+    return problems
+
+
+def prompt_text(processor, messages: list) -> str:
+    """The prompt: every turn before the last answer, in the chat template, with the generation prompt."""
+    return processor.apply_chat_template(to_chat(messages[:-1]), add_generation_prompt=True, tokenize=False)
+
+
 def _normalise_message(message: dict) -> dict:
-    # LLaVA's original files use {"from": "human"/"gpt", "value": ...}.
+    # LLaVA's original files use {"from": "human"/"gpt", "value": ...}; TRL's vision SFT records a list of
+    # {"type": "image"} / {"type": "text", "text": ...} entries as the content (the images in the record's `images`).
     role = message.get("role") or {"human": "user", "gpt": "assistant"}.get(message.get("from"), message.get("from"))
-    return {"role": role, "content": message.get("content", message.get("value", ""))}
+    content = message.get("content", message.get("value", ""))
+    if isinstance(content, list) and content and all(_is_trl_entry(entry) for entry in content):
+        content = "".join(IMAGE_PLACEHOLDER if entry["type"] == "image" else entry["text"] for entry in content)
+    return {"role": role, "content": content}
+
+
+def _is_trl_entry(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    return entry.get("type") == "image" or (entry.get("type") == "text" and isinstance(entry.get("text"), str))
 
 
 def to_chat(messages: list) -> list:
@@ -215,10 +394,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list, processor, max_seq_length: int, seed: int = 0):
         self.samples, self.processor, self.max_seq_length, self.seed = samples, processor, max_seq_length, seed
         self.truncated_indices = set()  # distinct samples (an item is fetched again every epoch)
-        self.prompts = [
-            processor.apply_chat_template(to_chat(s["messages"][:-1]), add_generation_prompt=True, tokenize=False)
-            for s in samples
-        ]
+        self.prompts = [prompt_text(processor, s["messages"]) for s in samples]
 
     def __len__(self):
         return len(self.samples)
@@ -361,6 +537,71 @@ def apply_lora(model: DimpleModel, args: DimpleTrainingArguments):
         return get_peft_model(model, config)
 
 
+TRAINING_CARD_MARK = "<!-- model card written by train_dimple.py -->"
+
+
+def card_path(args) -> str:
+    """The name the card's usage snippet loads: the hub id when pushing, else the output folder's name."""
+    return args.hub_model_id or pathlib.Path(args.output_dir).resolve().name
+
+
+def training_card(model, args, state, metrics: dict, n_samples: int):
+    """The final checkpoint's README.md (a `huggingface_hub.ModelCard`): Dimple's card (metadata, usage,
+    decoding settings) plus the training arguments and the losses."""
+    from dimple.modeling_dimple import dimple_model_card
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: the wrapped Dimple
+    steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
+    rows = {
+        "stage": args.stage,
+        "objective": (f"masked diffusion ({args.masking} masking, t ~ U({args.diffusion_eps}, 1))"
+                      if args.stage == "diffusion" else "next-token (causal attention)"),
+        "trained modules": ", ".join(args.trainable_modules),
+        "LoRA": f"r {args.lora_r}, alpha {args.lora_alpha} (merged)" if args.lora_r else None,
+        "training samples": n_samples,
+        "max_seq_length": args.max_seq_length,
+        "max_pixels": args.max_pixels,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "warmup": args.warmup_steps or getattr(args, "warmup_ratio", None) or None,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm,
+        "optim": getattr(args.optim, "value", args.optim),
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "processes": args.world_size,
+        "total batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "max_steps" if steps else "num_train_epochs": steps or args.num_train_epochs,
+        "optimizer steps done": state.global_step,
+        "precision": "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32",
+        "activation checkpointing": checkpointing(args) or None,
+        "seed": args.seed,
+    }
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items() if value is not None)
+    logged = [entry for entry in state.log_history if "loss" in entry]
+    losses = []
+    if logged:
+        losses.append(f"final training loss (step {logged[-1]['step']}): {logged[-1]['loss']:.4f}")
+    if "train_loss" in metrics:
+        losses.append(f"mean training loss over the run: {metrics['train_loss']:.4f}")
+    evaluated = [entry for entry in state.log_history if "eval_loss" in entry]
+    if "eval_loss" in metrics or evaluated:
+        loss = metrics.get("eval_loss", evaluated[-1]["eval_loss"] if evaluated else None)
+        losses.append(f"evaluation loss (`--eval_data_path`, the stage's objective): {loss:.4f}")
+    source = args.model_name_or_path
+    source = source if not os.path.exists(source) else pathlib.Path(source).resolve().name  # no local paths
+    section = (
+        f"## Training\n\nTrained from `{source}` with `train_dimple.py` on "
+        f"`{pathlib.Path(args.data_path).name}` (transformers {transformers.__version__}, torch "
+        f"{torch.__version__.split('+')[0]}).\n\n| argument | value |\n| --- | --- |\n{table}\n\n"
+        + "".join(f"- {line}\n" for line in losses)
+    )
+    return dimple_model_card(
+        base, path=card_path(args), extra_tags=(f"dimple-{args.stage}",) + (("lora",) if args.lora_r else ()),
+        sections=[section], mark=TRAINING_CARD_MARK,
+    )
+
+
 def save_checkpoint(model, processor, output_dir: str) -> None:
     """A folder that loads with AutoModel / AutoProcessor (trust_remote_code): weights (safetensors), config,
     generation config, processor files and the code modules."""
@@ -370,11 +611,89 @@ def save_checkpoint(model, processor, output_dir: str) -> None:
     processor.save_pretrained(output_dir)  # also writes the files transformers 4.x reads
 
 
+# What a final checkpoint folder holds; a previous checkpoint's files of these kinds are replaced, not kept.
+CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".py", ".jinja", ".md", ".txt", ".model", ".tiktoken", ".bin", ".pt",
+                       ".pth")
+
+
+def _save_paths(output_dir) -> tuple:
+    out = pathlib.Path(os.path.abspath(output_dir))
+    return out, out.with_name(f".{out.name}.saving"), out.with_name(f".{out.name}.previous")
+
+
+def save_final_checkpoint(model, processor, output_dir: str, card=None) -> None:
+    """`save_checkpoint` into a folder beside `output_dir`, then renamed into place: the previous checkpoint
+    stays whole (and loads) until the new one is complete. The previous folder is kept as
+    `.NAME.previous` until the rename succeeded; what the run keeps in `output_dir` besides the checkpoint
+    (the Trainer's `checkpoint-*` folders, logs) moves into the new folder."""
+    out, staging, backup = _save_paths(output_dir)
+    recover_interrupted_save(out)
+    shutil.rmtree(staging, ignore_errors=True)  # a save that crashed before its rename
+    save_checkpoint(model, processor, str(staging))
+    if card is not None:
+        card.save(str(staging / "README.md"))
+    _sync_folder(staging)
+    if out.exists():
+        os.rename(out, backup)
+    os.rename(staging, out)
+    _sync_folder(out.parent, files=False)
+    recover_interrupted_save(out)  # moves the run's files over and removes the backup
+
+
+def recover_interrupted_save(output_dir) -> None:
+    """Finish or undo a final save that stopped between its renames: without `output_dir`, the backup becomes
+    it again; with both, the run's files move from the backup into `output_dir` and the backup goes."""
+    out, _, backup = _save_paths(output_dir)
+    if not backup.exists():
+        return
+    if not out.exists():
+        logger.warning("restoring %s from %s (a save was interrupted)", out, backup)
+        os.rename(backup, out)
+        return
+    for entry in backup.iterdir():
+        if not (out / entry.name).exists() and (entry.is_dir() or entry.suffix not in CHECKPOINT_SUFFIXES):
+            os.rename(entry, out / entry.name)
+    shutil.rmtree(backup)
+
+
+def _sync_folder(folder: pathlib.Path, files: bool = True) -> None:
+    """Written data reach the disk before the rename publishes them (where the OS lets us open for fsync)."""
+    paths = [p for p in folder.rglob("*") if p.is_file()] if files else []
+    for path in paths + [folder]:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(descriptor)
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+
+
 def train(args: DimpleTrainingArguments) -> dict:
     """Run one stage; returns the training metrics. The final checkpoint is written to `output_dir`."""
     if args.model_name_or_path is None or args.data_path is None:
         raise ValueError("--model_name_or_path and --data_path are required")
-    samples = load_conversations(args.data_path, args.image_folder)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover_interrupted_save(args.output_dir)  # a final save that crashed between its renames
+    set_seed(args.seed)  # before the model exists: LoRA's adapters are initialised from it
+    processor = DimpleProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
+    if args.max_pixels is not None:
+        size = getattr(processor.image_processor, "size", None)  # a dict on 4.x, a SizeDict on 5.x
+        min_pixels = getattr(processor.image_processor, "min_pixels", None) or (
+            size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        )
+        if min_pixels and args.max_pixels < min_pixels:
+            raise ValueError(f"--max_pixels must be >= the processor's min_pixels ({min_pixels}), got {args.max_pixels}")
+        processor.image_processor.max_pixels = args.max_pixels
+        if isinstance(size, dict):
+            processor.image_processor.size["longest_edge"] = args.max_pixels
+        elif dataclasses.is_dataclass(size) and hasattr(size, "longest_edge"):  # 5.x reads only size.longest_edge
+            processor.image_processor.size = dataclasses.replace(size, longest_edge=args.max_pixels)
+    # Every sample is checked (structure, image headers, text) before the model loads.
+    samples = load_conversations(args.data_path, args.image_folder, processor, args.max_seq_length)
     if "img_projector" in args.trainable_modules and set(args.trainable_modules) <= {"img_projector", "visual"}:
         text_only = [s["id"] for s in samples if not s["images"]]
         if text_only:  # nothing that trains would get a gradient from them (a batch of them cannot step)
@@ -387,18 +706,6 @@ def train(args: DimpleTrainingArguments) -> dict:
             f"--lora_r adapts the language model (`model`), which --stage {args.stage} does not train "
             f"(trainable: {list(args.trainable_modules)}); drop --lora_r or add model to --trainable"
         )
-    set_seed(args.seed)  # before the model exists: LoRA's adapters are initialised from it
-    processor = DimpleProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
-    if args.max_pixels is not None:
-        size = getattr(processor.image_processor, "size", None)  # a dict on 4.x, a SizeDict on 5.x
-        min_pixels = getattr(processor.image_processor, "min_pixels", None) or (
-            size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
-        )
-        if min_pixels and args.max_pixels < min_pixels:
-            raise ValueError(f"--max_pixels must be >= the processor's min_pixels ({min_pixels}), got {args.max_pixels}")
-        processor.image_processor.max_pixels = args.max_pixels
-        if isinstance(getattr(processor.image_processor, "size", None), dict):
-            processor.image_processor.size["longest_edge"] = args.max_pixels
     # fp32 master weights whatever the checkpoint's dtype (the release is bf16; --bf16 trains with autocast);
     # safetensors only, never a pickle
     dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
@@ -436,12 +743,14 @@ def train(args: DimpleTrainingArguments) -> dict:
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if dataset.truncated:
         logger.warning("%d sample(s) were truncated to --max_seq_length %d", dataset.truncated, args.max_seq_length)
+    metrics = dict(result.metrics)
     if trainer.is_world_process_zero():
-        save_checkpoint(trainer.model, processor, args.output_dir)
+        card = training_card(trainer.model, args, trainer.state, metrics, len(samples))
+        save_final_checkpoint(trainer.model, processor, args.output_dir, card)
     trainer.save_state()
     if push_to_hub and trainer.is_world_process_zero():
         push_checkpoint(args.output_dir, args)
-    return result.metrics
+    return metrics
 
 
 # Never uploaded: the Trainer's intermediate checkpoints, logs, and anything pickled.
@@ -467,6 +776,13 @@ def push_checkpoint(output_dir: str, args):
     api = HfApi(token=args.hub_token)
     repo_id = args.hub_model_id or pathlib.Path(output_dir).resolve().name
     repo_id = api.create_repo(repo_id, private=bool(args.hub_private_repo), exist_ok=True).repo_id
+    readme, guess = pathlib.Path(output_dir) / "README.md", card_path(args)
+    if readme.is_file() and guess != repo_id:  # the card's usage snippet loads the repository
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(readme)
+        card.text = card.text.replace(f'path = "{guess}"', f'path = "{repo_id}"').replace(f"# {guess}\n", f"# {repo_id}\n", 1)
+        card.save(str(readme))
     logger.info("pushing %s to %s", output_dir, repo_id)
     return api.upload_folder(
         repo_id=repo_id, folder_path=output_dir, commit_message="Dimple checkpoint (train_dimple.py)",

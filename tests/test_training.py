@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -712,9 +713,10 @@ def test_bad_samples_are_named_before_training(tiny, tmp_path, no_training, prob
         bad["messages"][-1]["content"] = "<image>\n" + bad["messages"][-1]["content"]
         pattern = r"sample the-bad-one: the answer \(the last message\) holds `<image>`"
     elif problem in ("list-content", "null-content"):
-        bad["messages"][0]["content"] = [{"type": "text", "text": "hi"}] if problem == "list-content" else None
+        # a list is TRL's format only with {"type": "image"} / {"type": "text", "text": str} entries
+        bad["messages"][0]["content"] = [{"type": "text", "value": "hi"}] if problem == "list-content" else None
         pattern = r"sample the-bad-one: a message's `content` must be a string, .*got " + (
-            "list" if problem == "list-content" else "NoneType"
+            "a list with entries other than" if problem == "list-content" else "NoneType"
         )
     elif problem == "role":
         bad["messages"][0]["role"] = "bot"
@@ -857,3 +859,283 @@ def test_long_samples_are_truncated_with_a_warning_count(tiny, dataset, processo
     too_short = ConversationDataset(load_conversations(str(tiny["data"])), processor, max_seq_length=5, seed=0)
     with pytest.raises(ValueError, match=r"sample shapes-s0-000000: the prompt alone has \d+ tokens"):
         too_short[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Model cards: every checkpoint folder carries a README.md with the hub metadata
+# --------------------------------------------------------------------------------------------------
+
+
+def card_metadata(readme: Path) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(readme).data.to_dict()
+
+
+def assert_dimple_card(readme: Path, path: str):
+    data = card_metadata(readme)
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-text-to-text"
+    assert data["license"] == "apache-2.0" and data["base_model"]
+    assert {"diffusion", "custom_code"} <= set(data["tags"])
+    text = readme.read_text()
+    assert f'path = "{path}"' in text
+    assert "AutoModel.from_pretrained(path, trust_remote_code=True)" in text
+    assert "AutoProcessor.from_pretrained(path, trust_remote_code=True)" in text
+    assert "model.diffusion_generate(**inputs)" in text
+    assert "## Decoding settings" in text and "| `steps` | `8` |" in text and "| `alg` | `'maskgit_plus'` |" in text
+    return data, text
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """transformers' push_to_hub against a recording hub: the repository has no card yet, and the committed
+    files are copied to `into` (transformers 5 goes through `HfApi`, 4.x through huggingface_hub's functions)."""
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    into = tmp_path / "hub"
+    into.mkdir()
+    record = types.SimpleNamespace(into=into, commits=[])
+
+    def create_repo(repo_id, *args, **kwargs):
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(repo_id, operations, *args, **kwargs):
+        for operation in operations:
+            target = into / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(operation.path_or_fileobj, target)
+        record.commits.append((repo_id, sorted(op.path_in_repo for op in operations)))
+
+    load = ModelCard.load.__func__
+
+    def no_card(cls, repo_id_or_path, *args, **kwargs):  # local files still load
+        if Path(repo_id_or_path).is_file():
+            return load(cls, repo_id_or_path, *args, **kwargs)
+        raise EntryNotFoundError("README.md not found")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, *a, **k: create_repo(repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, repo_id, operations, *a, **k: create_commit(repo_id, operations))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, *a, **k: None)
+    monkeypatch.setattr(ModelCard, "load", classmethod(no_card))
+    for name, function in (("create_repo", create_repo), ("create_commit", create_commit)):
+        if hasattr(transformers_hub, name):  # transformers 4.x imported huggingface_hub's bound functions
+            monkeypatch.setattr(transformers_hub, name, function)
+    monkeypatch.chdir(tmp_path)  # 4.x pushes from a local folder named like the repository when one exists
+    return record
+
+
+def test_save_pretrained_and_push_to_hub_write_a_model_card(tiny, tmp_path, fake_hub):
+    model = DimpleModel.from_pretrained(str(tiny["init"]))
+    model.save_pretrained(tmp_path / "saved")
+    data, text = assert_dimple_card(tmp_path / "saved" / "README.md", "saved")
+    assert "<|mask|>" in text
+    # The init folder was written by save_checkpoint from a model built in memory: Dimple's own origins.
+    assert data["base_model"] == ["Dream-org/Dream-v0-Instruct-7B", "Qwen/Qwen2.5-VL-7B-Instruct"]
+
+    # A README someone wrote stays; transformers' stub (and an older card of ours) is replaced.
+    (tmp_path / "saved" / "README.md").write_text("# my notes\n")
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "README.md").read_text() == "# my notes\n"
+    (tmp_path / "saved" / "README.md").write_text(
+        "---\nlibrary_name: transformers\n---\nThis is the model card of a 🤗 transformers model that has been pushed "
+        "on the Hub. This model card has been automatically generated.\n"
+    )
+    model.save_pretrained(tmp_path / "saved")
+    assert_dimple_card(tmp_path / "saved" / "README.md", "saved")
+
+    # push_to_hub: transformers writes its stub card just before uploading; the card uploaded is Dimple's.
+    model.push_to_hub("me/dimple-card")
+    assert fake_hub.commits and fake_hub.commits[-1][0] == "me/dimple-card"
+    assert "README.md" in fake_hub.commits[-1][1] and "model.safetensors" in fake_hub.commits[-1][1]
+    data, text = assert_dimple_card(fake_hub.into / "README.md", "me/dimple-card")
+    assert "automatically generated" not in text
+
+    # A model loaded from a hub id names it as its base model.
+    model.config._name_or_path = "someone/dimple-base"
+    model.save_pretrained(tmp_path / "derived")
+    assert card_metadata(tmp_path / "derived" / "README.md")["base_model"] == ["someone/dimple-base"]
+    # ... one loaded from a local folder passes on that folder's base models.
+    reloaded = DimpleModel.from_pretrained(str(tmp_path / "derived"))
+    reloaded.save_pretrained(tmp_path / "derived-again")
+    assert card_metadata(tmp_path / "derived-again" / "README.md")["base_model"] == ["someone/dimple-base"]
+
+
+def test_the_model_card_code_needs_only_huggingface_hub():
+    """Remote code: the card is built with huggingface_hub's ModelCard / ModelCardData, which transformers
+    requires (>= 0.23 for 4.46.2, which has both, with `pipeline_tag` and `base_model`)."""
+    import ast
+
+    tree = ast.parse((ROOT / "modeling_dimple.py").read_text())
+    imported = {
+        ("" if node.level else node.module.split(".")[0]) if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
+        for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert imported <= {"", "contextlib", "threading", "dataclasses", "typing", "torch", "transformers",
+                        "huggingface_hub", "os", "re", "math"}, imported
+
+
+def test_training_output_carries_a_card_with_the_arguments_and_losses(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHubApi(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+    out = tmp_path / "card-run"
+    history = run(tiny, out, "--push_to_hub", "true", "--hub_model_id", "me/dimple-card-run", steps=5)
+    for readme, path in ((out / "README.md", "me/dimple-card-run"), (hub.into / "README.md", "me/dimple-card-run")):
+        data, text = assert_dimple_card(readme, path)
+        assert "dimple-diffusion" in data["tags"]
+        assert "| stage | diffusion |" in text and "| learning_rate | 0.003 |" in text
+        assert "| per_device_train_batch_size | 8 |" in text and "| max_steps | 5 |" in text
+        assert f"final training loss (step 5): {history[-1]['loss']:.4f}" in text
+        assert "mean training loss over the run" in text
+        assert str(tmp_path) not in text  # no local paths are published
+    # A later save_pretrained into the folder keeps the training card.
+    DimpleModel.from_pretrained(str(out)).save_pretrained(out)
+    assert "## Training" in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. Every sample is checked before the first step; all problems are reported at once
+# --------------------------------------------------------------------------------------------------
+
+
+def test_all_data_problems_are_reported_at_once_with_their_lines(tiny, tmp_path, no_training):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
+    (tmp_path / "notes.png").write_text("these are notes, not a picture\n")
+    lines = [json.dumps(_good(tiny, i)) for i in range(20)]
+
+    def edit(index, change):
+        record = json.loads(lines[index])
+        change(record)
+        lines[index] = json.dumps(record)
+
+    edit(2, lambda r: r.update(image=str(tmp_path / "broken.png")))
+    edit(4, lambda r: r.update(image=str(tmp_path / "notes.png")))
+    edit(6, lambda r: r["messages"][0].update(content=r["messages"][0]["content"] + " <|image_pad|>"))
+    edit(8, lambda r: r["messages"][-1].update(content="a red <|mask|> circle"))
+    edit(10, lambda r: r["messages"][-1].update(content="red<|endoftext|>"))
+    edit(12, lambda r: r["messages"][0].update(content=r["messages"][0]["content"] + " word" * 400))
+    lines[16] = lines[16][:26] + "}"  # a broken line: line 17
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(train_dimple.DataProblems) as caught:
+        run(tiny, tmp_path / "out", "--max_seq_length", "256", data=data, steps=2)
+    problems = caught.value.problems
+    message = str(caught.value)
+    assert "7 problem(s)" in message, message
+    expected = [
+        r"problems\.jsonl:3: sample \S+: image file .*broken\.png does not decode",
+        r"problems\.jsonl:5: sample \S+: image file .*notes\.png is not an image",
+        r"problems\.jsonl:7: sample \S+: message 1 \(user\) holds the special token\(s\) <\|image_pad\|>",
+        r"problems\.jsonl:9: sample \S+: the answer holds the special token\(s\) <\|mask\|>",
+        r"problems\.jsonl:11: sample \S+: the answer holds the special token\(s\) <\|endoftext\|>",
+        r"problems\.jsonl:13: sample \S+: the prompt alone has \d+ tokens \(images included\), leaving no room for the "
+        r"answer within --max_seq_length 256",
+        r"problems\.jsonl:17: not valid JSON: .*\(column 27\)",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, pattern in zip(problems, expected):
+        assert re.search(pattern, problem), (pattern, problem)
+
+
+def test_prompt_lengths_are_counted_as_the_processor_tokenizes(tiny, processor):
+    """The check counts each prompt's tokens from the image's size alone; the processor's count agrees."""
+    samples = load_conversations(str(tiny["data"]), processor=processor, max_seq_length=1024)
+    dataset = ConversationDataset(samples, processor, max_seq_length=1024, seed=0)
+    for index in range(4):
+        assert samples[index]["prompt_length"] == len(dataset[index]["prompt_ids"])
+    image = tiny["root"] / "wide.png"
+    from PIL import Image
+
+    Image.new("RGB", (300, 90), "white").save(image)
+    for height, width in ((90, 300), (56, 56), (1000, 700)):
+        Image.new("RGB", (width, height), "white").save(image)
+        inputs = processor(images=[str(image)], text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt")
+        expected = int((inputs["input_ids"] == processor.image_token_id).sum())
+        assert train_dimple.image_tokens(processor.image_processor, height, width) == expected
+
+
+def test_a_json_list_names_the_line_each_problem_record_starts_on(tiny, tmp_path, no_training):
+    records = [_good(tiny, i) for i in range(3)]
+    records[1]["messages"][-1]["content"] = "a <|mask|>"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records, indent=2))
+    starts = [number for number, line in enumerate(data.read_text().splitlines(), 1) if line == "  {"]
+    assert len(starts) == 3
+    with pytest.raises(ValueError, match=rf"data\.json:{starts[1]}: sample \S+: the answer holds the special token"):
+        run(tiny, tmp_path / "out", data=data, steps=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. The final save is atomic: a crash inside it leaves the previous checkpoint whole
+# --------------------------------------------------------------------------------------------------
+
+_CRASHING_SAVE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import train_dimple
+
+def crash_midway(model, processor, output_dir):
+    model.save_pretrained(output_dir, safe_serialization=True)  # the weights are written, the rest is not
+    os._exit(17)
+
+train_dimple.save_checkpoint = crash_midway
+train_dimple.main(sys.argv[2:])
+"""
+
+
+def test_a_crash_inside_the_final_save_leaves_the_previous_checkpoint(tiny, tmp_path):
+    out = tmp_path / "atomic"
+
+    def argv(lr):
+        return [
+            "--model_name_or_path", str(tiny["init"]), "--data_path", str(tiny["data"]), "--stage", "diffusion",
+            "--output_dir", str(out), "--max_steps", "2", "--learning_rate", lr, "--per_device_train_batch_size", "8",
+            "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none", "--use_cpu", "true",
+            "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        ]
+
+    train_dimple.main(argv("3e-3"))
+    before = weights(out)
+    assert (out / "checkpoint-2").is_dir()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_SAVE, str(ROOT), *argv("1e-1")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    # The previous checkpoint is whole and loads; the new one was being written beside it.
+    assert (tmp_path / ".atomic.saving" / "model.safetensors").is_file()
+    reloaded = DimpleModel.from_pretrained(str(out))
+    assert all(torch.equal(reloaded.state_dict()[name], tensor) for name, tensor in before.items())
+    DimpleProcessor.from_pretrained(str(out))
+    assert (out / "checkpoint-2").is_dir()
+
+    # The next run replaces it, carries the Trainer's checkpoint folders over and leaves nothing beside it.
+    train_dimple.main(argv("1e-2"))
+    assert not torch.equal(weights(out)["lm_head.weight"], before["lm_head.weight"])
+    assert (out / "checkpoint-2").is_dir() and (out / "README.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic"]
+
+
+def test_a_save_stopped_between_its_renames_is_undone_or_finished(tmp_path):
+    out, staging, backup = train_dimple._save_paths(tmp_path / "run")
+    # Stopped after the previous checkpoint moved aside: it comes back.
+    backup.mkdir()
+    (backup / "model.safetensors").write_text("previous")
+    train_dimple.recover_interrupted_save(out)
+    assert (out / "model.safetensors").read_text() == "previous" and not backup.exists()
+    # Stopped after the new one moved in: the run's folders move over, the old checkpoint files go.
+    backup.mkdir()
+    (backup / "model.safetensors").write_text("previous")
+    (backup / "checkpoint-4").mkdir()
+    (out / "model.safetensors").write_text("new")
+    train_dimple.recover_interrupted_save(out)
+    assert (out / "model.safetensors").read_text() == "new" and (out / "checkpoint-4").is_dir()
+    assert not backup.exists()

@@ -672,6 +672,21 @@ def _sync_folder(folder: pathlib.Path, files: bool = True) -> None:
             os.close(descriptor)
 
 
+def set_max_pixels(processor, max_pixels: int) -> None:
+    """Images are resized to at most `max_pixels` pixels (checked against the processor's min_pixels)."""
+    size = getattr(processor.image_processor, "size", None)  # a dict on 4.x, a SizeDict on 5.x
+    min_pixels = getattr(processor.image_processor, "min_pixels", None) or (
+        size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    )
+    if min_pixels and max_pixels < min_pixels:
+        raise ValueError(f"--max_pixels must be >= the processor's min_pixels ({min_pixels}), got {max_pixels}")
+    processor.image_processor.max_pixels = max_pixels
+    if isinstance(size, dict):
+        processor.image_processor.size["longest_edge"] = max_pixels
+    elif dataclasses.is_dataclass(size) and hasattr(size, "longest_edge"):  # 5.x reads only size.longest_edge
+        processor.image_processor.size = dataclasses.replace(size, longest_edge=max_pixels)
+
+
 def train(args: DimpleTrainingArguments) -> dict:
     """Run one stage; returns the training metrics. The final checkpoint is written to `output_dir`."""
     if args.model_name_or_path is None or args.data_path is None:
@@ -681,17 +696,7 @@ def train(args: DimpleTrainingArguments) -> dict:
     set_seed(args.seed)  # before the model exists: LoRA's adapters are initialised from it
     processor = DimpleProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     if args.max_pixels is not None:
-        size = getattr(processor.image_processor, "size", None)  # a dict on 4.x, a SizeDict on 5.x
-        min_pixels = getattr(processor.image_processor, "min_pixels", None) or (
-            size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
-        )
-        if min_pixels and args.max_pixels < min_pixels:
-            raise ValueError(f"--max_pixels must be >= the processor's min_pixels ({min_pixels}), got {args.max_pixels}")
-        processor.image_processor.max_pixels = args.max_pixels
-        if isinstance(size, dict):
-            processor.image_processor.size["longest_edge"] = args.max_pixels
-        elif dataclasses.is_dataclass(size) and hasattr(size, "longest_edge"):  # 5.x reads only size.longest_edge
-            processor.image_processor.size = dataclasses.replace(size, longest_edge=args.max_pixels)
+        set_max_pixels(processor, args.max_pixels)
     # Every sample is checked (structure, image headers, text) before the model loads.
     samples = load_conversations(args.data_path, args.image_folder, processor, args.max_seq_length)
     if "img_projector" in args.trainable_modules and set(args.trainable_modules) <= {"img_projector", "visual"}:

@@ -1139,3 +1139,20 @@ def test_a_save_stopped_between_its_renames_is_undone_or_finished(tmp_path):
     train_dimple.recover_interrupted_save(out)
     assert (out / "model.safetensors").read_text() == "new" and (out / "checkpoint-4").is_dir()
     assert not backup.exists()
+
+
+def test_max_pixels_reaches_the_image_processor(tiny, tmp_path):
+    """transformers 5's image processor reads size.longest_edge only; 4.x reads max_pixels (and size)."""
+    from PIL import Image
+
+    processor = DimpleProcessor.from_pretrained(str(tiny["init"]))
+    image = tmp_path / "big.png"
+    Image.new("RGB", (200, 200), "white").save(image)
+
+    def tokens():
+        inputs = processor(images=[str(image)], text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt")
+        return int((inputs["input_ids"] == processor.image_token_id).sum())
+
+    assert tokens() == 4  # the tiny processor's 56x56 pixels at most
+    train_dimple.set_max_pixels(processor, 112 * 112)
+    assert tokens() == 16 == train_dimple.image_tokens(processor.image_processor, 200, 200)

@@ -251,6 +251,17 @@ def test_dream_origin_commits_each_mask_independently_with_probability_one_minus
     assert variance == pytest.approx(masks * p * (1 - p), rel=0.1)
 
 
+@pytest.mark.parametrize("alg", ["origin", "origin-ratio", "maskgit_plus", "autoregressive"])
+def test_dream_last_step_commits_every_mask(alg):
+    # s = eps on the last step would give 1 - s/t = 0.996: without the rule a few of 4000 masks would stay
+    rows, masks, steps = 1000, 4, 4
+    is_mask = torch.ones(rows, masks, dtype=torch.bool)
+    chosen = DreamPipeline(config(alg=alg, steps=steps), steps).commit(
+        steps - 1, is_mask, None, torch.rand(rows, masks), torch.Generator().manual_seed(0))
+    expected = is_mask if alg != "autoregressive" else torch.tensor([True, False, False, False]).expand(rows, -1)
+    assert torch.equal(chosen, expected)
+
+
 def test_dim_origin_ratio_commits_each_mask_with_the_schedule_ratio():
     rows, masks, steps = 20000, 8, 8
     settings = config(alg="origin-ratio", steps=steps)

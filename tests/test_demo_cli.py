@@ -5,9 +5,13 @@ import pathlib
 import types
 
 import pytest
+import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 import demo
+
+TINY = pathlib.Path(__file__).resolve().parents[1] / "tiny-dimple"
 
 
 @pytest.fixture
@@ -19,20 +23,41 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(demo, "sample_image", fail)
 
 
+class RecordingModel(torch.nn.Module):
+    """A stand-in model: `diffusion_generate` records what reaches it and answers "red" after the prompt."""
+
+    def __init__(self, processor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answer_ids = processor.tokenizer("red", add_special_tokens=False)["input_ids"]
+        self.calls = []
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    def diffusion_generate(self, input_ids, **kwargs):
+        self.calls.append(dict(input_ids=input_ids, **kwargs))
+        answer = torch.tensor([self.answer_ids] * input_ids.shape[0])
+        return types.SimpleNamespace(sequences=torch.cat([input_ids, answer], dim=1), num_forward_passes=3)
+
+
 @pytest.fixture
 def fake_model(monkeypatch):
-    """A stand-in for `load` and `answer` that records the generation keyword arguments."""
-    calls = []
-    model = types.SimpleNamespace(parameters=lambda: [], device="cpu")
-    monkeypatch.setattr(demo, "load", lambda path: (model, None))
-    monkeypatch.setattr(demo, "sample_image", lambda: "sample")
+    """`load` gives the shipped tiny model's processor and a `RecordingModel`; returns its recorded calls."""
+    processor = AutoProcessor.from_pretrained(str(TINY), trust_remote_code=True)
+    model = RecordingModel(processor)
+    monkeypatch.setattr(demo, "load", lambda path: (model, processor))
+    return model.calls
 
-    def answer(model, processor, image, question, **generate_kwargs):
-        calls.append((image, question, generate_kwargs))
-        return "red", 1, 0.001
 
-    monkeypatch.setattr(demo, "answer", answer)
-    return calls
+def settings(call: dict) -> dict:
+    """The decoding settings of a recorded call: what is not a processor output."""
+    return {k: v for k, v in call.items() if k not in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 
 
 def bad_image_args(tmp: pathlib.Path):
@@ -78,15 +103,21 @@ def test_bad_values_stop_before_loading_and_name_the_flag(args, flag, tmp_path, 
                                             (["--no-use-cache"], {"use_cache": False})])
 def test_use_cache_is_passed_only_when_given(args, expected, fake_model, capsys):
     demo.main(args + ["--question", "What color is the shape?"])
-    assert [call[2] for call in fake_model] == [expected]
-    assert "A: red" in capsys.readouterr().out
+    assert [settings(call) for call in fake_model] == [{"return_dict_in_generate": True, **expected}]
+    assert "A: red    [3 forward passes" in capsys.readouterr().out
 
 
-def test_good_values_reach_the_decoder(tmp_path, fake_model):
+def test_good_values_reach_the_decoder(tmp_path, fake_model, capsys):
     Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
     demo.main(["--image", str(tmp_path / "red.png"), "--steps", "4", "--max-new-tokens", "8",
                "--alg-p-threshold", "0", "--question", "What color?"])
-    (image, question, kwargs), = fake_model
-    assert isinstance(image, Image.Image) and image.size == (56, 56)
-    assert question == "What color?"
-    assert kwargs == {"steps": 4, "max_new_tokens": 8, "alg_p_threshold": 0.0}
+    (call,) = fake_model
+    assert settings(call) == {"return_dict_in_generate": True, "steps": 4, "max_new_tokens": 8, "alg_p_threshold": 0.0}
+    # the processor's outputs for the 56x56 image and the question reach the decoder
+    processor = AutoProcessor.from_pretrained(str(TINY), trust_remote_code=True)
+    prompt = processor.tokenizer.decode(call["input_ids"][0])
+    assert "What color?" in prompt
+    assert call["image_grid_thw"].tolist() == processor(images=[Image.new("RGB", (56, 56))], text="<|image_pad|>",
+                                                        return_tensors="pt")["image_grid_thw"].tolist()
+    assert call["pixel_values"].dtype == torch.float32
+    assert "A: red" in capsys.readouterr().out

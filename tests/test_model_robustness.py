@@ -28,7 +28,11 @@ BAD_TEXT_VALUES = [
     ("vocab_size", 8, r"`mask_token_id` must be a token id in \[0, vocab_size = 8\)"),
     ("mask_token_id", 300, r"`mask_token_id` must be a token id in \[0, vocab_size = 300\)"),
     ("pad_token_id", -1, r"`pad_token_id` must be a token id in \[0, vocab_size = 300\)"),
-    ("eos_token_id", [2, 999], r"`eos_token_id` must be a token id in \[0, vocab_size = 300\)"),
+    ("image_token_id", 300, r"`image_token_id` must be a token id in \[0, vocab_size = 300\)"),
+    ("video_token_id", 1000, r"`video_token_id` must be a token id in \[0, vocab_size = 300\)"),
+    ("eos_token_id", [2, -1], r"`eos_token_id` must be a token id \(an integer >= 0, or a list of them\) or null"),
+    ("bos_token_id", "<s>", r"`bos_token_id` must be a token id \(an integer >= 0\) or null, got '<s>'"),
+    ("vision_token_id", 1.5, r"`vision_token_id` must be a token id \(an integer >= 0\) or null"),
     ("hidden_act", "swishy", r"`hidden_act` must be one of transformers' activations \[.*'silu'.*\], got 'swishy'"),
     ("rms_norm_eps", 0, r"`rms_norm_eps` must be a finite number > 0, got 0"),
     ("rms_norm_eps", -1e-6, r"`rms_norm_eps` must be a finite number > 0"),
@@ -120,6 +124,8 @@ def test_default_and_released_configs_still_build(tmp_path):
     assert released.num_hidden_layers == 28 and released.vision_config.depth == 32
     assert DimpleConfig().to_dict() == DimpleConfig(**DimpleConfig().to_dict()).to_dict()
     assert DimpleVisionConfig().fullatt_block_indexes == [7, 15, 23, 31]
+    # ids only the tokenizer reads may lie outside a small vocabulary (scripts/init_dimple.py keeps the defaults)
+    assert tiny_config(bos_token_id=151644, vision_token_id=151654).bos_token_id == 151644
     # a round trip through save_pretrained (transformers builds default configs to diff against)
     config = tiny_config(eos_token_id=[2, 1], rope_theta=10000)
     config.save_pretrained(tmp_path)

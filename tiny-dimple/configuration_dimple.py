@@ -29,11 +29,12 @@ def _check_activation(name: str, value) -> None:
         raise ValueError(f"`{name}` must be one of transformers' activations {sorted(ACT2FN)}, got {value!r}")
 
 
-# The special token ids a config holds: each must be a row of the embedding (eos may be a list of ids).
-TOKEN_ID_FIELDS = (
-    "pad_token_id", "bos_token_id", "eos_token_id", "image_token_id", "video_token_id", "vision_start_token_id",
-    "vision_end_token_id", "vision_token_id", "mask_token_id",
-)
+# Special token ids the model itself uses (the embedding's padding row, the placeholders images and videos are
+# written over, decoding's mask): each must be a row of the embedding.
+MODEL_TOKEN_ID_FIELDS = ("pad_token_id", "image_token_id", "video_token_id", "mask_token_id")
+# Ids only the tokenizer and decoding's stop rule read: token ids (eos may be a list), not checked against
+# vocab_size (transformers itself only warns there: released configs hold some out-of-vocabulary ones).
+OTHER_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id")
 
 
 class DimpleVisionConfig(PretrainedConfig):
@@ -288,13 +289,20 @@ class DimpleConfig(PretrainedConfig):
         init = self.initializer_range
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not init >= 0:
             raise ValueError(f"`initializer_range` must be a number >= 0, got {init!r}")
-        for name in TOKEN_ID_FIELDS:
+        for name in MODEL_TOKEN_ID_FIELDS:
             value = getattr(self, name, None)
-            values = value if isinstance(value, (list, tuple)) and name == "eos_token_id" else [value]
-            if not all(v is None or _is_int(v) and 0 <= v < self.vocab_size for v in values):
+            if not (value is None or _is_int(value) and 0 <= value < self.vocab_size):
                 raise ValueError(
                     f"`{name}` must be a token id in [0, vocab_size = {self.vocab_size}) (or null), got {value!r}: "
                     "`vocab_size` is smaller than the special token ids, or the id is wrong"
+                )
+        for name in OTHER_TOKEN_ID_FIELDS:
+            value = getattr(self, name, None)
+            values = value if isinstance(value, (list, tuple)) and name == "eos_token_id" else [value]
+            if not all(v is None or _is_int(v) and v >= 0 for v in values):
+                raise ValueError(
+                    f"`{name}` must be a token id (an integer >= 0"
+                    + (", or a list of them" if name == "eos_token_id" else "") + f") or null, got {value!r}"
                 )
         check_vision = getattr(self.vision_config, "check_values", None)  # also another module's copy of the class
         if check_vision is None:

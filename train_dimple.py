@@ -38,6 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import dimple_package  # noqa: E402,F401  (the repository's modules as the package `dimple`)
 from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
+from dimple import processing_dimple  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
 
 
@@ -45,6 +46,7 @@ logger = logging.getLogger("train_dimple")
 
 STAGES = ("align", "instruct", "diffusion")
 MASKINGS = ("single", "dual")
+LORA_SAVES = ("merged", "adapter", "both")
 # Modules each stage trains (SPEC §5); everything else is frozen.
 STAGE_TRAINABLE = {
     "align": ("img_projector",),
@@ -78,6 +80,18 @@ class DimpleTrainingArguments(TrainingArguments):
     max_pixels: Optional[int] = dataclasses.field(default=None, metadata={"help": "Image processor max_pixels."})
     lora_r: int = dataclasses.field(default=0, metadata={"help": "LoRA rank on the language model (0: off)."})
     lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha."})
+    lora_save: str = dataclasses.field(
+        default="merged",
+        metadata={"help": f"With --lora_r, the final checkpoint: one of {LORA_SAVES} (merged weights in output_dir; "
+                  "the adapter alone, adapter_model.safetensors + adapter_config.json for PeftModel.from_pretrained, "
+                  "in output_dir; or merged weights with the adapter in output_dir/adapter)."},
+    )
+    eval_data_path: Optional[str] = dataclasses.field(
+        default=None,
+        metadata={"help": "Held-out samples (same formats as --data_path): the stage's loss on them is evaluated at "
+                  "the end (and per --eval_strategy); diffusion masks are drawn from a fixed seed, so evaluations "
+                  "compare."},
+    )
     data_seed_offset: int = dataclasses.field(default=0, metadata={"help": "Offset of the answer-padding RNG."})
     # transformers 5's default, also on 4.x: a step's loss is the mean over the labelled tokens of every
     # micro-batch on every device, so N devices × batch b train as one device with batch N·b.
@@ -99,6 +113,12 @@ class DimpleTrainingArguments(TrainingArguments):
                 raise ValueError(f"--trainable names unknown modules {sorted(unknown)}; allowed: {MODULES}")
         if not 0 < self.diffusion_eps < 1:
             raise ValueError(f"--diffusion_eps must be in (0, 1), got {self.diffusion_eps}")
+        if self.lora_save not in LORA_SAVES:
+            raise ValueError(f"--lora_save must be one of {LORA_SAVES}, got {self.lora_save!r}")
+        if self.lora_save != "merged" and not self.lora_r:
+            raise ValueError(f"--lora_save {self.lora_save} saves a LoRA adapter: it needs --lora_r")
+        if self.eval_data_path is not None and not os.path.isfile(self.eval_data_path):
+            raise ValueError(f"--eval_data_path {self.eval_data_path} does not exist")
         if self.lora_r < 0:
             raise ValueError(f"--lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -106,6 +126,10 @@ class DimpleTrainingArguments(TrainingArguments):
         if self.max_seq_length < 2:
             raise ValueError(f"--max_seq_length must be >= 2, got {self.max_seq_length}")
         self.remove_unused_columns = False  # the collator builds exactly the model's inputs
+        if self.eval_data_path is not None:
+            self.prediction_loss_only = True  # the eval loss only: gathering 152k-vocabulary logits would not fit
+        if self.label_names is None:
+            self.label_names = ["labels"]  # also through peft's wrapper, whose forward does not name them
         if int(os.environ.get("WORLD_SIZE", "1")) < 2:
             self.average_tokens_across_devices = False  # one process: nothing to average (4.x warns otherwise)
         super().__post_init__()
@@ -135,21 +159,21 @@ def padded_answer_length(n: int, rng: random.Random) -> int:
 class DataProblems(ValueError):
     """Every problem found in the training data, one per line as `file:line: sample id: what`."""
 
-    def __init__(self, data_path: str, problems: list, limit: int = 200):
+    def __init__(self, data_path: str, problems: list, limit: int = 200, flag: str = "--data_path"):
         self.problems = problems
         shown = problems[:limit]
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
         super().__init__(
-            f"--data_path {data_path}: {len(problems)} problem(s), nothing trained:\n  " + "\n  ".join(shown) + more
+            f"{flag} {data_path}: {len(problems)} problem(s), nothing trained:\n  " + "\n  ".join(shown) + more
         )
 
 
-def read_records(path: pathlib.Path) -> tuple:
+def read_records(path: pathlib.Path, flag: str = "--data_path") -> tuple:
     """(records, line numbers, problems) of a JSON list or a JSONL file; a JSONL line that does not parse is a
     problem naming its line, the others are still read."""
     text = path.read_text()
     if not text.strip():
-        raise ValueError(f"--data_path {path} holds no samples")
+        raise ValueError(f"{flag} {path} holds no samples")
     records, lines, problems = [], [], []
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
@@ -181,12 +205,12 @@ def read_records(path: pathlib.Path) -> tuple:
             json.loads(text)  # raises "Extra data" at the right place
     except json.JSONDecodeError as error:
         hint = " (one record per line is a .jsonl file)" if "Extra data" in str(error) else ""
-        raise ValueError(f"--data_path {path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}") from None
+        raise ValueError(f"{flag} {path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}") from None
     return records, lines, problems
 
 
 def load_conversations(data_path: str, image_folder: Optional[str] = None, processor=None,
-                       max_seq_length: Optional[int] = None) -> list:
+                       max_seq_length: Optional[int] = None, flag: str = "--data_path") -> list:
     """Read and check LLaVA-style samples, {"id", "image" or "images", "messages" (or "conversations")}, or TRL's
     vision SFT records ({"messages": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}],
     "images": [...]}).
@@ -197,12 +221,12 @@ def load_conversations(data_path: str, image_folder: Optional[str] = None, proce
     the file, line and sample."""
     path = pathlib.Path(data_path)
     if not path.exists():
-        raise ValueError(f"--data_path {data_path} does not exist")
-    records, lines, problems = read_records(path)
+        raise ValueError(f"{flag} {data_path} does not exist")
+    records, lines, problems = read_records(path, flag)
     if not isinstance(records, list):
-        raise ValueError(f"--data_path {data_path}: expected a list of samples, got {type(records).__name__}")
+        raise ValueError(f"{flag} {data_path}: expected a list of samples, got {type(records).__name__}")
     if not records and not problems:
-        raise ValueError(f"--data_path {data_path} holds no samples")
+        raise ValueError(f"{flag} {data_path} holds no samples")
     root = pathlib.Path(image_folder) if image_folder else path.parent
     samples = []
     for index, record in enumerate(records):
@@ -224,7 +248,7 @@ def load_conversations(data_path: str, image_folder: Optional[str] = None, proce
     if problems:
         line = re.compile(r"^[^:]*:(\d+): ")
         problems.sort(key=lambda problem: int(line.match(problem).group(1)) if line.match(problem) else 0)
-        raise DataProblems(data_path, problems)
+        raise DataProblems(data_path, problems, flag=flag)
     return samples
 
 
@@ -301,16 +325,27 @@ def special_tokens(tokenizer) -> list:
 
 
 def image_tokens(image_processor, height: int, width: int) -> int:
-    """The number of `<|image_pad|>` tokens an image of this size becomes (from its size alone)."""
-    merge = image_processor.merge_size
-    if hasattr(image_processor, "get_number_of_image_patches"):  # transformers >= 4.50
-        return image_processor.get_number_of_image_patches(height, width, {}) // merge**2
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    """The number of `<|image_pad|>` tokens an image of this size becomes (from its size alone): the size
+    processing_dimple resizes it to (`fit_size`, where it has one), else Qwen2-VL's rule."""
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    size = getattr(image_processor, "size", None) or {}
 
-    patch = image_processor.patch_size
-    resized_height, resized_width = smart_resize(
-        height, width, factor=patch * merge, min_pixels=image_processor.min_pixels, max_pixels=image_processor.max_pixels
-    )
+    def bound(key, size_key):
+        value = size.get(size_key) if isinstance(size, dict) else getattr(size, size_key, None)
+        return value if value is not None else getattr(image_processor, key, None)
+
+    min_pixels, max_pixels = bound("min_pixels", "shortest_edge"), bound("max_pixels", "longest_edge")
+    fit_size = getattr(processing_dimple, "fit_size", None)
+    if fit_size is not None and min_pixels and max_pixels:
+        resized_height, resized_width = fit_size(height, width, patch * merge, min_pixels, max_pixels)
+    elif hasattr(image_processor, "get_number_of_image_patches"):  # transformers >= 4.50
+        return image_processor.get_number_of_image_patches(height, width, {}) // merge**2
+    else:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        resized_height, resized_width = smart_resize(
+            height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels
+        )
     return (resized_height // patch) * (resized_width // patch) // merge**2
 
 
@@ -391,8 +426,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     """One item per conversation: the prompt (all turns before the last answer, chat template with the
     generation prompt), the answer ids and its padded length, the images."""
 
-    def __init__(self, samples: list, processor, max_seq_length: int, seed: int = 0):
+    def __init__(self, samples: list, processor, max_seq_length: int, seed: int = 0, fixed_masks: bool = False):
         self.samples, self.processor, self.max_seq_length, self.seed = samples, processor, max_seq_length, seed
+        self.fixed_masks = fixed_masks  # evaluation: the same diffusion masks at every evaluation
         self.truncated_indices = set()  # distinct samples (an item is fetched again every epoch)
         self.prompts = [prompt_text(processor, s["messages"]) for s in samples]
 
@@ -429,6 +465,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                     )
             target = target[:room]
         item = {"index": index, "prompt_ids": prompt_ids, "target_ids": torch.tensor(target, dtype=torch.long)}
+        if self.fixed_masks:
+            item["fixed_masks"] = True
         if "pixel_values" in inputs:
             item["pixel_values"] = inputs["pixel_values"]
             item["image_grid_thw"] = inputs["image_grid_thw"]
@@ -463,7 +501,8 @@ class DimpleCollator:
                 continue
             if "index" not in item:
                 raise ValueError("diffusion masking draws from each item's dataset `index`; the item has none")
-            masked = self.diffusion_mask(len(target), item["index"])
+            # evaluation items: masks of a fixed draw (-1 is no training epoch), the same at every evaluation
+            masked = self.diffusion_mask(len(target), item["index"], epoch=-1 if item.get("fixed_masks") else None)
             for mask in (masked, ~masked) if self.dual else (masked,):
                 if mask.any():  # the complement is empty when t masked every token
                     masked_ids = torch.where(mask, self.mask_token_id, target)
@@ -486,9 +525,10 @@ class DimpleCollator:
         )
         return batch
 
-    def diffusion_mask(self, length: int, index: int) -> torch.Tensor:
+    def diffusion_mask(self, length: int, index: int, epoch: Optional[int] = None) -> torch.Tensor:
         """Each target position masked with probability t ~ U(eps, 1); at least one is masked."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
         t = self.eps + (1 - self.eps) * torch.rand((), generator=generator)
         mask = torch.rand(length, generator=generator) < t
         if not mask.any():
@@ -557,7 +597,7 @@ def training_card(model, args, state, metrics: dict, n_samples: int):
         "objective": (f"masked diffusion ({args.masking} masking, t ~ U({args.diffusion_eps}, 1))"
                       if args.stage == "diffusion" else "next-token (causal attention)"),
         "trained modules": ", ".join(args.trainable_modules),
-        "LoRA": f"r {args.lora_r}, alpha {args.lora_alpha} (merged)" if args.lora_r else None,
+        "LoRA": f"r {args.lora_r}, alpha {args.lora_alpha} (saved: {args.lora_save})" if args.lora_r else None,
         "training samples": n_samples,
         "max_seq_length": args.max_seq_length,
         "max_pixels": args.max_pixels,
@@ -596,17 +636,36 @@ def training_card(model, args, state, metrics: dict, n_samples: int):
         f"{torch.__version__.split('+')[0]}).\n\n| argument | value |\n| --- | --- |\n{table}\n\n"
         + "".join(f"- {line}\n" for line in losses)
     )
+    sections = [section]
+    if args.lora_r and args.lora_save == "adapter":
+        sections.insert(0, (
+            "## This folder is a LoRA adapter\n\n`adapter_model.safetensors` + `adapter_config.json` (peft) on the base "
+            f"checkpoint, trained with {'bidirectional' if args.stage == 'diffusion' else 'causal'} attention: load the "
+            "base with that attention; the usage above applies to the adapted model.\n\n```python\n"
+            "from peft import PeftModel\nfrom transformers import AutoModel\n\nbase = AutoModel.from_pretrained(BASE_CHECKPOINT, "
+            f"trust_remote_code=True, full_attn_mask={args.stage == 'diffusion'})\n"
+            "model = PeftModel.from_pretrained(base, path).eval()  # or .merge_and_unload()\n```\n"
+        ))
     return dimple_model_card(
-        base, path=card_path(args), extra_tags=(f"dimple-{args.stage}",) + (("lora",) if args.lora_r else ()),
-        sections=[section], mark=TRAINING_CARD_MARK,
+        base, path=card_path(args), extra_tags=(f"dimple-{args.stage}",) + (("lora", "peft") if args.lora_r else ()),
+        sections=sections, mark=TRAINING_CARD_MARK, library_name="peft" if args.lora_save == "adapter" else "transformers",
     )
 
 
-def save_checkpoint(model, processor, output_dir: str) -> None:
+def save_checkpoint(model, processor, output_dir: str, lora_save: str = "merged") -> None:
     """A folder that loads with AutoModel / AutoProcessor (trust_remote_code): weights (safetensors), config,
-    generation config, processor files and the code modules."""
-    if hasattr(model, "merge_and_unload"):  # LoRA: publish plain weights
-        model = model.merge_and_unload()
+    generation config, processor files and the code modules. A LoRA model is saved merged (plain weights), as
+    its adapter alone (`lora_save="adapter"`: adapter_model.safetensors + adapter_config.json, for
+    `PeftModel.from_pretrained` on the base checkpoint, with the processor files), or both (the adapter in
+    `output_dir/adapter`)."""
+    if hasattr(model, "merge_and_unload"):
+        if lora_save in ("adapter", "both"):
+            adapter_dir = output_dir if lora_save == "adapter" else os.path.join(output_dir, "adapter")
+            model.save_pretrained(adapter_dir, safe_serialization=True)
+            if lora_save == "adapter":
+                processor.save_pretrained(output_dir)
+                return
+        model = model.merge_and_unload()  # publish plain weights
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)  # also writes the files transformers 4.x reads
 
@@ -621,7 +680,7 @@ def _save_paths(output_dir) -> tuple:
     return out, out.with_name(f".{out.name}.saving"), out.with_name(f".{out.name}.previous")
 
 
-def save_final_checkpoint(model, processor, output_dir: str, card=None) -> None:
+def save_final_checkpoint(model, processor, output_dir: str, card=None, lora_save: str = "merged") -> None:
     """`save_checkpoint` into a folder beside `output_dir`, then renamed into place: the previous checkpoint
     stays whole (and loads) until the new one is complete. The previous folder is kept as
     `.NAME.previous` until the rename succeeded; what the run keeps in `output_dir` besides the checkpoint
@@ -629,7 +688,7 @@ def save_final_checkpoint(model, processor, output_dir: str, card=None) -> None:
     out, staging, backup = _save_paths(output_dir)
     recover_interrupted_save(out)
     shutil.rmtree(staging, ignore_errors=True)  # a save that crashed before its rename
-    save_checkpoint(model, processor, str(staging))
+    save_checkpoint(model, processor, str(staging), lora_save)
     if card is not None:
         card.save(str(staging / "README.md"))
     _sync_folder(staging)
@@ -651,7 +710,8 @@ def recover_interrupted_save(output_dir) -> None:
         os.rename(backup, out)
         return
     for entry in backup.iterdir():
-        if not (out / entry.name).exists() and (entry.is_dir() or entry.suffix not in CHECKPOINT_SUFFIXES):
+        run_file = entry.name != "adapter" and (entry.is_dir() or entry.suffix not in CHECKPOINT_SUFFIXES)
+        if run_file and not (out / entry.name).exists():
             os.rename(entry, out / entry.name)
     shutil.rmtree(backup)
 
@@ -699,6 +759,11 @@ def train(args: DimpleTrainingArguments) -> dict:
         set_max_pixels(processor, args.max_pixels)
     # Every sample is checked (structure, image headers, text) before the model loads.
     samples = load_conversations(args.data_path, args.image_folder, processor, args.max_seq_length)
+    eval_samples = None
+    if args.eval_data_path is not None:
+        eval_samples = load_conversations(
+            args.eval_data_path, args.image_folder, processor, args.max_seq_length, flag="--eval_data_path"
+        )
     if "img_projector" in args.trainable_modules and set(args.trainable_modules) <= {"img_projector", "visual"}:
         text_only = [s["id"] for s in samples if not s["images"]]
         if text_only:  # nothing that trains would get a gradient from them (a batch of them cannot step)
@@ -731,6 +796,9 @@ def train(args: DimpleTrainingArguments) -> dict:
         seed=args.seed,
     )
     dataset = ConversationDataset(samples, processor, args.max_seq_length, seed=args.seed + args.data_seed_offset)
+    eval_dataset = None
+    if eval_samples is not None:
+        eval_dataset = ConversationDataset(eval_samples, processor, args.max_seq_length, seed=args.seed, fixed_masks=True)
     if args.lora_r:
         model = apply_lora(model, args)
         if checkpointing(args):
@@ -741,7 +809,8 @@ def train(args: DimpleTrainingArguments) -> dict:
     # optimizer.pt); the final checkpoint is pushed below instead.
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
+        processing_class=processor,
         callbacks=[MaskingEpochCallback(collator)],
     )
     synchronise_every_backward_on_4_46_2(trainer)
@@ -749,9 +818,11 @@ def train(args: DimpleTrainingArguments) -> dict:
     if dataset.truncated:
         logger.warning("%d sample(s) were truncated to --max_seq_length %d", dataset.truncated, args.max_seq_length)
     metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         card = training_card(trainer.model, args, trainer.state, metrics, len(samples))
-        save_final_checkpoint(trainer.model, processor, args.output_dir, card)
+        save_final_checkpoint(trainer.model, processor, args.output_dir, card, args.lora_save)
     trainer.save_state()
     if push_to_hub and trainer.is_world_process_zero():
         push_checkpoint(args.output_dir, args)

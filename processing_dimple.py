@@ -13,13 +13,31 @@ import json
 import math
 import os
 import pathlib
+import re
+import secrets
 
 import transformers
 from transformers import BatchFeature, ProcessorMixin
-from transformers.image_utils import get_image_size, is_pil_image, load_image, to_numpy_array
+from transformers.image_transforms import resize
+from transformers.image_utils import (
+    PILImageResampling,
+    get_image_size,
+    infer_channel_dimension_format,
+    is_pil_image,
+    load_image,
+    to_numpy_array,
+)
 
 # Qwen2-VL's `smart_resize` rejects images more elongated than this; checking first gives a clearer error.
 MAX_ASPECT_RATIO = 200
+# PIL modes of 16-bit (and 32-bit integer) grayscale images, e.g. 16-bit PNGs: their values span 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Tokens the model's config refers to by id (SPEC §2): the processor refuses a tokenizer without them.
+REQUIRED_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
 
 _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
@@ -51,7 +69,20 @@ class DimpleProcessor(ProcessorMixin):
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.tokenizer.padding_side = "left"
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.special_token_ids = _special_token_ids(self.tokenizer)  # raises when the tokenizer lacks one
+        self.image_token_id = self.special_token_ids["image_token_id"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loading, then a check that the tokenizer gives the special tokens the ids that the
+        folder's config.json (when there is one, in a local folder) uses: the model reads masks, images and
+        end-of-text by these ids."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded  # return_unused_kwargs=True gives a pair
+        folder = pathlib.Path(os.fspath(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        if (folder / "config.json").is_file():
+            _check_config_token_ids(processor.special_token_ids, folder / "config.json")
+        return loaded
 
     @property
     def model_input_names(self):
@@ -66,6 +97,7 @@ class DimpleProcessor(ProcessorMixin):
         return_tensors=None,
         images_kwargs=None,
         legacy=None,
+        split_special_tokens=False,
         **tokenizer_kwargs,
     ) -> BatchFeature:
         r"""Prepares prompts and images for the model.
@@ -81,6 +113,11 @@ class DimpleProcessor(ProcessorMixin):
             images_kwargs (`dict`, *optional*): extra arguments of the image processor call.
             legacy: `None` or `False`, ignored: transformers 4.47–4.49's pipeline passes `legacy=False` to ask
                 processors for their current behaviour, the only one this processor has.
+            split_special_tokens (`bool`, default `False`): as transformers' tokenizers, `False` reads special-token
+                strings in `text` (`<|im_end|>`, `<|mask|>`, ...) as those tokens; `True` reads them as plain text,
+                except the `<|image_pad|>` placeholders of the images. For untrusted text in a chat prompt, use
+                `apply_chat_template(..., tokenize=True, split_special_tokens=True)`, which keeps the template's
+                own tokens special and reads only the messages' text as plain text.
             **tokenizer_kwargs: extra arguments of the tokenizer call.
 
         Returns:
@@ -93,11 +130,30 @@ class DimpleProcessor(ProcessorMixin):
             raise ValueError(f"legacy: must be None or False (this processor has no legacy mode), got {legacy!r}")
         if text is None and images is None:
             raise ValueError("DimpleProcessor needs `text`, `images` or both.")
-        texts = None if text is None else _as_text_batch(text)
-        images = _load_images(images)
+        if split_special_tokens not in (True, False):
+            raise ValueError(f"split_special_tokens: must be True or False, got {split_special_tokens!r}")
+        segments = None
+        if text is not None:
+            texts = _as_text_batch(text)
+            # A prompt is a list of (text, plain) segments: plain text is tokenized with special-token strings
+            # read as plain text.
+            if split_special_tokens:
+                segments = [self._plain_except_placeholders(sample) for sample in texts]
+            else:
+                segments = [[(sample, False)] for sample in texts]
+        return self._process(segments, images, padding, return_tensors, images_kwargs, tokenizer_kwargs)
 
-        if texts is not None:
-            num_placeholders = sum(sample.count(self.image_token) for sample in texts)
+    def _plain_except_placeholders(self, sample):
+        head, *tails = sample.split(self.image_token)
+        segments = [(head, True)]
+        for tail in tails:
+            segments += [(self.image_token, False), (tail, True)]
+        return [segment for segment in segments if segment[0]]
+
+    def _process(self, segments, images, padding, return_tensors, images_kwargs, tokenizer_kwargs):
+        images = _load_images(images)
+        if segments is not None:
+            num_placeholders = sum(text.count(self.image_token) for row in segments for text, plain in row if not plain)
             if num_placeholders != len(images):
                 raise ValueError(
                     f"images: got {len(images)} image(s) but `text` has {num_placeholders} {self.image_token} "
@@ -107,16 +163,18 @@ class DimpleProcessor(ProcessorMixin):
         data = {}
         tokens_per_image = []
         if images:
-            image_inputs = self.image_processor(images=images, return_tensors=return_tensors, **(images_kwargs or {}))
+            images_kwargs = dict(images_kwargs or {})
+            images = _fit_pixel_bounds(images, self.image_processor, images_kwargs)
+            image_inputs = self.image_processor(images=images, return_tensors=return_tensors, **images_kwargs)
             data["pixel_values"] = image_inputs["pixel_values"]
             data["image_grid_thw"] = image_inputs["image_grid_thw"]
             # The vision merger fuses merge_size x merge_size patches into one LLM token.
-            merge_length = self.image_processor.merge_size**2
+            merge_length = images_kwargs.get("merge_size", self.image_processor.merge_size) ** 2
             tokens_per_image = [math.prod(int(v) for v in thw) // merge_length for thw in data["image_grid_thw"]]
 
-        if texts is not None:
-            texts, expected = self._expand_image_tokens(texts, tokens_per_image)
-            text_inputs = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
+        if segments is not None:
+            segments, expected = self._expand_image_tokens(segments, tokens_per_image)
+            text_inputs = self._tokenize(segments, padding, return_tensors, tokenizer_kwargs)
             found = [row.count(self.image_token_id) for row in _as_lists(text_inputs["input_ids"])]
             if found != expected:
                 raise ValueError(
@@ -127,16 +185,41 @@ class DimpleProcessor(ProcessorMixin):
 
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _expand_image_tokens(self, texts, tokens_per_image):
-        """Replaces the i-th `<|image_pad|>` of the batch by `tokens_per_image[i]` copies; also returns the number
-        of image tokens each prompt must contain."""
+    def _tokenize(self, segments, padding, return_tensors, tokenizer_kwargs):
+        if all(len(row) == 1 and not row[0][1] for row in segments):  # no plain-text segment: one tokenizer call
+            texts = [row[0][0] for row in segments]
+            return self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
+        unsupported = sorted(set(tokenizer_kwargs) - {"max_length", "pad_to_multiple_of", "return_attention_mask"})
+        if unsupported:
+            raise ValueError(
+                f"split_special_tokens=True: the tokenizer arguments {unsupported} are not supported with it "
+                "(allowed: max_length, pad_to_multiple_of, return_attention_mask)."
+            )
+        rows = []
+        for row in segments:
+            ids = []
+            for text, plain in row:
+                # Each segment alone: a tokenizer adds no token between them (Qwen2's adds no bos / eos at all).
+                ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+            rows.append(ids)
+        return self.tokenizer.pad({"input_ids": rows}, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
+
+    def _expand_image_tokens(self, segments, tokens_per_image):
+        """Replaces the i-th `<|image_pad|>` placeholder of the batch (outside plain-text segments) by
+        `tokens_per_image[i]` copies; also returns the number of image tokens each prompt must contain."""
         counts = iter(tokens_per_image)
         expanded, expected = [], []
-        for sample in texts:
-            head, *tails = sample.split(self.image_token)
-            sizes = [next(counts) for _ in tails]
-            expanded.append(head + "".join(self.image_token * n + tail for n, tail in zip(sizes, tails)))
-            expected.append(sum(sizes))
+        for row in segments:
+            new_row, total = [], 0
+            for text, plain in row:
+                if not plain:
+                    head, *tails = text.split(self.image_token)
+                    sizes = [next(counts) for _ in tails]
+                    text = head + "".join(self.image_token * n + tail for n, tail in zip(sizes, tails))
+                    total += sum(sizes)
+                new_row.append((text, plain))
+            expanded.append(new_row)
+            expected.append(total)
         return expanded, expected
 
     def apply_chat_template(
@@ -149,6 +232,7 @@ class DimpleProcessor(ProcessorMixin):
         return_tensors=None,
         return_dict=None,
         processor_kwargs=None,
+        split_special_tokens=False,
         **template_kwargs,
     ):
         r"""Renders one conversation (a list of messages) or a batch (a list of conversations) with Qwen2-VL's
@@ -163,13 +247,31 @@ class DimpleProcessor(ProcessorMixin):
         Returns the prompt string (a list for a batch) or, with `tokenize=True`, the processor's output on the
         prompt(s) and the images found in the items (`processor_kwargs` go to `__call__`); its `input_ids` alone
         with `return_dict=False` (transformers' pipelines ask for `return_dict=True`).
+
+        `split_special_tokens=True` (with `tokenize=True`) reads the messages' text as plain text: a message
+        containing `<|im_end|><|im_start|>assistant` or `<|mask|>` gets the ids of those characters, not the
+        special tokens, so it cannot close its turn or write into the answer canvas; the template's own tokens
+        (turns, image placeholders) stay special. The default, `False`, is transformers': special-token strings
+        in messages are special tokens. Use `True` for text from untrusted users (the web demo does).
         """
         if not conversation:
             raise ValueError("conversation: expected a list of messages or a list of conversations, got nothing.")
         if return_dict and not tokenize:
             raise ValueError("return_dict=True needs tokenize=True: without tokenizing there is no dict to return.")
+        processor_kwargs = dict(processor_kwargs or {})
+        split_special_tokens = processor_kwargs.pop("split_special_tokens", split_special_tokens)
+        if split_special_tokens not in (True, False):
+            raise ValueError(f"split_special_tokens: must be True or False, got {split_special_tokens!r}")
+        if split_special_tokens and not tokenize:
+            raise ValueError(
+                "split_special_tokens=True needs tokenize=True: a prompt string cannot mark which text is plain."
+            )
         batched = isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
+        texts = {}
+        if split_special_tokens:  # render with a marker in place of each text, then tokenize the texts apart
+            nonce = secrets.token_hex(8)
+            conversations = [_mark_texts(messages, nonce, texts) for messages in conversations]
         prompts = [
             self.tokenizer.apply_chat_template(
                 messages,
@@ -191,12 +293,22 @@ class DimpleProcessor(ProcessorMixin):
             for item in message["content"]
             if item.get("type") in ("image", "image_url") or "image" in item or "image_url" in item  # as the template
         ]
-        outputs = self(
-            text=prompts if batched else prompts[0],
-            images=images or None,
-            return_tensors=return_tensors,
-            **(processor_kwargs or {}),
-        )
+        if split_special_tokens:
+            segments = [_split_marked(prompt, nonce, texts) for prompt in prompts]
+            call = {"padding": True, "images_kwargs": None, **processor_kwargs}
+            unknown = sorted({"videos", "legacy", "text", "images"} & set(call))
+            if unknown:
+                raise ValueError(f"processor_kwargs: {unknown} cannot be given to apply_chat_template.")
+            outputs = self._process(
+                segments, images or None, call.pop("padding"), return_tensors, call.pop("images_kwargs"), call
+            )
+        else:
+            outputs = self(
+                text=prompts if batched else prompts[0],
+                images=images or None,
+                return_tensors=return_tensors,
+                **processor_kwargs,
+            )
         return outputs["input_ids"] if return_dict is False else outputs
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -257,6 +369,193 @@ def _as_text_batch(text):
     if isinstance(text, (list, tuple)) and text and all(isinstance(sample, str) for sample in text):
         return list(text)
     raise ValueError(f"text: expected a string or a non-empty list of strings, got {_describe(text)}.")
+
+
+def _mark_texts(messages, nonce, texts):
+    """A copy of `messages` whose text (string contents and text items) is replaced by markers
+    `<nonce:index>`; `texts` maps each marker to its text."""
+
+    def mark(text):
+        if not isinstance(text, str):
+            return text  # the template reports it
+        marker = f"\ue000{nonce}:{len(texts)}\ue001"
+        texts[marker] = text
+        return marker
+
+    marked = []
+    for message in messages:
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = mark(content)
+        elif isinstance(content, (list, tuple)):
+            message["content"] = [
+                {**item, "text": mark(item["text"])} if isinstance(item, dict) and "text" in item else item
+                for item in content
+            ]
+        marked.append(message)
+    return marked
+
+
+def _split_marked(prompt, nonce, texts):
+    """The rendered `prompt` as (text, plain) segments: the marked texts are plain, the template is not."""
+    segments = []
+    for index, piece in enumerate(re.split(f"(\ue000{nonce}:\\d+\ue001)", prompt)):
+        if index % 2:
+            segments.append((texts[piece], True))
+        elif piece:
+            segments.append((piece, False))
+    return [segment for segment in segments if segment[0]]
+
+
+def _token_id(tokenizer, token):
+    """The id of `token` as a single token of `tokenizer`, or None."""
+    if not isinstance(token, str) or not token:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or token_id < 0 or tokenizer.convert_ids_to_tokens(token_id) != token:
+        return None  # unknown: no id, or the unknown token's
+    return token_id
+
+
+def _special_token_ids(tokenizer):
+    """The ids of the special tokens the model uses (config field -> id); a `ValueError` naming every missing
+    one when the tokenizer cannot represent them."""
+    wanted = {
+        "mask_token_id": ("mask_token", tokenizer.mask_token),
+        "pad_token_id": ("pad_token", tokenizer.pad_token),
+        "eos_token_id": ("eos_token", tokenizer.eos_token),
+        **{field: (token, token) for field, token in REQUIRED_TOKENS.items()},
+    }
+    ids, missing = {}, []
+    for field, (name, token) in wanted.items():
+        token_id = _token_id(tokenizer, token)
+        if token_id is None:
+            missing.append(name if token is None else f"{name} {token!r}" if name != token else token)
+        ids[field] = token_id
+    if missing:
+        raise ValueError(
+            f"tokenizer: it lacks the special tokens {', '.join(missing)}, which Dimple's config refers to by id "
+            "(mask, image, vision start / end, pad, eos); load the checkpoint's own tokenizer (Qwen2 + <|mask|>)."
+        )
+    return ids
+
+
+def _check_config_token_ids(token_ids, config_path):
+    config = json.loads(pathlib.Path(config_path).read_text())
+    wrong = []
+    for field, token_id in token_ids.items():
+        expected = config.get(field)
+        allowed = expected if isinstance(expected, list) else [expected]
+        if expected is not None and token_id not in allowed:
+            wrong.append(f"{field} {expected} (the tokenizer gives {token_id})")
+    if wrong:
+        raise ValueError(
+            f"tokenizer: its special tokens do not have the ids of {config_path}: {'; '.join(wrong)}. "
+            "The model reads these tokens by id: use the tokenizer that was trained with it."
+        )
+
+
+def _qwen2vl_size(height, width, factor, min_pixels, max_pixels, smallest=None):
+    """transformers' Qwen2-VL `smart_resize`, in floating point as there: the size its image processor resizes
+    to. 4.4x's lets a shrunk side reach 0 (`smallest=0`), later versions keep at least `factor`."""
+    smallest = factor if smallest is None else smallest
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(smallest, math.floor(height / beta / factor) * factor)
+        w_bar = max(smallest, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def fit_size(height, width, factor, min_pixels, max_pixels):
+    """The size (multiples of `factor`) Dimple's processor resizes a `height` x `width` image to: Qwen2-VL's
+    rule (`smart_resize`), and where that leaves [min_pixels, max_pixels] — its floating-point floor / ceil
+    can drop a side one step (a 260 px square became 28 x 28 under min_pixels = max_pixels = 56²), and a
+    side clamped to `factor` or rounded up can overshoot — the in-bounds size closest in aspect ratio, then
+    in area."""
+    size = _qwen2vl_size(height, width, factor, min_pixels, max_pixels)
+    if min_pixels <= size[0] * size[1] <= max_pixels:
+        return size
+    cell = factor * factor
+    low, high = max(1, -(-min_pixels // cell)), max_pixels // cell  # pixel bounds in factor x factor cells
+    if low > high:
+        raise ValueError(
+            f"images_kwargs: min_pixels {min_pixels} and max_pixels {max_pixels} admit no image made of "
+            f"{factor}x{factor} px blocks; widen them."
+        )
+    ratio, area = height / width, min(max(height * width, low * cell), high * cell)
+    best = None
+    for rows in range(1, high + 1):
+        cols_low, cols_high = max(1, -(-low // rows)), high // rows
+        if cols_low > cols_high:
+            continue
+        for cols in {min(max(c, cols_low), cols_high) for c in (math.floor(rows / ratio), math.ceil(rows / ratio))}:
+            score = (abs(math.log(rows / cols / ratio)), abs(math.log(rows * cols * cell / area)))
+            if best is None or score < best[0]:
+                best = (score, (rows * factor, cols * factor))
+    return best[1]
+
+
+def resize_target(height, width, factor, min_pixels, max_pixels):
+    """The size the processor resizes a `height` x `width` image to before the image processor, or None where
+    the image processor's own resize gives `fit_size` (in bounds) on every transformers version: a side under
+    `factor` (4.46 refuses it) or a result out of bounds is resized here, and the image processor then keeps
+    the size (its rule leaves in-bounds multiples of `factor` as they are)."""
+    target = fit_size(height, width, factor, min_pixels, max_pixels)
+    if min(height, width) >= factor and target == _qwen2vl_size(height, width, factor, min_pixels, max_pixels, 0):
+        return None
+    return target
+
+
+def _fit_pixel_bounds(images, image_processor, images_kwargs):
+    """`images`, each one that Qwen2-VL's image processor would resize outside [min_pixels, max_pixels]
+    resized here (`resize_target`)."""
+    kwargs = images_kwargs
+    if not kwargs.get("do_resize", getattr(image_processor, "do_resize", True)):
+        return images
+    size = kwargs.get("size") or getattr(image_processor, "size", None) or {}
+
+    def bound(key, *size_keys):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+        for name in size_keys:
+            value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+            if value is not None:
+                return value
+        return getattr(image_processor, key, None)
+
+    min_pixels = bound("min_pixels", "shortest_edge", "min_pixels")
+    max_pixels = bound("max_pixels", "longest_edge", "max_pixels")
+    patch_size = kwargs.get("patch_size", getattr(image_processor, "patch_size", None))
+    merge_size = kwargs.get("merge_size", getattr(image_processor, "merge_size", None))
+    if None in (min_pixels, max_pixels, patch_size, merge_size):
+        return images
+    factor = patch_size * merge_size
+    resample = kwargs.get("resample", getattr(image_processor, "resample", None))
+    try:
+        resample = PILImageResampling(int(resample))
+    except (TypeError, ValueError):
+        resample = PILImageResampling.BICUBIC
+    fitted = []
+    for image in images:
+        height, width = _image_size(image, len(fitted))
+        target = resize_target(height, width, factor, min_pixels, max_pixels)
+        if target is not None:
+            if is_pil_image(image):
+                if image.mode in ("1", "P"):  # PIL resizes these by nearest neighbour only
+                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+                image = image.resize((target[1], target[0]), resample=resample)
+            else:
+                array = to_numpy_array(image)
+                image = resize(array, target, resample=resample, input_data_format=infer_channel_dimension_format(array))
+        fitted.append(image)
+    return fitted
 
 
 def write_portable_processor_files(processor, output_dir) -> None:
@@ -330,6 +629,7 @@ def _load_images(images):
     for index, image in enumerate(flat):
         if isinstance(image, (str, os.PathLike)):
             image = _open_image_file(os.fspath(image))
+        image = _to_8_bit(image)
         height, width = _image_size(image, index)
         if min(height, width) == 0 or max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
             raise ValueError(
@@ -353,6 +653,15 @@ def _image_size(image, index):
         ) from error
 
 
+def _to_8_bit(image):
+    """A 16-bit grayscale PIL image (e.g. a 16-bit PNG, mode `I;16`) as 8-bit grayscale, its range 0..65535
+    mapped onto 0..255 as image viewers show it (value / 257, rounded). PIL's own conversion to RGB clips
+    every value above 255, which turned such images all white. Other images are returned unchanged."""
+    if is_pil_image(image) and image.mode in SIXTEEN_BIT_MODES:
+        return image.convert("I").point(lambda value: value / 257 + 0.5).convert("L")
+    return image
+
+
 def _open_image_file(path):
     # PIL's decompression-bomb guard stays on: `DecompressionBombError` is not caught here.
     if path.startswith(("http://", "https://")):
@@ -363,8 +672,15 @@ def _open_image_file(path):
     if not os.path.isfile(path):
         raise ValueError(f"images: {path!r} is not an image file (no such file).")
     try:
-        # Applies the EXIF orientation and decodes the whole file, so truncated files fail here.
-        return load_image(path)
+        # Pillow, which transformers' image loading uses too. transformers' `load_image` converts to RGB at once,
+        # which clips 16-bit images; this opens the file as it is, then applies its EXIF orientation, scales
+        # 16-bit values to 8 bits and converts to RGB as `load_image` does (decoding the whole file, so
+        # truncated files fail here). The import sits in this `try` so that transformers' check of a remote
+        # module's imports does not require Pillow of text-only users.
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as opened:
+            return _to_8_bit(ImageOps.exif_transpose(opened)).convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"images: cannot read image file {path!r}: {error}") from error
 

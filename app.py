@@ -13,7 +13,10 @@ also writes that picture for each generation (`{n}` in PATH numbers the files, o
 overwritten).
 
 The server binds 127.0.0.1 unless `--host` says otherwise. Bad input (no image, an empty question, a file
-that is not an image, settings out of range) is reported on the page; the server keeps serving.
+that is not an image, settings out of range, and through the API values of the wrong type, e.g. the string
+"false" for use_cache) is reported on the page, naming the field; the server keeps serving. The question is
+read as plain text: `<|im_end|>`, `<|mask|>` and other special-token strings typed in it are their characters,
+not special tokens (the processor's `split_special_tokens=True`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import argparse
 import html
 import io
 import itertools
+import math
+import numbers
 import os
 import pathlib
 import queue
@@ -150,35 +155,51 @@ def image_input(**kwargs) -> gr.Image:
     return image
 
 
+def _got(value):
+    """`value` and its type for a message: `'false', a str`."""
+    return f"{value!r}, a {type(value).__name__}"
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
 def _as_int(value, name, low, high):
+    if not _is_number(value):  # a string such as "8" from an API caller is refused, not parsed
+        return None, f"{name} must be a whole number from {low} to {high} (got {_got(value)})."
     try:
         number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None, f"{name} must be a whole number from {low} to {high} (got {value!r})."
+    except OverflowError:
+        number = math.inf
     if not number.is_integer() or not low <= number <= high:  # nan and inf included
         return None, f"{name} must be a whole number from {low} to {high} (got {number:g})."
     return int(number), None
 
 
-def check_request(image, question, alg, threshold, steps, max_new_tokens):
-    """A readable message for the first problem with the request, or None; also the cleaned settings."""
+def check_request(image, question, alg, threshold, steps, max_new_tokens, use_cache=False):
+    """A readable message for the first problem with the request, or None; also the cleaned settings. Every
+    value's type is checked (the API passes what its caller sent): each message names its field."""
     if image is None:
         return "Please upload an image: this model answers questions about an image (or click an example below).", None
     if isinstance(image, UnreadableImage):
         return f"The uploaded file is not an image that can be read ({image.reason}); upload a PNG, JPEG or WebP picture.", None
     if not isinstance(image, Image.Image):
         return f"The image input must be a picture, got {type(image).__name__}.", None
-    if not isinstance(question, str) or not question.strip():
+    if question is not None and not isinstance(question, str):
+        return f"Question must be text (got {_got(question)}).", None
+    if question is None or not question.strip():
         return "Please type a question about the image.", None
     if len(question) > MAX_QUESTION_LENGTH:  # a long text would pass the model's position range and hold the lock
         return f"Please keep the question under {MAX_QUESTION_LENGTH} characters (got {len(question)}).", None
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
         return f"Algorithm must be one of {', '.join(ALGORITHMS)} (got {alg!r}).", None
+    if not _is_number(threshold):
+        return f"Confidence threshold must be a number from 0 to 1 (got {_got(threshold)}).", None
     try:
         threshold = float(threshold)
-    except (TypeError, ValueError, OverflowError):
-        return f"Confidence threshold must be a number from 0 to 1 (got {threshold!r}).", None
-    if not 0 <= threshold <= 1:
+    except OverflowError:  # an int beyond floats
+        return "Confidence threshold must be from 0 to 1 (got a number beyond the float range).", None
+    if not 0 <= threshold <= 1:  # nan included
         return f"Confidence threshold must be from 0 to 1 (got {threshold:g}).", None
     steps, problem = _as_int(steps, "Steps", 1, MAX_STEPS)
     if problem:
@@ -186,7 +207,9 @@ def check_request(image, question, alg, threshold, steps, max_new_tokens):
     max_new_tokens, problem = _as_int(max_new_tokens, "Answer length", 1, MAX_ANSWER_LENGTH)
     if problem:
         return problem, None
-    settings = dict(alg=alg, alg_p_threshold=threshold, steps=steps, max_new_tokens=max_new_tokens)
+    if not isinstance(use_cache, bool):  # bool("false") is True: a string is refused, not converted
+        return f"Prefilling (use_cache) must be true or false (got {_got(use_cache)}).", None
+    settings = dict(alg=alg, alg_p_threshold=threshold, steps=steps, max_new_tokens=max_new_tokens, use_cache=use_cache)
     return None, settings
 
 
@@ -224,7 +247,7 @@ class DimpleDemo:
 
     def ask(self, image, question, alg, threshold, steps, max_new_tokens, use_cache):
         """Yields (message, canvas, answer, stats, trajectory) page updates for one question."""
-        problem, settings = check_request(image, question, alg, threshold, steps, max_new_tokens)
+        problem, settings = check_request(image, question, alg, threshold, steps, max_new_tokens, use_cache)
         if problem:
             gr.Warning(problem)
             yield error_box(problem), "", "", "", None
@@ -239,9 +262,10 @@ class DimpleDemo:
         def work():
             try:
                 with self.lock:
+                    # The question is plain text: special-token strings in it cannot end its turn or fill the canvas.
                     result["answer"] = demo.answer(
                         self.model, self.processor, image.convert("RGB"), question.strip(),
-                        streamer=streamer, use_cache=bool(use_cache), **settings,
+                        split_special_tokens=True, streamer=streamer, **settings,
                     )
             except Exception as error:  # noqa: BLE001  (reported on the page, logged here)
                 if isinstance(error, ValueError):  # bad input the processor / decoder explained
@@ -270,7 +294,7 @@ class DimpleDemo:
         stats = (
             f"**{passes} forward pass{'es' if passes != 1 else ''}** · {seconds * 1000:.0f} ms · {settings['alg']}, threshold "
             f"{settings['alg_p_threshold']:g}, ≤ {settings['steps']} steps, {settings['max_new_tokens']} tokens"
-            f"{', prefilling' if use_cache else ''}"
+            f"{', prefilling' if settings['use_cache'] else ''}"
         )
         picture = self.trajectory_picture(streamer.canvases, f"Q: {question.strip()}   A: {text}")
         yield "", gr.skip(), text if text.strip() else "(empty answer)", stats, picture
@@ -296,6 +320,13 @@ class DimpleDemo:
         return Image.open(buffer)
 
 
+def passes_raw_values(component):
+    """`component` handing what the page or an API caller sent to the handler as it is: gradio would turn a
+    Textbox's 123 into "123" and fail on a Slider's "8" with a TypeError; `check_request` names the field."""
+    component.preprocess = lambda payload: payload
+    return component
+
+
 def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Blocks:
     """The gradio Blocks of the demo for a loaded model and processor."""
     dimple = DimpleDemo(model, processor, save_trajectory_to)
@@ -310,23 +341,29 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
         with gr.Row():
             with gr.Column():
                 image = image_input(label="Image", type="pil", sources=["upload", "clipboard"], elem_id="image", height=260)
-                question = gr.Textbox(
+                question = passes_raw_values(gr.Textbox(
                     label="Question", placeholder=QUESTION_PLACEHOLDER, elem_id="question", lines=1,
                     max_length=MAX_QUESTION_LENGTH,
-                )
+                ))
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
                 with gr.Accordion("Decoding settings", open=True):
-                    alg = gr.Dropdown(list(ALGORITHMS), value=defaults["alg"], label="Algorithm (alg)", elem_id="alg")
-                    threshold = gr.Slider(
+                    alg = passes_raw_values(
+                        gr.Dropdown(list(ALGORITHMS), value=defaults["alg"], label="Algorithm (alg)", elem_id="alg")
+                    )
+                    threshold = passes_raw_values(gr.Slider(
                         0, 1, value=defaults["alg_p_threshold"], step=0.01, elem_id="threshold",
                         label="Confidence threshold (alg_p_threshold; 0 = off)",
+                    ))
+                    steps = passes_raw_values(
+                        gr.Slider(1, MAX_STEPS, value=defaults["steps"], step=1, label="Steps (most forward passes)", elem_id="steps")
                     )
-                    steps = gr.Slider(1, MAX_STEPS, value=defaults["steps"], step=1, label="Steps (most forward passes)", elem_id="steps")
-                    length = gr.Slider(
+                    length = passes_raw_values(gr.Slider(
                         1, MAX_ANSWER_LENGTH, value=defaults["max_new_tokens"], step=1, elem_id="length",
                         label="Answer length (max_new_tokens)",
+                    ))
+                    use_cache = passes_raw_values(
+                        gr.Checkbox(value=defaults["use_cache"], label="Prefilling (use_cache)", elem_id="use_cache")
                     )
-                    use_cache = gr.Checkbox(value=defaults["use_cache"], label="Prefilling (use_cache)", elem_id="use_cache")
             with gr.Column():
                 message = gr.HTML(elem_id="message")
                 gr.Markdown("**Answer canvas** (live)")
@@ -352,7 +389,7 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
 
 def _warn_if_unreadable(image):
     if isinstance(image, UnreadableImage):
-        problem, _ = check_request(image, "", None, 0, 1, 1)
+        problem, _ = check_request(image, "", None, 0, 1, 1)  # the image's message comes first
         gr.Warning(problem)
         return error_box(problem)
     return ""

@@ -42,11 +42,14 @@ def load(model_path):
     return model.to(device).eval(), processor
 
 
-def answer(model, processor, image, question: str, **generate_kwargs):
-    """(answer, forward passes, seconds) for one question about one image."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
+def answer(model, processor, image, question: str, split_special_tokens=False, **generate_kwargs):
+    """(answer, forward passes, seconds) for one question about one image. With `split_special_tokens=True` the
+    question is plain text: special-token strings in it (`<|im_end|>`, `<|mask|>`, ...) are not special tokens."""
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        **({"split_special_tokens": True} if split_special_tokens else {}),
+    ).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     start = time.perf_counter()
     out = model.diffusion_generate(**inputs, return_dict_in_generate=True, **generate_kwargs)

@@ -310,38 +310,28 @@ class DimpleImageProjector(nn.Module):
 class DimplePrefixCache:
     """Keys and values kept across the steps of one diffusion decode (prefilling, block-wise dual cache).
 
-    The first forward stores each layer's keys and values for the whole sequence (one `(batch, seq,
-    2 * kv_heads, head_dim)` tensor per layer, the keys then the values of each position, allocated once). A
-    later forward runs only some positions and writes their new keys/values in place, then attends over the
-    whole cached sequence, so no step allocates. By default those are the last
-    `q_len` positions (prefilling: the prompt's prefix is reused); block-wise decoding with a dual cache
-    sets `write_index` (a `(q_len,)` tensor of positions) to recompute a window in the middle, with the
-    prompt and the other blocks read from the cache. `position_ids` keeps the full positions of the first step.
+    One `(batch, length, 2 * kv_heads, head_dim)` tensor per layer (the keys then the values of each position),
+    allocated at the first write. A forward writes the keys and values of the positions it runs, given
+    explicitly as `cache_position` (a 1-D tensor of positions in the sequence, as transformers and gpt-fast
+    pass query positions), then attends over the whole cached sequence: no step allocates, and a device tensor
+    of positions lets one captured CUDA graph serve every window. The cache holds no other state: which
+    positions a pass runs is the caller's decision.
     """
 
-    def __init__(self):
+    def __init__(self, length: int):
+        self.length = length
         self.key_values: list = []
-        self.position_ids: Optional[torch.Tensor] = None
-        self.write_index: Optional[torch.Tensor] = None
-
-    @property
-    def is_filled(self) -> bool:
-        return len(self.key_values) > 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.key_values[layer_idx].shape[1] if len(self.key_values) > layer_idx else 0
+        return self.length
 
-    def update(self, key_value: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Store the `(batch, q_len, 2 * kv_heads, head_dim)` keys and values of the positions run (one copy),
-        and return the layer's whole cached sequence."""
+    def update(self, layer_idx: int, key_value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Write the `(batch, q_len, 2 * kv_heads, head_dim)` keys and values of `positions` (a `(q_len,)`
+        tensor) into layer `layer_idx`'s cache and return the layer's whole cached sequence."""
         if len(self.key_values) <= layer_idx:
-            self.key_values.append(key_value.contiguous())
-        elif self.write_index is not None:
-            # A device tensor of positions (not Python ints): one captured CUDA graph serves every window.
-            self.key_values[layer_idx].index_copy_(1, self.write_index, key_value)
-        else:
-            self.key_values[layer_idx][:, -key_value.shape[1] :].copy_(key_value)
-        return self.key_values[layer_idx]
+            batch, _, heads, head_dim = key_value.shape
+            self.key_values.append(key_value.new_zeros(batch, self.length, heads, head_dim))
+        return self.key_values[layer_idx].index_copy_(1, positions, key_value)
 
 
 class DimpleAttention(nn.Module):
@@ -395,7 +385,8 @@ class DimpleAttention(nn.Module):
             qkv = torch.cat([proj(hidden_states) for proj in self.qkv_projections], dim=-1)
         return qkv.view(batch, q_len, -1, self.head_dim)
 
-    def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, output_attentions=False):
+    def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, cache_position=None,
+                output_attentions=False):
         batch, q_len, _ = hidden_states.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.project_qkv(hidden_states)
@@ -410,7 +401,7 @@ class DimpleAttention(nn.Module):
         q = rotated[:, :, :heads].transpose(1, 2)  # (batch, heads, q_len, head_dim)
         key_value = rotated[:, :, heads:]  # (batch, q_len, 2 * kv_heads, head_dim)
         if cache is not None:
-            key_value = cache.update(key_value, self.layer_idx)
+            key_value = cache.update(self.layer_idx, key_value, cache_position)
         k, v = key_value.transpose(1, 2).split(kv_heads, dim=1)  # (batch, kv_heads, keys, head_dim) each
         dropout = self.attention_dropout if self.training else 0.0
         if output_attentions or uses_eager_attention(self.config):
@@ -459,9 +450,10 @@ class DimpleDecoderLayer(nn.Module):
         self.input_layernorm = DimpleRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DimpleRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, output_attentions=False):
+    def forward(self, hidden_states, rotary, attn_mask, is_causal, cache=None, cache_position=None,
+                output_attentions=False):
         attn_out, probs = self.self_attn(
-            self.input_layernorm(hidden_states), rotary, attn_mask, is_causal, cache, output_attentions
+            self.input_layernorm(hidden_states), rotary, attn_mask, is_causal, cache, cache_position, output_attentions
         )
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -509,6 +501,7 @@ class DimpleTextModel(nn.Module):
         attn_mask: Optional[torch.Tensor],
         is_causal: bool,
         cache: Optional[DimplePrefixCache] = None,
+        cache_position: Optional[torch.Tensor] = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ):
@@ -520,10 +513,12 @@ class DimpleTextModel(nn.Module):
                 all_hidden.append(hidden_states)
             if self.gradient_checkpointing and self.training:
                 hidden_states, probs = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, rotary, attn_mask, is_causal, None, False
+                    layer.__call__, hidden_states, rotary, attn_mask, is_causal, None, None, False
                 )
             else:
-                hidden_states, probs = layer(hidden_states, rotary, attn_mask, is_causal, cache, output_attentions)
+                hidden_states, probs = layer(
+                    hidden_states, rotary, attn_mask, is_causal, cache, cache_position, output_attentions
+                )
             if output_attentions:
                 all_attn.append(probs)
         hidden_states = self.norm(hidden_states)
@@ -714,8 +709,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def new_prefix_cache(self) -> DimplePrefixCache:
-        return DimplePrefixCache()
+    def new_prefix_cache(self, length: int) -> DimplePrefixCache:
+        """An empty key/value cache for sequences of `length` positions (see `DimplePrefixCache`)."""
+        return DimplePrefixCache(length)
 
     @contextlib.contextmanager
     def stacked_qkv_projections(self):
@@ -936,27 +932,33 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
         past_key_values: Optional[DimplePrefixCache] = None,
+        cache_position: Optional[torch.LongTensor] = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> tuple:
         """The language model on embedded inputs, without the head: `(hidden_states, all_hidden, all_attn)`,
-        the final normalised hidden states `(batch, seq, hidden)` and, when asked, those of every layer and the
+        the final normalised hidden states `(batch, q_len, hidden)` and, when asked, those of every layer and the
         attention probabilities. `forward` applies `lm_head` to it; decoding calls it directly, to apply the
-        head only at the positions it scores (the masked ones). Arguments as in `forward`; without
-        `position_ids` the positions are the cache's (once filled) or 0, 1, 2, … (text only)."""
+        head only at the positions it scores (the masked ones). Arguments as in `forward`: the inputs are the
+        positions `cache_position` of the sequence (0, 1, 2, … without it); without `position_ids` their rotary
+        positions are those (text only)."""
         batch, q_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
         cache = past_key_values
-        cached = cache is not None and cache.is_filled
-        window = cache.write_index if cached else None  # the positions of a recomputed window
-        if window is not None and window.shape != (q_len,):
-            raise ValueError(f"the cache's `write_index` must have shape ({q_len},), got {tuple(window.shape)}")
+        if cache_position is None:
+            if cache is not None and cache.length != q_len:
+                raise ValueError(
+                    f"`cache_position` (the positions of the {q_len} inputs in the cached sequence of {cache.length}) "
+                    "is required to run part of a cached sequence"
+                )
+            cache_position = torch.arange(q_len, device=device)
+        elif cache_position.shape != (q_len,) or cache_position.dtype != torch.long:
+            raise ValueError(
+                f"`cache_position` must be a ({q_len},) tensor of positions (torch.long), got "
+                f"{cache_position.dtype} of shape {tuple(cache_position.shape)}"
+            )
         if position_ids is None:
-            if cached and cache.position_ids is not None and window is not None:
-                position_ids = cache.position_ids.index_select(-1, window)
-            elif cached and cache.position_ids is not None:
-                position_ids = cache.position_ids[..., -q_len:]
-            else:
-                position_ids = torch.arange(q_len, device=inputs_embeds.device).expand(3, batch, -1)
+            position_ids = cache_position.expand(3, batch, -1)
         elif position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         if position_ids.shape != (3, batch, q_len):
@@ -964,11 +966,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 f"`position_ids` must have shape (3, batch, seq) = (3, {batch}, {q_len}) or (batch, seq), "
                 f"got {tuple(position_ids.shape)}"
             )
-        if cache is not None and not cached:
-            cache.position_ids = position_ids.clone()  # its own (contiguous) tensor, not a view of the caller's
 
         is_causal = not self.config.full_attn_mask
-        k_len = cache.get_seq_length() if cached else q_len
+        k_len = cache.length if cache is not None else q_len
         if attention_mask is not None and attention_mask.dim() == 2:
             if tuple(attention_mask.shape) != (batch, k_len):
                 raise ValueError(
@@ -976,9 +976,9 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 )
             # Without padding SDPA runs mask-free (one host sync; the decoding loop decides this once).
             padding = None if bool(attention_mask.all()) else attention_mask
-            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, inputs_embeds.device, window)
+            attention_mask = build_attention_mask(padding, q_len, k_len, is_causal, device, cache_position)
         elif attention_mask is None:
-            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, inputs_embeds.device, window)
+            attention_mask = build_attention_mask(None, q_len, k_len, is_causal, device, cache_position)
         elif (
             attention_mask.dtype != torch.bool or attention_mask.dim() != 4
             or attention_mask.shape[0] not in (1, batch) or tuple(attention_mask.shape[2:]) != (q_len, k_len)
@@ -996,6 +996,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             attention_mask,
             is_causal,
             cache=cache,
+            cache_position=cache_position,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -1018,6 +1019,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         video_grid_thw: Optional[torch.LongTensor] = None,
         second_per_grid_ts: Optional[torch.Tensor] = None,
         logits_to_keep: Union[int, slice, torch.Tensor] = 0,
+        cache_position: Optional[torch.LongTensor] = None,
         **loss_kwargs,  # the name makes every Trainer (4.46 included) pass `num_items_in_batch`
     ) -> Union[tuple, CausalLMOutputWithPast]:
         r"""
@@ -1032,8 +1034,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             image_grid_thw (`torch.LongTensor`, *optional*): `(images, 3)` patch grid (1, h, w) of every image.
             labels (`torch.LongTensor`, *optional*): targets aligned with `input_ids`; the loss is the mean
                 cross-entropy of logits at j − 1 against labels at j, ignoring -100.
-            past_key_values (`DimplePrefixCache`, *optional*): the cache of a diffusion decode: once filled,
-                the inputs are its last positions, or those of its `write_index`.
+            past_key_values (`DimplePrefixCache`, *optional*): the key/value cache of a diffusion decode: the
+                pass writes the keys/values of its inputs at `cache_position` and attends over the whole cache.
+            cache_position (`torch.LongTensor` of shape `(seq,)`, *optional*): the positions of the inputs in
+                the (cached) sequence; required to run part of a cached sequence. With it, `position_ids` are
+                not computed from `input_ids`: pass the M-RoPE positions of those inputs (text positions equal
+                `cache_position` by default).
             logits_to_keep (`int`, `slice` or `torch.Tensor`): positions whose logits are computed; an int
                 keeps the last n (0 keeps all).
             num_items_in_batch (`int` or `torch.Tensor`, *optional*): passed by `Trainer` (transformers ≥ 4.46
@@ -1061,16 +1067,15 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             )
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("`pixel_values` needs `input_ids` (to find the image tokens), not `inputs_embeds`")
-        cache = past_key_values
-        if position_ids is None and input_ids is not None and not (
-            cache is not None and cache.is_filled and cache.position_ids is not None
-        ):
+        whole_sequence = past_key_values is None or past_key_values.length == inputs_embeds.shape[1]
+        if position_ids is None and input_ids is not None and cache_position is None and whole_sequence:
             mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             position_ids, _ = self.get_rope_index(
                 input_ids, image_grid_thw, video_grid_thw, mask_2d, second_per_grid_ts
             )
         hidden_states, all_hidden, all_attn = self.decoder_forward(
-            inputs_embeds, attention_mask, position_ids, cache, output_attentions, output_hidden_states
+            inputs_embeds, attention_mask, position_ids, past_key_values, cache_position, output_attentions,
+            output_hidden_states,
         )
         if isinstance(logits_to_keep, int):
             logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -1087,10 +1092,10 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             if num_items_in_batch is not None:
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         if not return_dict:
-            out = (logits, cache, all_hidden, all_attn)
+            out = (logits, past_key_values, all_hidden, all_attn)
             return ((loss,) + out) if loss is not None else out
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden, attentions=all_attn
+            loss=loss, logits=logits, past_key_values=past_key_values, hidden_states=all_hidden, attentions=all_attn
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):

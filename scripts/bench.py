@@ -507,14 +507,15 @@ def run_forward(ctx: Context) -> dict:
     # (iii) a prefilled pass: the last prompt token + the canvas against the prefix cache (what every
     # decoding step after the first runs with use_cache=True). Uses the model's own cache API.
     try:
-        cache = model.new_prefix_cache()
+        cache = model.new_prefix_cache(total_len)
         model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, logits_to_keep=keep)
         tail = prompt_len - 1
+        tail_positions = torch.arange(tail, total_len, device=embeds.device)
 
         def step():
             return model(
                 inputs_embeds=embeds[:, tail:], position_ids=position_ids[..., tail:], past_key_values=cache,
-                logits_to_keep=slice(0, NEW_TOKENS),
+                cache_position=tail_positions, logits_to_keep=slice(0, NEW_TOKENS),
             )
 
         # As decoding runs it (q/k/v stacked), and with the three separate projections, side by side.

@@ -74,12 +74,12 @@ def prefilled_pass_operators(layers: int, prompt: int = 20, canvas: int = 9) -> 
     total = prompt + canvas + 1
     embeds = torch.randn(1, total, config.hidden_size, dtype=torch.bfloat16)
     positions = torch.arange(total).expand(3, 1, total)
-    cache = model.new_prefix_cache()
+    cache = model.new_prefix_cache(total)
     model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache)  # fills the cache
     counter = OperatorCounter()
     with model.stacked_qkv_projections(), counter, FusedOnCuda(counter):
         model(inputs_embeds=embeds[:, prompt:], position_ids=positions[..., prompt:], past_key_values=cache,
-              logits_to_keep=slice(0, canvas))
+              cache_position=torch.arange(prompt, total), logits_to_keep=slice(0, canvas))
     return Counter({op: n for op, n in counter.counts.items() if op not in VIEWS})
 
 

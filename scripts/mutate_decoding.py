@@ -65,14 +65,18 @@ MUTATIONS = {
     ),
     "prefilled-pass-stale-canvas": (
         "the prefilled pass no longer writes the tokens committed so far into the canvas it runs",
-        "tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position\n"
-        "        self._embed_canvas()\n",
-        "tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position\n",
+        "        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)\n",
+        "        if kind != \"tail\": self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)\n",
     ),
     "window-pass-stale-canvas": (
         "the dual cache's window pass no longer embeds the current canvas",
-        "    def _window_pass(self) -> torch.Tensor:\n        self._embed_canvas()\n",
-        "    def _window_pass(self) -> torch.Tensor:\n",
+        "        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)\n",
+        "        if kind != \"window\": self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)\n",
+    ),
+    "window-positions-not-moved": (
+        "the dual cache's window stays at the first block",
+        "            self.queries[\"window\"].copy_(",
+        "            (lambda _: None)(",
     ),
     "top-k-removed": (
         "the top_k filter removed",

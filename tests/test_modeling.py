@@ -487,14 +487,16 @@ def test_prefix_cache_tail_forward_matches_full_forward(model, with_image):
         ids, mask = text_batch(seed=9)
         batch = dict(input_ids=ids, attention_mask=mask)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    k = 4
-    cache = DimplePrefixCache()
+    k, seq = 4, ids.shape[1]
+    cache = DimplePrefixCache(seq)
+    tail_positions = torch.arange(seq - k, seq)
     with torch.no_grad():
         full = model(**batch, past_key_values=cache, use_cache=True).logits
-        assert cache.is_filled and cache.get_seq_length() == ids.shape[1]
-        expected_positions, _ = model.get_rope_index(ids, batch.get("image_grid_thw"), None, mask)
-        assert torch.equal(cache.position_ids, expected_positions)
-        tail = model(input_ids=ids[:, -k:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        assert len(cache.key_values) == 2 and cache.key_values[0].shape[1] == seq
+        positions, _ = model.get_rope_index(ids, batch.get("image_grid_thw"), None, mask)
+        tail_inputs = dict(attention_mask=mask, past_key_values=cache, cache_position=tail_positions,
+                           position_ids=positions[..., -k:])
+        tail = model(input_ids=ids[:, -k:], **tail_inputs).logits
         assert tail.shape == (ids.shape[0], k, 300)
         assert (tail - full[:, -k:]).abs().max().item() <= ATOL
 
@@ -502,11 +504,14 @@ def test_prefix_cache_tail_forward_matches_full_forward(model, with_image):
         # stays as computed at the first step, the tail is overwritten in place).
         changed = ids[:, -k:].clone()
         changed[:, -2:] = 42
-        other = model(input_ids=changed, attention_mask=mask, past_key_values=cache).logits
+        other = model(input_ids=changed, **tail_inputs).logits
         assert (other - tail).abs().max() > 1e-4
-        again = model(input_ids=ids[:, -k:], attention_mask=mask, past_key_values=cache).logits
+        again = model(input_ids=ids[:, -k:], **tail_inputs).logits
         assert (again - full[:, -k:]).abs().max().item() <= ATOL
-    assert cache.get_seq_length() == ids.shape[1]
+        # Part of a cached sequence without its positions: a clear error, not a guess.
+        with pytest.raises(ValueError, match="`cache_position`"):
+            model(input_ids=ids[:, -k:], attention_mask=mask, past_key_values=cache)
+    assert cache.key_values[0].shape[1] == seq
 
 
 def test_prefix_cache_with_new_tail_is_exact_for_causal_attention():
@@ -518,16 +523,19 @@ def test_prefix_cache_with_new_tail_is_exact_for_causal_attention():
     k = 4
     changed = ids.clone()
     changed[:, -k:] = torch.tensor([42, 43, 44, 45])
-    cache = DimplePrefixCache()
+    seq = ids.shape[1]
+    cache = DimplePrefixCache(seq)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        tail = model(input_ids=changed[:, -k:], attention_mask=mask, past_key_values=cache).logits
+        positions, _ = model.get_rope_index(ids, None, None, mask)
+        tail = model(input_ids=changed[:, -k:], attention_mask=mask, past_key_values=cache,
+                     cache_position=torch.arange(seq - k, seq), position_ids=positions[..., -k:]).logits
         full = model(input_ids=changed, attention_mask=mask).logits
     assert (tail - full[:, -k:]).abs().max().item() <= ATOL
 
 
 def test_cache_window_in_the_middle_is_exact_for_causal_attention():
-    """A window in the middle of the cached sequence (`write_index`, as the dual cache of block decoding
+    """A window in the middle of the cached sequence (`cache_position`, as the dual cache of block decoding
     uses): with causal attention its queries see the unchanged prefix and the fresh window only, so a changed
     window must give the logits of a full forward of the changed sequence, with the padding mask, positions
     and causal offsets of the window's own places."""
@@ -536,14 +544,16 @@ def test_cache_window_in_the_middle_is_exact_for_causal_attention():
     start, k = ids.shape[1] - 6, 3  # three positions, with three after them
     changed = ids.clone()
     changed[:, start : start + k] = torch.tensor([42, 43, 44])
-    cache = DimplePrefixCache()
+    cache = DimplePrefixCache(ids.shape[1])
+    window_positions = torch.arange(start, start + k)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        cache.write_index = torch.arange(start, start + k)
-        window = model(input_ids=changed[:, start : start + k], attention_mask=mask, past_key_values=cache).logits
-        with pytest.raises(ValueError, match="write_index"):
-            model(input_ids=changed[:, start : start + k + 1], attention_mask=mask, past_key_values=cache)
-        cache.write_index = None
+        positions, _ = model.get_rope_index(ids, None, None, mask)
+        window = model(input_ids=changed[:, start : start + k], attention_mask=mask, past_key_values=cache,
+                       cache_position=window_positions, position_ids=positions[..., start : start + k]).logits
+        with pytest.raises(ValueError, match=r"`cache_position` must be a \(4,\) tensor"):
+            model(input_ids=changed[:, start : start + k + 1], attention_mask=mask, past_key_values=cache,
+                  cache_position=window_positions)
         full = model(input_ids=changed, attention_mask=mask).logits
     assert (window - full[:, start : start + k]).abs().max().item() <= ATOL
 
@@ -651,7 +661,7 @@ def test_a_prefilled_decoding_pass_dispatches_18_operators_per_layer():
     assert per_layer["aten.addmm"] == 1  # q, k and v in one product (o_proj and the MLP have no bias: mm)
     assert per_layer["aten.mm"] == 4
     assert per_layer["aten.roll"] == per_layer["aten.addcmul"] == 1  # q and k rotated together
-    assert per_layer["aten.copy_"] == 1  # the keys and values written to the cache together
+    assert per_layer["aten.index_copy_"] == 1  # the keys and values written to the cache together, by position
     assert per_layer["rms_norm"] == 2 and "aten._to_copy" not in per_layer  # no casts around the norms
     assert sum(per_layer.values()) == 18, dict(per_layer)
 

@@ -394,33 +394,43 @@ class DenoisingForward:
     which applies it only where logits are needed.
 
     Holds what does not change across steps: the prompt embeddings (images encoded once) in a buffer whose
-    tail receives the canvas embeddings, the positions and the attention mask. Three kinds of pass:
+    tail receives the canvas embeddings, the positions and the attention mask. Every pass is the same call
+    on a different set of query positions, passed to the model explicitly (`cache_position`):
 
-    * full: the whole sequence (every step without a cache; the first step, which fills the cache);
+    * full: every position (every step without a cache; the first step, which fills the cache);
     * tail: the last prompt token and the canvas, the prompt's keys/values read from the cache (prefilling);
     * window: the position before the block and the block, everything else read from the cache (the dual
       cache of block-wise decoding; the cache is refreshed by a full or tail pass at each block's first step).
 
-    Tail and window passes have fixed shapes: on CUDA each is captured once as a CUDA graph and replayed, the
-    block's positions being device tensors written before the replay.
+    Tail and window passes have fixed shapes: on CUDA each is captured once as a CUDA graph and replayed; their
+    positions are device tensors, rewritten in place when a new block starts.
     """
 
     def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, block_length,
                  use_cache, dual_cache, use_cuda_graph, use_torch_compile=False):
         batch, prompt_len, hidden = prompt_embeds.shape
         device = prompt_embeds.device
-        self.model, self.prompt_len, self.canvas_len = model, prompt_len, canvas_len
-        self.embeds = prompt_embeds.new_empty(batch, prompt_len + canvas_len, hidden)
+        total, block = prompt_len + canvas_len, block_length or canvas_len
+        self.model, self.prompt_len, self.block = model, prompt_len, block
+        self.embeds = prompt_embeds.new_empty(batch, total, hidden)
         self.embeds[:, :prompt_len] = prompt_embeds
         self.canvas = torch.empty(batch, canvas_len, dtype=torch.long, device=device)
-        self.position_ids = position_ids
-        self.attn_mask = attn_mask
-        self.cache = model.new_prefix_cache() if use_cache or dual_cache else None
+        self.position_ids, self.attn_mask = position_ids, attn_mask
+        self.cache = model.new_prefix_cache(total) if use_cache or dual_cache else None
+        self.cache_filled = False
         self.freeze_prompt, self.dual_cache = use_cache, dual_cache
-        block = block_length or canvas_len
-        # Hidden states only for the block; the whole canvas is a constant slice.
-        self.keep = slice(0, canvas_len) if block == canvas_len else torch.arange(block, device=device)
-        self.window = torch.arange(prompt_len - 1, prompt_len + block, device=device)  # absolute positions
+        first = prompt_len - 1  # the last prompt token's query predicts the first canvas position
+        self.queries = {
+            "full": torch.arange(total, device=device),
+            "tail": torch.arange(first, total, device=device),
+            "window": torch.arange(first, first + block + 1, device=device),
+        }
+        # Which outputs of a cached pass predict the block: the tail's move with the block (a device tensor),
+        # the window's are its first `block` (its last token predicts past the block).
+        self.keep = {
+            "tail": slice(0, canvas_len) if block == canvas_len else torch.arange(block, device=device),
+            "window": slice(0, block),
+        }
         self.block_start = 0
         self.use_cuda_graph = use_cuda_graph
         self.graphs = {}
@@ -432,86 +442,60 @@ class DenoisingForward:
         self.canvas.copy_(canvas)
         if lo != self.block_start:
             self.block_start = lo
-            self.window.copy_(torch.arange(self.prompt_len - 1 + lo, self.prompt_len + hi, device=self.window.device))
-            if torch.is_tensor(self.keep):
-                self.keep.copy_(torch.arange(lo, hi, device=self.keep.device))
-        if self.cache is None or not self.cache.is_filled or (
+            self.queries["window"].copy_(self.queries["window"] - self.queries["window"][0] + self.prompt_len - 1 + lo)
+            if torch.is_tensor(self.keep["tail"]):
+                self.keep["tail"].copy_(torch.arange(lo, hi, device=self.canvas.device))
+        if self.cache is None or not self.cache_filled or (
             self.dual_cache and first_step_of_block and not self.freeze_prompt
         ):
-            return self._full_pass(lo, hi)
-        if self.dual_cache and not first_step_of_block:
-            return self._replay("window", self._window_pass)
-        return self._replay("tail", self._tail_pass)
+            self.cache_filled = self.cache is not None
+            first = self.prompt_len - 1
+            return self._pass("full", slice(first + lo, first + hi))
+        kind = "window" if self.dual_cache and not first_step_of_block else "tail"
+        return self._replay(kind)
 
-    def _embed_canvas(self) -> None:
+    def _pass(self, kind: str, keep) -> torch.Tensor:
+        """Embed the current canvas and run the query positions of `kind`; the outputs that predict the block."""
+        queries = self.queries[kind]
         self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)
-
-    def _full_pass(self, lo: int, hi: int) -> torch.Tensor:
-        self._embed_canvas()
-        first = self.prompt_len - 1
-        hidden = self.model.decoder_forward(
-            inputs_embeds=self.embeds,
-            attention_mask=self.attn_mask,
-            position_ids=self.position_ids,
+        inputs = dict(
+            inputs_embeds=self.embeds.index_select(1, queries),
+            attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, queries),
+            position_ids=self.position_ids.index_select(2, queries),
             past_key_values=self.cache,
-        )[0]
-        return hidden[:, first + lo : first + hi]
-
-    # The cached passes take their positions from the cache (kept from the first pass): its last ones, or
-    # those of its `write_index`.
-
-    def _tail_pass(self) -> torch.Tensor:
-        tail = self.prompt_len - 1  # the last prompt token's query predicts the first canvas position
-        self._embed_canvas()
-        return self._cached_pass(
-            # contiguous: a view's strides would depend on the prompt's length (a recompile for each length)
-            inputs_embeds=self.embeds[:, tail:].contiguous() if self.compiled else self.embeds[:, tail:],
-            attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, tail:],
-            keep=self.keep,
+            cache_position=None if self.cache is None else queries,
         )
-
-    def _window_pass(self) -> torch.Tensor:
-        self._embed_canvas()
-        self.cache.write_index = self.window
-        try:
-            return self._cached_pass(
-                inputs_embeds=self.embeds.index_select(1, self.window),
-                attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, self.window),
-                keep=slice(0, self.window.shape[0] - 1),  # the block's last token predicts past it
-            )
-        finally:
-            self.cache.write_index = None
-
-    def _cached_pass(self, inputs_embeds, attention_mask, keep) -> torch.Tensor:
+        if kind == "full":
+            return self.model.decoder_forward(**inputs)[0][:, keep]
         if self.compiled:
-            # The batch and the cached length change from one request to the next; the pass's own length (the
-            # canvas, or a block) is fixed by the settings. Declared dynamic up front, each kind of pass
-            # compiles once for batch 1 and once for larger batches, instead of once per shape (which reaches
-            # torch.compile's recompile limit after a few prompts, and then runs eager).
-            dynamic_dims = [(inputs_embeds, (0,)), (attention_mask, (0, 3))]
-            if not self.cache_marked:  # the cache's tensors live for the whole decode: marked once
-                cache, self.cache_marked = self.cache, True
-                dynamic_dims.append((cache.position_ids, (1, 2)))
-                dynamic_dims += [(kv, (0, 1)) for kv in cache.key_values]  # (batch, keys, 2 * kv_heads, dim)
-            for tensor, dims in dynamic_dims:
-                for dim in dims if tensor is not None else ():
-                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        hidden = self.cached_forward(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=self.cache
-        )[0]
-        return hidden[:, keep]
+            self._mark_dynamic(inputs)
+        return self.cached_forward(**inputs)[0][:, keep]
 
-    def _replay(self, name: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run `step`, or on CUDA its captured graph (captured at the first call)."""
-        if self.use_cuda_graph and name not in self.graphs:
-            self._capture(name, step)
-        if name in self.graphs:
-            graph, logits = self.graphs[name]
+    def _mark_dynamic(self, inputs: dict) -> None:
+        """The batch and the cached length change from one request to the next; the pass's own length (the
+        canvas, or a block) is fixed by the settings. Declared dynamic up front, each kind of pass compiles
+        once for batch 1 and once for larger batches, instead of once per shape (which reaches torch.compile's
+        recompile limit after a few prompts, and then runs eager)."""
+        dynamic_dims = [(inputs["inputs_embeds"], (0,)), (inputs["attention_mask"], (0, 3)), (inputs["position_ids"], (1,))]
+        if not self.cache_marked:  # the cache's tensors live for the whole decode: marked once
+            self.cache_marked = True
+            dynamic_dims += [(kv, (0, 1)) for kv in self.cache.key_values]  # (batch, keys, 2 * kv_heads, dim)
+        for tensor, dims in dynamic_dims:
+            for dim in dims if tensor is not None else ():
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+    def _replay(self, kind: str) -> torch.Tensor:
+        """Run a cached pass, or on CUDA its captured graph (captured at the first call)."""
+        step = functools.partial(self._pass, kind, self.keep[kind])
+        if self.use_cuda_graph and kind not in self.graphs:
+            self._capture(kind, step)
+        if kind in self.graphs:
+            graph, hidden = self.graphs[kind]
             graph.replay()
-            return logits
+            return hidden
         return step()
 
-    def _capture(self, name: str, step: Callable[[], torch.Tensor]) -> None:
+    def _capture(self, kind: str, step: Callable[[], torch.Tensor]) -> None:
         """Record a fixed-shape pass. The warm-up and capture runs write only the keys/values that this pass
         rewrites at every call anyway; on any capture failure decoding continues uncaptured."""
         device = self.canvas.device
@@ -524,8 +508,8 @@ class DenoisingForward:
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = step()
-            self.graphs[name] = (graph, logits)
+                hidden = step()
+            self.graphs[kind] = (graph, hidden)
         except RuntimeError as error:  # e.g. an attention kernel that cannot be captured
             warnings.warn(f"CUDA graph capture failed, decoding without it: {error}")
             self.use_cuda_graph = False

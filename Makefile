@@ -7,17 +7,19 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 
 .PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu check-layout clean
 
-# The pinned development set (requirements-dev.txt) in .venv; reinstalled when the pins change.
-$(VENV)/.installed: requirements-dev.txt
+# The pinned development set (requirements-dev.txt) in .venv, and this repository as an editable package
+# (`dimple`: the remote-code modules; `dimple_tools`: everything else, with its console scripts).
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) demo.py
+	$(VENV)/bin/dimple-demo
 
 # The web demo's packages (gradio, selenium) and Debian's chromium + chromedriver for its browser test;
 # idempotent, and it never fails the build (the browser test then skips, saying why).
@@ -28,16 +30,17 @@ test: venv demo-deps
 	$(PY) -m pytest -q tests
 
 web-demo: demo-deps
-	$(PY) app.py
+	$(VENV)/bin/dimple-web-demo
 
 trajectory: venv
-	$(PY) scripts/trajectory.py --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
+	$(PY) -m dimple_tools.trajectory --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
 
 # The suite on transformers 4.46.2, the version of the original model card, in a second environment.
 $(COMPAT_VENV)/.installed: requirements-compat.txt
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q --upgrade pip
 	$(COMPAT_PY) -m pip install -q -r requirements-compat.txt
+	$(COMPAT_PY) -m pip install -q --no-deps -e .
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed
@@ -61,20 +64,21 @@ test-transformers: venv
 	$(OVERLAY_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/zz_dimple_venv.pth', 'w').write(sys.argv[1])" \
 		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
 	$(OVERLAY_VENV)/bin/python -m pip install -q --no-deps $(TRANSFORMERS_PINS_$(TRANSFORMERS))
+	$(OVERLAY_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(OVERLAY_VENV)/bin/python -m pytest -q tests
 
 # Retrain the shipped tiny model (6.3 minutes on two CPU cores, tiny-dimple/build_log.txt).
 tiny-dimple: venv
-	$(PY) scripts/build_tiny_dimple.py
+	$(PY) -m dimple_tools.build_tiny_dimple
 
 check-layout: venv
-	$(PY) scripts/check_layout.py
+	$(PY) -m dimple_tools.check_layout
 
 bench: venv
-	$(PY) scripts/bench.py
+	$(PY) -m dimple_tools.bench
 
 bench-cpu: venv
-	$(PY) scripts/bench.py --device cpu --tiny
+	$(PY) -m dimple_tools.bench --device cpu --tiny
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .venv-transformers-* .cache

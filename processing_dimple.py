@@ -151,7 +151,7 @@ class DimpleProcessor(ProcessorMixin):
         return [segment for segment in segments if segment[0]]
 
     def _process(self, segments, images, padding, return_tensors, images_kwargs, tokenizer_kwargs):
-        images = _load_images(images)
+        images = load_images(images)
         if segments is not None:
             num_placeholders = sum(text.count(self.image_token) for row in segments for text, plain in row if not plain)
             if num_placeholders != len(images):
@@ -618,7 +618,7 @@ def _describe(value):
     return type(value).__name__
 
 
-def _load_images(images):
+def load_images(images):
     """Flattens `images` to a list, opens file paths and checks each image's aspect ratio."""
     if images is None:
         return []

@@ -13,6 +13,7 @@ are never touched. A mutation that no test catches is a gap in the tests; the ex
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -140,8 +141,11 @@ def run_tests(copy: Path, tests: list, first: bool, timeout: float) -> tuple:
     command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     if first:
         command.append("-x")
+    # The copy's packages come first on the path, before the editable install of the working tree: `dimple`
+    # (a link named after the package, to the copy's root) and `dimple_tools`.
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(copy.parent / "packages")])}
     try:
-        result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=timeout, env=environment)
     except subprocess.TimeoutExpired:
         return None, ["(timed out)"]
     return result.returncode, failing_tests(result.stdout + result.stderr)
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
             target = copy / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
+        (Path(tmp) / "packages").mkdir()
+        (Path(tmp) / "packages" / "dimple").symlink_to(copy, target_is_directory=True)
         status, failures = run_tests(copy, args.tests, True, args.timeout)
         if status != 0:
             print(f"the tests fail without any mutation: {failures}", file=sys.stderr)

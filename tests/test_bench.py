@@ -1,4 +1,4 @@
-"""The benchmark's CPU smoke run (`scripts/bench.py --device cpu --tiny`): every decoding setting runs, the
+"""The benchmark's CPU smoke run (`dimple_tools/bench.py --device cpu --tiny`): every decoding setting runs, the
 JSON holds its numbers and bounds, and the dual cache does less work per pass than prefilling alone."""
 
 import json
@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_cpu_smoke_run_reports_every_setting(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--tiny", "--settings",
+        [sys.executable, "-m", "dimple_tools.bench", "--device", "cpu", "--tiny", "--settings",
          "floor,generate,dual,profile", "--lengths", "64", "--out", str(out), "--plot", "none"],
         capture_output=True, text=True, cwd=str(ROOT), timeout=600,
     )
@@ -41,8 +41,7 @@ def test_cpu_smoke_run_reports_every_setting(tmp_path):
 
 
 def _bench_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench
+    from dimple_tools import bench
 
     return bench
 

@@ -1,20 +1,12 @@
-"""Command-line checks of scripts/bench.py, scripts/shapes_task.py and scripts/count_layer_ops.py: a bad flag
+"""Command-line checks of dimple_tools.bench, dimple_tools.shapes_task and dimple_tools.count_layer_ops: a bad flag
 value ends in argparse's usage message (exit code 2) that names the flag and the values it allows, before any
 model is built or file written. Fast: only argument parsing runs."""
 
 import json
-import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = str(ROOT / "scripts")
-if SCRIPTS not in sys.path:
-    sys.path.insert(0, SCRIPTS)
-
-import bench  # noqa: E402
-import shapes_task  # noqa: E402
+from dimple_tools import bench, shapes_task
 
 MISSING = "/nonexistent_dir_for_cli_tests"
 
@@ -30,7 +22,7 @@ def refused(fn, argv, capsys) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# scripts/bench.py
+# dimple_tools/bench.py
 # --------------------------------------------------------------------------------------------------
 
 BENCH_BAD = [  # (argv, the flag the message names, words of the allowed values)
@@ -111,7 +103,7 @@ def test_bench_context_takes_gen_kwargs_as_dict_or_json(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# scripts/shapes_task.py
+# dimple_tools/shapes_task.py
 # --------------------------------------------------------------------------------------------------
 
 SHAPES_BAD = [
@@ -143,12 +135,12 @@ def test_shapes_task_cli_accepts_the_bounds(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# scripts/count_layer_ops.py
+# dimple_tools/count_layer_ops.py
 # --------------------------------------------------------------------------------------------------
 
 
 def test_count_layer_ops_help_and_unknown_arguments(capsys):
-    import count_layer_ops
+    from dimple_tools import count_layer_ops
 
     with pytest.raises(SystemExit) as exit_info:
         count_layer_ops.main(["--help"])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-import demo
+from dimple_tools import demo
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "tiny-dimple"
 

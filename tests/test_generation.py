@@ -8,6 +8,7 @@ a row decoded alone vs. inside a padded mixed batch; the same decode with and wi
 import contextlib
 import linecache
 import math
+import os
 import threading
 import traceback
 import warnings
@@ -26,7 +27,7 @@ from dimple.generation_utils import (
     fill_after_end_of_text,
 )
 from dimple.modeling_dimple import DimpleModel
-from tiny_configs import (
+from dimple_tools.tiny_configs import (
     BOS_ID,
     EOS_ID,
     IMAGE_ID,
@@ -1152,8 +1153,11 @@ class HostSyncRecorder(TorchDispatchMode):
 
 def repository_frame(stack) -> str:
     """ "file:line: code" of the innermost frame in the repository's modules (not tests, not a venv)."""
-    ours = [f for f in stack if f.filename.startswith(str(REPO_ROOT)) and "/tests/" not in f.filename
-            and "/." not in f.filename[len(str(REPO_ROOT)):]]
+    def inside(frame):  # the real path: the package may be reached through a link
+        path = os.path.realpath(frame.filename)
+        return path.startswith(str(REPO_ROOT)) and "/tests/" not in path and "/." not in path[len(str(REPO_ROOT)):]
+
+    ours = [f for f in stack if inside(f)]
     frame = ours[-1] if ours else stack[-2]
     return f"{frame.filename}:{frame.lineno}: {(frame.line or linecache.getline(frame.filename, frame.lineno)).strip()}"
 

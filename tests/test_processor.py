@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor
 
-import processing_dimple
-from processing_dimple import DimpleProcessor
+from dimple import processing_dimple
+from dimple.processing_dimple import DimpleProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "tiny-dimple"
-# The vocabulary files scripts/build_qwen2_tokenizer.py builds, committed at the repository root.
+# The vocabulary files dimple_tools/build_qwen2_tokenizer.py builds, committed at the repository root.
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 
 # Token ids of SPEC §2 and the rest of the added tokens (Qwen2.5's, then Dream's).
@@ -179,7 +179,7 @@ def test_the_repository_root_is_the_real_processor(root_processor):
 def mixed_text():
     """About 5,000 characters of code, prose, Chinese, Japanese, Korean, Arabic, emoji (ZWJ sequences, flags,
     skin tones), digits and odd whitespace, shuffled by line with a fixed seed, plus random characters."""
-    code = (REPO_ROOT / "scripts" / "build_qwen2_tokenizer.py").read_text()[:1500]
+    code = (REPO_ROOT / "dimple_tools" / "build_qwen2_tokenizer.py").read_text()[:1500]
     lines = [
         "def f(x):\n\treturn {'a': [1, 2, 3], \"b\": x ** 2 / 3.14159}  # comment",
         "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }  // C loop\r\n",

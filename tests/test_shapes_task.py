@@ -1,5 +1,5 @@
-"""Tests of the generated shapes VQA task (scripts/shapes_task.py) and of the tiny tokenizer
-(scripts/build_tiny_tokenizer.py) the tiny Dimple is trained with."""
+"""Tests of the generated shapes VQA task (dimple_tools/shapes_task.py) and of the tiny tokenizer
+(dimple_tools/build_tiny_tokenizer.py) the tiny Dimple is trained with."""
 
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(REPO_ROOT, "scripts")
-if SCRIPTS not in sys.path:
-    sys.path.insert(0, SCRIPTS)
 
-import build_tiny_tokenizer as btt  # noqa: E402
-import shapes_task as st  # noqa: E402
+from dimple_tools import build_tiny_tokenizer as btt  # noqa: E402
+from dimple_tools import shapes_task as st  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +192,7 @@ def test_cli_writes_a_llava_jsonl_that_round_trips(tmp_path):
     out = tmp_path / "data"
     sample = tmp_path / "sample.png"
     subprocess.run(
-        [sys.executable, os.path.join(SCRIPTS, "shapes_task.py"), "--out", str(out), "--n", "12", "--seed", "3",
+        [sys.executable, "-m", "dimple_tools.shapes_task", "--out", str(out), "--n", "12", "--seed", "3",
          "--sample", str(sample)],
         check=True, capture_output=True, text=True,
     )

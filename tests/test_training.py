@@ -1,4 +1,4 @@
-"""`train_dimple.py`: objectives, collators, stage freezing, checkpoints, resume, LoRA and bad input.
+"""`dimple-train`: objectives, collators, stage freezing, checkpoints, resume, LoRA and bad input.
 
 Everything runs on the CPU with a tiny Dimple (hidden 64, 2 layers, vision depth 1) built from the tiny
 tokenizer and 64 generated 56x56 shapes-task samples; every training run is bounded by steps.
@@ -24,14 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import train_dimple  # noqa: E402
-from build_tiny_dimple import GENERATION, build_processor  # noqa: E402
-from build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from shapes_task import sample_image, write_dataset  # noqa: E402
-from train_dimple import (  # noqa: E402
+from dimple_tools import train as train_dimple  # noqa: E402
+from dimple_tools.build_tiny_dimple import GENERATION, build_processor  # noqa: E402
+from dimple_tools.build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from dimple_tools.shapes_task import sample_image, write_dataset  # noqa: E402
+from dimple_tools.train import (
     ConversationDataset,
     DimpleCollator,
     load_conversations,
@@ -630,7 +628,7 @@ def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_pat
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train_dimple.py"), *argv]
+               "-m", "dimple_tools.train", *argv]
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:
@@ -1078,8 +1076,7 @@ def test_a_json_list_names_the_line_each_problem_record_starts_on(tiny, tmp_path
 
 _CRASHING_SAVE = r"""
 import os, sys
-sys.path.insert(0, sys.argv[1])
-import train_dimple
+from dimple_tools import train as train_dimple
 
 def crash_midway(model, processor, output_dir, *args):
     model.save_pretrained(output_dir, safe_serialization=True)  # the weights are written, the rest is not

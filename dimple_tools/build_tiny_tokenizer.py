@@ -5,7 +5,7 @@ The tokenizer is a real Qwen2 tokenizer (``Qwen2Tokenizer``, backed by ``tokeniz
 a few hundred tokens instead of 151 k:
 
 * the BPE is trained with the ``tokenizers`` library on the text of the generated shapes task
-  (every question phrasing and answer, see ``scripts/shapes_task.py``) and on the text pieces of
+  (every question phrasing and answer, see ``dimple_tools/shapes_task.py``) and on the text pieces of
   Dimple's chat template ("system", "user", "assistant", "You are a helpful assistant.",
   "Picture 1: ", ...);
 * its normaliser, pre-tokeniser (Qwen2's split regex + byte level) and decoder are exactly those
@@ -20,12 +20,12 @@ a few hundred tokens instead of 151 k:
 
 Library use::
 
-    from build_tiny_tokenizer import build_tiny_tokenizer
+    from dimple_tools.build_tiny_tokenizer import build_tiny_tokenizer
     ids = build_tiny_tokenizer("tiny-dimple")   # {"image_token_id": ..., "vocab_size": ..., ...}
 
 Command line (prints the special-token ids as JSON)::
 
-    python scripts/build_tiny_tokenizer.py --out tiny-dimple
+    python -m dimple_tools.build_tiny_tokenizer --out tiny-dimple
 
 The output is deterministic: the same inputs give byte-identical files.
 """
@@ -35,16 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
 
-from shapes_task import iter_task_texts  # noqa: E402
+from dimple_tools.shapes_task import iter_task_texts  # noqa: E402
 
 
 REPO_ROOT = os.path.dirname(_HERE)

@@ -20,14 +20,14 @@ Generation is deterministic: sample ``i`` of seed ``s`` depends only on ``(s, i)
 
 Library use::
 
-    from shapes_task import generate_samples, answer_is_correct
+    from dimple_tools.shapes_task import generate_samples, answer_is_correct
     for image, question, answer, meta in generate_samples(100, seed=0):
         ...
 
 Command line::
 
-    python scripts/shapes_task.py --out data/shapes_train --n 2000 --seed 0
-    python scripts/shapes_task.py --sample sample.png          # the fixed demo image (a red circle)
+    python -m dimple_tools.shapes_task --out data/shapes_train --n 2000 --seed 0
+    python -m dimple_tools.shapes_task --sample sample.png          # the fixed demo image (a red circle)
 
 The CLI writes ``DIR/images/NNNNNN.png`` and ``DIR/data.jsonl`` with one LLaVA-style conversation per
 line (see ``to_record``)::

@@ -1,14 +1,14 @@
 """A local web demo of Dimple: ask about an image and watch the answer being unmasked.
 
     pip install -r requirements-demo.txt
-    python app.py                                  # the shipped tiny-dimple/, on http://127.0.0.1:7860
-    python app.py --model path/or/hub-id --port 8000 --save-trajectory trajectory.png
+    dimple-web-demo                                  # the shipped tiny-dimple/, on http://127.0.0.1:7860
+    dimple-web-demo --model path/or/hub-id --port 8000 --save-trajectory trajectory.png
 
 Upload an image, type a question, pick the decoding settings (algorithm, confidence threshold, steps,
 answer length, prefilling) and press "Ask". The answer canvas starts as `max_new_tokens` masks (░) and
 fills in live: every decoding step (one forward pass) commits some masks, which a streamer sends to the
 page. At the end the page shows the answer, the number of forward passes and the time, and the decoding
-trajectory (which token was committed at which step; see scripts/trajectory.py). `--save-trajectory PATH`
+trajectory (which token was committed at which step; see dimple_tools/trajectory.py). `--save-trajectory PATH`
 also writes that picture for each generation (`{n}` in PATH numbers the files, otherwise PATH is
 overwritten).
 
@@ -39,12 +39,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo phone
 import gradio as gr  # noqa: E402  (pip install -r requirements-demo.txt)
 from PIL import Image  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (tiny-dimple/ and the assets)
 
-import demo  # noqa: E402  (`answer` asks one question: the same code path as the CLI demo)
-from trajectory import CanvasRecorder, load, plot_trajectory  # noqa: E402
+from dimple_tools import demo  # noqa: E402  (`answer` asks one question: the same code path as the CLI demo)
+from dimple_tools.trajectory import CanvasRecorder, load, plot_trajectory  # noqa: E402
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 MAX_ANSWER_LENGTH = 512

@@ -2,7 +2,7 @@
 Qwen2.5-VL checkpoint, the language model and head from a local Dream checkpoint, a freshly initialised
 projector.
 
-    python scripts/init_dimple.py --qwen2_5_vl path/to/Qwen2.5-VL-7B-Instruct --dream path/to/Dream-v0-Instruct-7B \\
+    python -m dimple_tools.init_dimple --qwen2_5_vl path/to/Qwen2.5-VL-7B-Instruct --dream path/to/Dream-v0-Instruct-7B \\
         --output init
 
 Reads safetensors only. Qwen2.5-VL checkpoints name the vision tower `visual.*` (transformers < 4.52) or
@@ -15,15 +15,12 @@ import argparse
 import json
 import pathlib
 import shutil
-import sys
 
 import torch
 from safetensors import safe_open
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import dimple_package  # noqa: E402,F401
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 

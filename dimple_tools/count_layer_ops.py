@@ -8,26 +8,23 @@ besides its matrix products, without a GPU. The pass runs as decoding runs it, w
 and back, pow, mean, add, rsqrt, mul), which CUDA runs as one fused kernel. The count is the difference
 between a 2-layer and a 1-layer tiny model.
 
-Usage: python scripts/count_layer_ops.py  (no arguments; --help prints this)
+Usage: python -m dimple_tools.count_layer_ops  (no arguments; --help prints this)
 """
 
 import argparse
 import os
-import sys
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import dimple_package  # noqa: E402,F401  (makes `dimple.*` importable)
 from dimple.generation_utils import DenoisingForward  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
-from tiny_configs import tiny_config  # noqa: E402
+from dimple_tools.tiny_configs import tiny_config  # noqa: E402
 
 VIEWS = {
     "aten.view", "aten.t", "aten.slice", "aten._unsafe_view", "aten.transpose", "aten.select", "aten.unsqueeze",

@@ -64,10 +64,10 @@ took 61 s. No H100 run of today's default list (which adds dual and profile) is 
 (520 s) bounds it.
 
 Usage:
-    python scripts/bench.py                                  # CUDA, 7B shape, all settings but compile (see Run time)
-    python scripts/bench.py --settings floor,forward,generate --repeats 5
-    python scripts/bench.py --device cpu --tiny              # CPU smoke run (seconds)
-    python scripts/bench.py --gen-kwargs '{"use_cuda_graph": false}'   # passed to every diffusion_generate
+    python -m dimple_tools.bench                                  # CUDA, 7B shape, all settings but compile (see Run time)
+    python -m dimple_tools.bench --settings floor,forward,generate --repeats 5
+    python -m dimple_tools.bench --device cpu --tiny              # CPU smoke run (seconds)
+    python -m dimple_tools.bench --gen-kwargs '{"use_cuda_graph": false}'   # passed to every diffusion_generate
 """
 
 import argparse
@@ -88,12 +88,9 @@ import warnings
 from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import dimple_package  # noqa: E402,F401
 from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 
@@ -1264,8 +1261,8 @@ def main(argv=None):
 
     import transformers
 
-    command = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), os.getcwd())] + sys.argv[1:]) if argv is None else shlex.join(["python", "scripts/bench.py", *argv])
-    base_command = ["python", "scripts/bench.py", "--device", args.device] + (["--tiny"] if args.tiny else []) + ["--repeats", str(args.repeats)]
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), os.getcwd())] + sys.argv[1:]) if argv is None else shlex.join(["python", "dimple_tools/bench.py", *argv])
+    base_command = ["python", "dimple_tools/bench.py", "--device", args.device] + (["--tiny"] if args.tiny else []) + ["--repeats", str(args.repeats)]
     name = device_name(device)
     ctx = Context(args, device, dtype)
     report = {

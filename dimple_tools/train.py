@@ -4,10 +4,10 @@ Built on transformers' `Trainer`: this file only turns LLaVA-style conversations
 what trains in each stage and what the attention is, and writes checkpoints that load with
 `AutoModel` / `AutoProcessor` and `trust_remote_code`.
 
-    python train_dimple.py --model_name_or_path tiny-dimple --data_path data.jsonl --stage diffusion \\
+    dimple-train --model_name_or_path tiny-dimple --data_path data.jsonl --stage diffusion \\
         --output_dir out --max_steps 200 --learning_rate 1e-3 --per_device_train_batch_size 16
 
-Multi-GPU: `accelerate launch --config_file configs/accelerate_zero1.yaml train_dimple.py ...` (see README).
+Multi-GPU: `accelerate launch --config_file configs/accelerate_zero1.yaml -m dimple_tools.train ...` (see README).
 
 Objectives (SPEC §5). The answer is followed by `<|endoftext|>` padding up to a length drawn between
 n + 1 and the next bucket; only answer and padding tokens are targets. Autoregressive stages: causal
@@ -34,8 +34,6 @@ import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import dimple_package  # noqa: E402,F401  (the repository's modules as the package `dimple`)
 from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple import processing_dimple  # noqa: E402
@@ -577,7 +575,7 @@ def apply_lora(model: DimpleModel, args: DimpleTrainingArguments):
         return get_peft_model(model, config)
 
 
-TRAINING_CARD_MARK = "<!-- model card written by train_dimple.py -->"
+TRAINING_CARD_MARK = "<!-- model card written by dimple-train -->"
 
 
 def card_path(args) -> str:
@@ -631,7 +629,7 @@ def training_card(model, args, state, metrics: dict, n_samples: int):
     source = args.model_name_or_path
     source = source if not os.path.exists(source) else pathlib.Path(source).resolve().name  # no local paths
     section = (
-        f"## Training\n\nTrained from `{source}` with `train_dimple.py` on "
+        f"## Training\n\nTrained from `{source}` with `dimple-train` on "
         f"`{pathlib.Path(args.data_path).name}` (transformers {transformers.__version__}, torch "
         f"{torch.__version__.split('+')[0]}).\n\n| argument | value |\n| --- | --- |\n{table}\n\n"
         + "".join(f"- {line}\n" for line in losses)
@@ -861,7 +859,7 @@ def push_checkpoint(output_dir: str, args):
         card.save(str(readme))
     logger.info("pushing %s to %s", output_dir, repo_id)
     return api.upload_folder(
-        repo_id=repo_id, folder_path=output_dir, commit_message="Dimple checkpoint (train_dimple.py)",
+        repo_id=repo_id, folder_path=output_dir, commit_message="Dimple checkpoint (dimple-train)",
         ignore_patterns=PUSH_IGNORE_PATTERNS,
     )
 

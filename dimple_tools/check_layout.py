@@ -1,6 +1,6 @@
 """Check that the repository's model has the released Dimple-7B checkpoint's state-dict layout.
 
-    python scripts/check_layout.py [--reference tests/data/dimple7b_state_dict.json]
+    python -m dimple_tools.check_layout [--reference tests/data/dimple7b_state_dict.json]
 
 Builds the model for the repository's config.json on the meta device (no memory, no weights) through
 `AutoModel` with `trust_remote_code`, as users load it, and prints every parameter whose name or shape

@@ -1,7 +1,7 @@
 """Ask Dimple questions about an image from the command line.
 
-    python demo.py                                   # the shipped tiny-dimple/ on a sample image
-    python demo.py --model path/or/hub-id --image photo.jpg --question "Describe this image."
+    dimple-demo                                   # the shipped tiny-dimple/ on a sample image
+    dimple-demo --model path/or/hub-id --image photo.jpg --question "Describe this image."
 
 Decoding settings left out (--use-cache / --no-use-cache, --max-new-tokens, --steps, --alg-p-threshold) are
 the checkpoint's (its generation_config.json).
@@ -13,20 +13,18 @@ user of the published checkpoint would, and prints each question, answer, forwar
 import argparse
 import math
 import pathlib
-import sys
 import time
 
 import torch
 import transformers
 from transformers import AutoModel, AutoProcessor
 
-ROOT = pathlib.Path(__file__).resolve().parent
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (tiny-dimple/ and the assets)
 DEFAULT_QUESTIONS = ("What color is the shape?", "What shape is this?", "Describe the image.")
 
 
 def sample_image():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from shapes_task import sample_image as make
+    from dimple_tools.shapes_task import sample_image as make
 
     return make()
 
@@ -71,12 +69,12 @@ def check_args(parser, args):
         if not question.strip():
             parser.error(f"--question must contain text, got {question!r}")
     if args.image is not None and not args.image.startswith(("http://", "https://")):  # a URL is fetched later
-        from processing_dimple import _load_images  # the processor's own checks: file, decodable, aspect ratio
+        from dimple.processing_dimple import load_images  # the processor's own checks: file, decodable, aspect ratio
 
         if pathlib.Path(args.image).is_dir():
             parser.error(f"--image must be a readable image file (PNG, JPEG, ...): {args.image!r} is a folder")
         try:
-            return _load_images([args.image])[0]
+            return load_images([args.image])[0]
         except Exception as error:  # noqa: BLE001 (PIL raises several kinds)
             reason = str(error).removeprefix("images: ").removeprefix("images[0]: ")
             parser.error(f"--image must be a readable image file (PNG, JPEG, ...): {reason}")

@@ -1,10 +1,10 @@
 """Build `tiny-dimple/`: a small Dimple trained here, on the CPU, on the generated shapes task.
 
-    python scripts/build_tiny_dimple.py            # writes tiny-dimple/ (+ training log, loss plot, eval)
+    python -m dimple_tools.build_tiny_dimple            # writes tiny-dimple/ (+ training log, loss plot, eval)
 
 Steps: generate training data (seed 0) and a tokenizer trained on its text; initialise a small Dimple;
 pretrain its vision tower to classify colour and shape (the release starts from Qwen2.5-VL's pretrained
-tower; ours starts random); then `train_dimple.py` stage `instruct` (autoregressive, causal) and stage
+tower; ours starts random); then `dimple-train` stage `instruct` (autoregressive, causal) and stage
 `diffusion` (bidirectional, masked-diffusion loss, dual masking), each with the release's freezing; then
 evaluate on held-out images (seed 1) with `diffusion_generate`.
 
@@ -18,23 +18,19 @@ import argparse
 import json
 import pathlib
 import shutil
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import dimple_package  # noqa: E402,F401
-import train_dimple  # noqa: E402
-from build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from dimple_tools import train as train_dimple  # noqa: E402
+from dimple_tools.build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
-from shapes_task import COLORS, SHAPES, answer_is_correct, generate_samples, write_dataset  # noqa: E402
+from dimple_tools.shapes_task import COLORS, SHAPES, answer_is_correct, generate_samples, write_dataset  # noqa: E402
 from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
 
@@ -243,7 +239,7 @@ def remove_folder(parser, flag: str, path: pathlib.Path, note: str = "") -> None
 
 def make_folder(path: pathlib.Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("Made by scripts/build_tiny_dimple.py, which deletes and rewrites this folder.\n")
+    (path / MARKER).write_text("Made by dimple_tools/build_tiny_dimple.py, which deletes and rewrites this folder.\n")
 
 
 def check_args(parser, args) -> None:

@@ -8,7 +8,7 @@ Qwen2 tokenizer, loaded from them and the repository's `tokenizer_config.json` (
 of SPEC §2), writes `tokenizer.json` (compact, 8 MB). The repository's `preprocessor_config.json` and
 `processing_dimple.py` are copied too, so the output folder is a complete processor:
 
-    python scripts/build_qwen2_tokenizer.py --output .cache/qwen2-tokenizer
+    python -m dimple_tools.build_qwen2_tokenizer --output .cache/qwen2-tokenizer
     AutoProcessor.from_pretrained(".cache/qwen2-tokenizer", trust_remote_code=True)
 
 The repository root ships the three files it builds (`vocab.json`, `merges.txt`, `tokenizer.json`), so that

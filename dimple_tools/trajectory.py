@@ -21,15 +21,14 @@ Library use::
 Command line (the PNG in assets/ was made this way; threshold 0 decodes by the schedule, so the tiny model
 commits its answer over several steps instead of all at once)::
 
-    python scripts/trajectory.py --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
-    python scripts/trajectory.py --model path/or/hub-id --image photo.jpg --question "Describe the image."
+    python -m dimple_tools.trajectory --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
+    python -m dimple_tools.trajectory --model path/or/hub-id --image photo.jpg --question "Describe the image."
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
 from transformers.generation.streamers import BaseStreamer
 
@@ -178,8 +177,7 @@ class CanvasRecorder(BaseStreamer):
 
 def load(model_path):
     """(model, processor) loaded as users do; see demo.load."""
-    sys.path.insert(0, str(ROOT))
-    import demo
+    from dimple_tools import demo
 
     return demo.load(model_path)
 
@@ -197,8 +195,7 @@ def main(argv=None):
     parser.add_argument("--use-cache", action="store_true", help="prefilling")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
-    import demo
+    from dimple_tools import demo
 
     model, processor = load(args.model)
     image = args.image or demo.sample_image()

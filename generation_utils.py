@@ -1,17 +1,19 @@
 """Diffusion decoding for Dimple (`diffusion_generate`).
 
-The answer is a canvas of mask tokens appended to the prompt. Every step runs the model once, scores
-every masked position (a sampled or greedy token and a confidence), and commits some of them; committed
-tokens never change. Decoding is built from small pieces on one loop:
+The answer is a canvas of mask tokens appended to the prompt. Every step runs the model once, scores every
+masked position (a sampled or greedy token and a confidence), and commits some of them; committed tokens never
+change. `diffusion_generate` runs in three phases:
 
-* `score_positions`: logits -> (token, confidence) for every canvas position;
-* a pipeline (`DimPipeline`, `DreamPipeline`): how many positions each row commits at a step;
-* `choose_positions`: which ones, by `alg` (random, leftmost, most confident, or sampled by confidence);
-* `plan_blocks`: optional block-wise decoding (blocks left to right, each its own run of the pipeline),
-  with `DenoisingForward` running only what changed (prefilling, Fast-dLLM's dual cache).
+1. validate: the settings (`DimpleGenerationConfig.validate`) and the inputs, before any forward pass;
+2. prepare: the canvas, positions, attention mask and the `DenoisingForward` that runs the model, with `alg`
+   resolved once into a `PositionScorer` (token and confidence) and a `PositionChooser` (which positions);
+3. the loop: for each block (`plan_blocks`; the whole canvas without `block_length`) and step, one forward
+   pass, scoring of the masked positions, and a pipeline (`DimPipeline`, `DreamPipeline`) that decides how
+   many positions each row commits.
 
-All decisions are per row, so a row's answer does not depend on the rest of the batch. Inside a step
-the only host synchronisation is the "any mask left?" check that ends `dim` decoding early.
+All decisions are per row, so a row's answer does not depend on the rest of the batch. Inside a step the only
+host synchronisation is reading which positions are masked (it also carries the previous step's check for
+non-finite logits and out-of-vocabulary ids), which ends decoding once nothing is masked.
 """
 
 import functools
@@ -32,10 +34,9 @@ BOOLEAN_FLAGS = (
     "use_original_confidence", "stop_at_eos", "use_cache", "output_history", "dual_cache", "use_cuda_graph",
     "use_torch_compile", "return_dict_in_generate",
 )
-CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
 # The settings `diffusion_generate` takes as keyword arguments (besides the inputs, hooks, streamer, generator,
-# response prior and tokenizer). Other `GenerationConfig` fields (num_beams, repetition_penalty, ...) are
-# autoregressive and would be silently ignored: they are refused.
+# stopping criteria, response prior and tokenizer). Other `GenerationConfig` fields (num_beams,
+# repetition_penalty, ...) are autoregressive and would be silently ignored: they are refused.
 SETTINGS = (
     "max_new_tokens", "max_length", "steps", "eps", "temperature", "top_p", "top_k", "alg", "alg_temp",
     "alg_p_threshold", "use_original_confidence", "decoding_pipeline", "use_cache", "block_length", "dual_cache",
@@ -43,6 +44,29 @@ SETTINGS = (
     "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample",
 )
 MIN_TEMPERATURE = 1e-6
+# What generic callers (pipelines, evaluation harnesses written for `generate`) pass that changes nothing here:
+# accepted and dropped. Other values of these arguments would change an autoregressive result and are refused.
+NEUTRAL_ARGUMENTS = {
+    "num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "videos": [], "pixel_values_videos": None, "video_grid_thw": None,
+}
+# Bounds that keep a mistyped setting from allocating gigabytes or running for hours.
+MAX_STEPS = 16384
+MAX_ROWS = 1024  # batch x num_return_sequences
+
+
+def _is_int(value) -> bool:  # a bool is an int to Python, but `steps=True` is a mistake
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -75,9 +99,8 @@ class DimpleGenerationConfig(GenerationConfig):
         use_cuda_graph (`bool`, defaults to `True`): on CUDA, capture the fixed-shape cached steps once as
             CUDA graphs and replay them (same kernels, same results, no per-kernel launch cost).
         use_torch_compile (`bool`, defaults to `False`): run the cached steps (prefilled, dual-cache window)
-            through `torch.compile` of the model's forward, which fuses the small element-wise kernels (rotary,
-            residual adds, casts). Compiled once per kind of pass (for batch 1 and for larger batches); other
-            prompt lengths and batch sizes reuse it. The first decodes pay the compilation.
+            through `torch.compile`, which fuses the small element-wise kernels (rotary, residual adds, casts).
+            The first decodes pay the compilation.
     """
 
     def __init__(self, **kwargs):
@@ -110,7 +133,81 @@ class DimpleGenerationConfig(GenerationConfig):
         self.return_dict_in_generate = bool(self.return_dict_in_generate)
 
     def validate(self, *args, **kwargs):
-        """Autoregressive-sampling checks of the base class do not apply; see `check_generation_config`."""
+        """Raise a `ValueError` naming the setting and its allowed values for anything out of range. Token ids
+        left None are filled in from the model's config when decoding (and checked again then). Replaces the base
+        class's checks, which are about autoregressive sampling; transformers calls it as the config is built,
+        updated and saved."""
+
+        def fail(name, allowed, value):
+            raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+
+        for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
+            value = getattr(self, flag, False)
+            # transformers leaves return_dict_in_generate None while the config is built
+            if not isinstance(value, bool) and not (value is None and flag == "return_dict_in_generate"):
+                fail(flag, "True or False", value)
+        if self.alg not in ALGORITHMS:
+            fail("alg", f"one of {ALGORITHMS}", self.alg)
+        if self.decoding_pipeline not in PIPELINES:
+            fail("decoding_pipeline", f"one of {PIPELINES}", self.decoding_pipeline)
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            fail("steps", f"an integer from 1 to {MAX_STEPS}", self.steps)
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 1):
+            fail("max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        if self.max_length is not None and not _is_int(self.max_length):
+            fail("max_length", "an integer", self.max_length)
+        if self.alg_p_threshold is not None and not (_is_real(self.alg_p_threshold) and 0 <= self.alg_p_threshold <= 1):
+            fail("alg_p_threshold", "a number in [0, 1] (or None)", self.alg_p_threshold)
+        if self.top_p is not None and not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            fail("top_p", "a number in (0, 1] (or None)", self.top_p)
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            fail("top_k", "an integer >= 1 (or None)", self.top_k)
+        temperature = 0.0 if self.temperature is None else self.temperature  # None: greedy
+        if not (_is_real(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+            # below it, sampling is greedy in effect and the scaled logits can overflow to inf (NaN probabilities)
+            fail("temperature", f"0 (greedy) or a number >= {MIN_TEMPERATURE}", temperature)
+        if not (_is_real(self.eps) and 0 < self.eps < 1):
+            fail("eps", "a number in (0, 1)", self.eps)
+        if self.alg_temp is not None and not (_is_real(self.alg_temp) and self.alg_temp >= 0):
+            fail("alg_temp", "a number >= 0 (or None)", self.alg_temp)
+        rows = self.num_return_sequences
+        if rows is not None and (not _is_int(rows) or not 1 <= rows <= MAX_ROWS):
+            fail("num_return_sequences", f"an integer from 1 to {MAX_ROWS}", rows)
+        for name in ("mask_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                fail(name, "a token id (an integer >= 0)", value)
+        if not all(_is_int(i) and i >= 0 for i in _as_list(self.eos_token_id)):
+            fail("eos_token_id", "a token id, a list of token ids, or None", self.eos_token_id)
+        if self.block_length is not None:
+            if not _is_int(self.block_length) or self.block_length < 1:
+                fail("block_length", "an integer >= 1 (or None)", self.block_length)
+            if self.max_new_tokens is not None:
+                if self.max_new_tokens % self.block_length:
+                    fail("block_length", f"a divisor of max_new_tokens ({self.max_new_tokens})", self.block_length)
+                n_blocks = self.max_new_tokens // self.block_length
+                if self.steps < n_blocks:
+                    fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {self.block_length})",
+                         self.steps)
+        if self.dual_cache and self.block_length is None:
+            fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
+                 self.dual_cache)
+
+    def validate_for_model(self, vocab_size: int) -> None:
+        """`validate`, plus what a decode needs once the model's defaults are in: the mask token and every id
+        that is written into the answer inside the vocabulary."""
+        if self.temperature is None:
+            self.temperature = 0.0
+        self.validate()
+        if self.mask_token_id is None:
+            raise ValueError("`mask_token_id` must be a token id (in the generation config or the model config), got None")
+        if self.pad_token_id is None:
+            raise ValueError("`pad_token_id` must be a token id (by default the model's padding or end-of-text token)")
+        for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
+            if any(i >= vocab_size for i in _as_list(getattr(self, name))):
+                raise ValueError(
+                    f"`{name}` must be a token id < the vocabulary size {vocab_size}, got {getattr(self, name)!r}"
+                )
 
     def to_diff_dict(self) -> dict:
         """What `save_pretrained` writes, in terms `from_pretrained` reads back the same: it reads the file as
@@ -123,66 +220,6 @@ class DimpleGenerationConfig(GenerationConfig):
         if self.temperature:
             values.update(do_sample=True, temperature=self.temperature)
         return values
-
-
-def _is_int(value) -> bool:  # a bool is an int to Python, but `steps=True` is a mistake
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_generation_config(config: DimpleGenerationConfig) -> None:
-    """Raise a ValueError naming the argument and its allowed values for anything out of range."""
-
-    def fail(name, allowed, value):
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-
-    for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
-        if not isinstance(getattr(config, flag), bool):
-            fail(flag, "True or False", getattr(config, flag))
-    if config.alg not in ALGORITHMS:
-        fail("alg", f"one of {ALGORITHMS}", config.alg)
-    if config.decoding_pipeline not in PIPELINES:
-        fail("decoding_pipeline", f"one of {PIPELINES}", config.decoding_pipeline)
-    if not _is_int(config.steps) or config.steps < 1:
-        fail("steps", "an integer >= 1", config.steps)
-    if config.max_new_tokens is not None and (not _is_int(config.max_new_tokens) or config.max_new_tokens < 1):
-        fail("max_new_tokens", "an integer >= 1", config.max_new_tokens)
-    if config.alg_p_threshold is not None and not (_is_real(config.alg_p_threshold) and 0 <= config.alg_p_threshold <= 1):
-        fail("alg_p_threshold", "a number in [0, 1] (or None)", config.alg_p_threshold)
-    if config.top_p is not None and not (_is_real(config.top_p) and 0 < config.top_p <= 1):
-        fail("top_p", "a number in (0, 1] (or None)", config.top_p)
-    if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 1):
-        fail("top_k", "an integer >= 1 (or None)", config.top_k)
-    if not (_is_real(config.temperature) and (config.temperature == 0 or config.temperature >= MIN_TEMPERATURE)):
-        # below it, sampling is greedy in effect and the scaled logits can overflow to inf (NaN probabilities)
-        fail("temperature", f"0 (greedy) or a number >= {MIN_TEMPERATURE}", config.temperature)
-    if not (_is_real(config.eps) and 0 < config.eps < 1):
-        fail("eps", "a number in (0, 1)", config.eps)
-    if config.alg_temp is not None and not (_is_real(config.alg_temp) and config.alg_temp >= 0):
-        fail("alg_temp", "a number >= 0 (or None)", config.alg_temp)
-    if not _is_int(config.num_return_sequences) or config.num_return_sequences < 1:
-        fail("num_return_sequences", "an integer >= 1", config.num_return_sequences)
-    if not _is_int(config.mask_token_id) or config.mask_token_id < 0:
-        fail("mask_token_id", "a token id (in the generation config or the model config)", config.mask_token_id)
-    if not _is_int(config.pad_token_id) or config.pad_token_id < 0:  # it fills the answer after an end-of-text
-        fail("pad_token_id", "a token id (by default the model's padding or end-of-text token)", config.pad_token_id)
-    if not all(_is_int(i) and i >= 0 for i in _as_list(config.eos_token_id)):
-        fail("eos_token_id", "a token id, a list of token ids, or None", config.eos_token_id)
-    if config.block_length is not None:
-        if not _is_int(config.block_length) or config.block_length < 1:
-            fail("block_length", "an integer >= 1 (or None)", config.block_length)
-        if config.max_new_tokens % config.block_length:
-            fail("block_length", f"a divisor of max_new_tokens ({config.max_new_tokens})", config.block_length)
-        n_blocks = config.max_new_tokens // config.block_length
-        if config.steps < n_blocks:
-            fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {config.block_length})",
-                 config.steps)
-    if config.dual_cache and config.block_length is None:
-        fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
-             config.dual_cache)
 
 
 def fields_set_by(config: GenerationConfig) -> dict:
@@ -214,7 +251,7 @@ class DimpleGenerationOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces of a step
+# Scoring: token and confidence of every masked position
 # --------------------------------------------------------------------------------------------------
 
 
@@ -235,33 +272,58 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: Optional[floa
     return logits
 
 
-def score_positions(logits: torch.Tensor, config, original_confidence: bool, generator=None):
+def probability_confidence(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen token's probability (`origin`, `origin-ratio`, `autoregressive`, `maskgit_plus`)."""
+    return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def margin_confidence(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 probability (`topk_margin`)."""
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def negative_entropy_confidence(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Σ p·log p, the negative entropy (`entropy`): highest for a peaked distribution."""
+    return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+
+
+CONFIDENCE_FUNCTIONS = {"topk_margin": margin_confidence, "entropy": negative_entropy_confidence}
+
+
+class PositionScorer:
     """Token and confidence for every row of `logits` (decoding passes those of the masked positions): the
     token is sampled (temperature > 0) or the argmax of the filtered distribution; the confidence depends on
     `alg` and is computed from the unmodified distribution when `original_confidence`. Computed in fp32."""
-    raw = logits.float()
-    # `<|mask|>` is never a generated token: a committed mask would be re-opened at the next step (and `dim`
-    # could end with masks in the answer). A trained model gives it ~0 probability, so this changes nothing there.
-    candidates = raw.clone()
-    candidates[..., config.mask_token_id] = float("-inf")  # a scalar fill: no host-device copy
-    filtered = filter_logits(candidates, config.temperature, config.top_p, config.top_k)
-    if config.temperature > 0:
-        probs = filtered.softmax(dim=-1)
-        # torch.multinomial's draw of one sample, argmax(p / q) with q ~ Exp(1) (the same numbers for the same
-        # generator), without the two validity checks it reads back to the host: no sync inside the step.
-        tokens = (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
-    else:
-        probs, tokens = None, filtered.argmax(dim=-1)  # greedy needs no softmax of the filtered logits
-    if original_confidence or probs is None:
-        probs = (raw if original_confidence else filtered).softmax(dim=-1)
-    if config.alg == "topk_margin":
-        top2 = probs.topk(2, dim=-1).values
-        confidence = top2[..., 0] - top2[..., 1]
-    elif config.alg == "entropy":
-        confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
-    else:
-        confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return tokens, confidence
+
+    def __init__(self, config, original_confidence: bool):
+        self.mask_token_id = config.mask_token_id
+        self.temperature, self.top_p, self.top_k = config.temperature, config.top_p, config.top_k
+        self.original_confidence = original_confidence
+        self.confidence = CONFIDENCE_FUNCTIONS.get(config.alg, probability_confidence)
+
+    def __call__(self, logits: torch.Tensor, generator=None) -> tuple:
+        raw = logits.float()
+        # `<|mask|>` is never a generated token: a committed mask would be re-opened at the next step (and `dim`
+        # could end with masks in the answer). A trained model gives it ~0 probability, so this changes nothing.
+        candidates = raw.clone()
+        candidates[..., self.mask_token_id] = float("-inf")  # a scalar fill: no host-device copy
+        filtered = filter_logits(candidates, self.temperature, self.top_p, self.top_k)
+        if self.temperature > 0:
+            probs = filtered.softmax(dim=-1)
+            # torch.multinomial's draw of one sample, argmax(p / q) with q ~ Exp(1) (the same numbers for the same
+            # generator), without the two validity checks it reads back to the host: no sync inside the step.
+            tokens = (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
+        else:
+            probs, tokens = None, filtered.argmax(dim=-1)  # greedy needs no softmax of the filtered logits
+        if self.original_confidence or probs is None:
+            probs = (raw if self.original_confidence else filtered).softmax(dim=-1)
+        return tokens, self.confidence(probs, tokens)
+
+
+def score_positions(logits: torch.Tensor, config, original_confidence: bool, generator=None) -> tuple:
+    """`PositionScorer(config, original_confidence)(logits, generator)`: (tokens, confidences)."""
+    return PositionScorer(config, original_confidence)(logits, generator)
 
 
 def scatter_scores(tokens, confidence, masked, block_tokens) -> tuple:
@@ -275,6 +337,11 @@ def scatter_scores(tokens, confidence, masked, block_tokens) -> tuple:
     return all_tokens, all_confidence
 
 
+# --------------------------------------------------------------------------------------------------
+# Which positions: priorities by `alg`, resolved once per decode
+# --------------------------------------------------------------------------------------------------
+
+
 def top_k_per_row(priority: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the k[row] highest-priority candidates of every row (k may differ per row)."""
     priority = priority.masked_fill(~candidates, float("-inf"))
@@ -283,31 +350,69 @@ def top_k_per_row(priority: torch.Tensor, candidates: torch.Tensor, k: torch.Ten
     return candidates & (rank < k.unsqueeze(-1))
 
 
-def choose_positions(alg, is_mask, count, ratio, confidence, alg_temp, generator=None) -> torch.Tensor:
-    """Which masked positions a row commits at this step.
+def random_priority(is_mask, confidence, generator):
+    return torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
 
-    `count` (per row) positions: `origin` uniformly at random, confidence algorithms the most confident (or,
-    with `alg_temp` > 0, drawn without replacement from softmax(confidence / alg_temp), by the Gumbel top-k
-    trick). `autoregressive` commits exactly one position, the leftmost mask, whatever `count` is (the original
-    decoder's rule, on the last step too: with fewer steps than masks and no confidence threshold the answer
-    keeps masks, which `decode_answers` drops). `origin-ratio` instead commits each masked position
-    independently with probability `ratio` (per row).
-    """
-    if alg == "origin-ratio":
-        draw = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
-        return is_mask & (draw < ratio.unsqueeze(-1))
-    if alg == "origin":
-        priority = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
-    elif alg == "autoregressive":  # as the original decoder: the leftmost mask alone, whatever the count
-        priority = -torch.arange(is_mask.shape[-1], device=is_mask.device, dtype=torch.float32).expand(is_mask.shape)
-        count = torch.ones_like(count)
-    elif alg_temp:
+
+def leftmost_priority(is_mask, confidence, generator):
+    return -torch.arange(is_mask.shape[-1], device=is_mask.device, dtype=torch.float32).expand(is_mask.shape)
+
+
+def confidence_priority(is_mask, confidence, generator):
+    return confidence
+
+
+def sampled_confidence_priority(alg_temp: float) -> Callable:
+    """Positions drawn without replacement from softmax(confidence / alg_temp), by the Gumbel top-k trick."""
+
+    def priority(is_mask, confidence, generator):
         uniform = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
         gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
-        priority = (confidence / alg_temp).masked_fill(~is_mask, float("-inf")).log_softmax(dim=-1) + gumbel
-    else:
-        priority = confidence
-    return top_k_per_row(priority.float(), is_mask, count)
+        return (confidence / alg_temp).masked_fill(~is_mask, float("-inf")).log_softmax(dim=-1) + gumbel
+
+    return priority
+
+
+class PositionChooser:
+    """Which masked positions a row commits at a step, given its count (per row).
+
+    `origin` takes `count` positions uniformly at random; confidence algorithms the most confident (or, with
+    `alg_temp` > 0, `count` drawn without replacement from softmax(confidence / alg_temp)); `autoregressive`
+    exactly one position, the leftmost mask, whatever `count` is (the original decoder's rule, on the last step
+    too: with fewer steps than masks and no confidence threshold the answer keeps masks, which
+    `decode_answers` drops). `origin-ratio` instead commits each masked position independently with
+    probability `ratio` (per row).
+    """
+
+    def __init__(self, alg: str, alg_temp: Optional[float] = None):
+        self.independent = alg == "origin-ratio"
+        self.one_per_step = alg == "autoregressive"
+        if alg in ("origin", "origin-ratio"):
+            self.priority = random_priority
+        elif self.one_per_step:
+            self.priority = leftmost_priority
+        elif alg_temp:
+            self.priority = sampled_confidence_priority(alg_temp)
+        else:
+            self.priority = confidence_priority
+
+    def __call__(self, is_mask, count, ratio, confidence, generator=None) -> torch.Tensor:
+        if self.independent:
+            draw = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)
+            return is_mask & (draw < ratio.unsqueeze(-1))
+        if self.one_per_step:
+            count = torch.ones_like(count)
+        return top_k_per_row(self.priority(is_mask, confidence, generator).float(), is_mask, count)
+
+
+def choose_positions(alg, is_mask, count, ratio, confidence, alg_temp, generator=None) -> torch.Tensor:
+    """`PositionChooser(alg, alg_temp)(is_mask, count, ratio, confidence, generator)`."""
+    return PositionChooser(alg, alg_temp)(is_mask, count, ratio, confidence, generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# How many positions: the schedules
+# --------------------------------------------------------------------------------------------------
 
 
 def schedule_points(eps: float, steps: int, device=None) -> torch.Tensor:
@@ -327,14 +432,18 @@ def plan_blocks(canvas_len: int, block_length: Optional[int], steps: int) -> lis
 
 
 class DimPipeline:
-    """Dimple's decoding: confident decoding, then a ratio schedule over the masks left; early exit."""
+    """Dimple's decoding: confident decoding, then a ratio schedule over the masks left."""
 
-    early_exit = True
     original_confidence_allowed = True
 
-    def __init__(self, config, steps: int, device=None):
+    def __init__(self, config, steps: int, device=None, chooser: Optional[PositionChooser] = None):
         self.config, self.steps = config, steps
         self.taus = schedule_points(config.eps, steps, device)
+        self.chooser = chooser or self.make_chooser(config)
+
+    @staticmethod
+    def make_chooser(config) -> PositionChooser:
+        return PositionChooser(config.alg, config.alg_temp)
 
     def schedule(self, step: int, masks_left: torch.Tensor, masks_start: torch.Tensor):
         """(count, ratio) per row. With r = masks_left / masks_start, take the first schedule point s ≥ step+1
@@ -358,7 +467,7 @@ class DimPipeline:
         config = self.config
         last_step = step == self.steps - 1
         count, ratio = self.schedule(step, is_mask.sum(-1), masks_start)
-        chosen = choose_positions(config.alg, is_mask, count, ratio, confidence, config.alg_temp, generator)
+        chosen = self.chooser(is_mask, count, ratio, confidence, generator)
         if config.alg_p_threshold:
             confident = is_mask & (confidence > config.alg_p_threshold) if not last_step else is_mask
             chosen = torch.where(confident.any(-1, keepdim=True), confident, chosen)
@@ -366,25 +475,32 @@ class DimPipeline:
 
 
 class DreamPipeline:
-    """Dream's decoding: step i moves from t = τ_i to s = τ_{i+1}; always runs every step."""
+    """Dream's decoding: step i moves from t = τ_i to s = τ_{i+1}."""
 
-    early_exit = False
     original_confidence_allowed = False
 
-    def __init__(self, config, steps: int, device=None):
+    def __init__(self, config, steps: int, device=None, chooser: Optional[PositionChooser] = None):
         self.config, self.steps = config, steps
         self.taus = schedule_points(config.eps, steps).tolist()  # Python floats: no device sync per step
+        self.chooser = chooser or self.make_chooser(config)
+
+    @staticmethod
+    def make_chooser(config) -> PositionChooser:
+        # Dream's `origin` commits each masked position independently with probability 1 − s/t
+        alg = "origin-ratio" if config.alg in ("origin", "origin-ratio") else config.alg
+        return PositionChooser(alg, config.alg_temp)
 
     def commit(self, step, is_mask, masks_start, confidence, generator):
-        config = self.config
         t, s = self.taus[step], self.taus[step + 1]
         last_step = step == self.steps - 1
         ratio = 1.0 if last_step else 1 - s / t
         masks_left = is_mask.sum(-1)
         count = masks_left if last_step else torch.floor(masks_left.double() * ratio).long()
         ratio = torch.full(is_mask.shape[:1], ratio, device=is_mask.device)
-        alg = "origin-ratio" if config.alg in ("origin", "origin-ratio") else config.alg
-        return choose_positions(alg, is_mask, count, ratio, confidence, config.alg_temp, generator)
+        return self.chooser(is_mask, count, ratio, confidence, generator)
+
+
+PIPELINE_CLASSES = {"dim": DimPipeline, "dream": DreamPipeline}
 
 
 class DenoisingForward:
@@ -515,39 +631,87 @@ class DenoisingForward:
             self.use_cuda_graph = False
 
 
-# model class -> torch.compile of its decoder_forward (holding no model: nothing is kept alive)
+# (class, "layer" or "whole") -> torch.compile of the layer's forward or of decoder_forward (holding no model)
 _COMPILED_DECODERS = {}
 
 
-def compiled_decoder(model) -> Callable:
-    """`model.decoder_forward` through `torch.compile`, built once per model class and reused by every decode
-    (the model is an argument, so a copy of the model runs its own weights)."""
-    cls = type(model)
-    if cls not in _COMPILED_DECODERS:
-        _COMPILED_DECODERS[cls] = torch.compile(cls.decoder_forward)
-    return functools.partial(_COMPILED_DECODERS[cls], model)
+def compiled_decoder(model, regional: bool = True) -> Callable:
+    """`model.decoder_forward` through `torch.compile`, built once per class and reused by every decode (the
+    model is an argument, so a copy of the model runs its own weights). Regional (the default): one compile of
+    the decoder layer's forward runs every layer (same code, the weights are its inputs: one graph), the rest of
+    the pass (rotary tables, mask, final norm) runs eager, and a cold compile traces one layer instead of the
+    whole pass (docs/performance.md). `regional=False` compiles the whole `decoder_forward`."""
+    if not regional:
+        key = (type(model), "whole")
+        if key not in _COMPILED_DECODERS:
+            _COMPILED_DECODERS[key] = torch.compile(type(model).decoder_forward)
+        return functools.partial(_COMPILED_DECODERS[key], model)
+    key = (type(model.model.layers[0]), "layer")
+    if key not in _COMPILED_DECODERS:
+        _COMPILED_DECODERS[key] = torch.compile(key[0].forward)
+    return functools.partial(model.decoder_forward, layer_forward=functools.partial(_regional_layer, _COMPILED_DECODERS[key]))
 
 
-class SettledTextStream:
-    """Feeds one of transformers' text streamers (`TextStreamer`, `TextIteratorStreamer`), which expect each
-    token once, in order: the prompt first (what `skip_prompt` drops), then the answer's tokens as they settle,
-    that is the committed tokens left of the first mask, up to the first end-of-text."""
+class _LayerCache:
+    """One layer's tensor of a filled prefix cache, with the cache's `update`: the compiled layer then reads no
+    layer index (an int attribute is a constant to torch.compile, which would compile once per layer)."""
+
+    def __init__(self, key_values: torch.Tensor):
+        self.key_values = key_values
+
+    def update(self, layer_idx: int, key_value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.key_values.index_copy_(1, positions, key_value)
+
+
+def _regional_layer(compiled, layer, hidden, rotary, attn_mask, is_causal, cache, positions, output_attentions):
+    """Run `layer` through the shared compiled layer forward; batch, pass length and cached length are declared
+    dynamic (they change between requests), so one graph serves every layer, pass kind and prompt."""
+    if cache is not None:
+        if len(cache.key_values) <= layer.self_attn.layer_idx:  # the first write allocates the layer's cache
+            return layer(hidden, rotary, attn_mask, is_causal, cache, positions, output_attentions)
+        cache = _LayerCache(cache.key_values[layer.self_attn.layer_idx])
+    dynamic = [(hidden, (0, 1)), (positions, (0,)), *((table, (0, 1)) for table in rotary)]
+    dynamic += [(attn_mask, (0, 2, 3)), (cache and cache.key_values, (0, 1))]
+    for tensor, dims in dynamic:
+        for dim in dims if tensor is not None else ():
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return compiled(layer, hidden, rotary, attn_mask, is_causal, cache, positions, output_attentions)
+
+
+class SettledTokenStream:
+    """Feeds a streamer the answer as it settles, in transformers' streaming protocol (each token once, in
+    order): `put` first receives the prompt, then after every step the newly settled tokens, that is the
+    committed tokens left of the first mask, up to the first end-of-text; `end()` at the end.
+
+    transformers' text streamers (`TextStreamer`, `TextIteratorStreamer`, ...; batch 1) receive 1-D tensors, as
+    from `generate`. Any other streamer that sets `settled_tokens = True` receives the prompt ids `(batch,
+    prompt)`, then one 1-D tensor per row (a list, possibly empty tensors) after every step."""
 
     def __init__(self, streamer, prompt: torch.Tensor, mask_id: int, end_ids: torch.Tensor):
-        self.streamer, self.mask_id, self.end_ids, self.sent = streamer, mask_id, end_ids, 0
-        streamer.put(prompt.cpu())
+        self.streamer, self.mask_id, self.end_ids = streamer, mask_id, end_ids
+        self.per_row = not isinstance(streamer, TextStreamer)
+        self.sent = [0] * prompt.shape[0]
+        streamer.put(prompt.cpu() if self.per_row else prompt[0].cpu())
 
     def put(self, canvas: torch.Tensor) -> None:
-        row = canvas[0]
-        # the first mask or end-of-text (a sentinel past the end when there is none): one host sync
-        unsettled = F.pad((row == self.mask_id) | torch.isin(row, self.end_ids), (0, 1), value=True)
-        settled = int(unsettled.int().argmax())
-        if settled > self.sent:
-            self.streamer.put(row[self.sent : settled].cpu())
-            self.sent = settled
+        # the first mask or end-of-text of every row (a sentinel past the end when there is none): one host sync
+        unsettled = F.pad((canvas == self.mask_id) | torch.isin(canvas, self.end_ids), (0, 1), value=True)
+        settled = unsettled.int().argmax(dim=-1).tolist()
+        new = [row[sent:end].cpu() for row, sent, end in zip(canvas, self.sent, settled)]
+        self.sent = [max(sent, end) for sent, end in zip(self.sent, settled)]
+        if self.per_row:
+            self.streamer.put(new)
+        elif new[0].numel():
+            self.streamer.put(new[0])
 
     def end(self) -> None:
         self.streamer.end()
+
+
+def streams_settled_tokens(streamer) -> bool:
+    """Whether a streamer takes the settled answer tokens (transformers' text streamers, or `settled_tokens =
+    True`) rather than the whole canvas `(batch, max_new_tokens)` after every step."""
+    return isinstance(streamer, TextStreamer) or getattr(streamer, "settled_tokens", False) is True
 
 
 def hook_result(name: str, result, expected: torch.Tensor) -> torch.Tensor:
@@ -575,6 +739,64 @@ def fill_after_end_of_text(canvas: torch.Tensor, mask_token_id: Optional[int], e
     after_end = F.pad(ended[:, :-1], (1, 0))  # the first end-of-text itself stays
     replace = after_end if mask_token_id is None else after_end & (canvas == mask_token_id)
     return canvas.masked_fill(replace, fill_id)
+
+
+def non_finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Device flag: a NaN or +inf logit, or a position whose every logit is -inf (no token is possible)."""
+    return ~((logits < float("inf")).all(dim=-1) & (logits > float("-inf")).any(dim=-1)).all()
+
+
+def masked_positions(is_mask: torch.Tensor, problem: torch.Tensor) -> tuple:
+    """(flat indices of the masked positions, whether `problem` was set): the step's one host sync. The device
+    flag `problem` (the previous step's checks) rides along: repeated past the canvas size, a set flag makes
+    the count of nonzero entries exceed any possible count of masks."""
+    flat = is_mask.flatten()
+    found = torch.cat([flat, problem.expand(flat.numel() + 1)]).nonzero().squeeze(-1)
+    if found.numel() > flat.numel():
+        return found, True
+    return found, False
+
+
+def stopped_rows(criteria: list, sequences: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows that `stopping_criteria` (transformers' `StoppingCriteria` protocol: `(sequences, scores) -> bool
+    tensor (batch,)` or a bool) mark done, as a device tensor; None without criteria."""
+    done = None
+    for criterion in criteria:
+        result = criterion(sequences, None)
+        result = torch.as_tensor(result, device=sequences.device).bool().expand(sequences.shape[0])
+        done = result if done is None else done | result
+    return done
+
+
+@dataclass
+class DecodeRequest:
+    """A validated call of `diffusion_generate`: the settings and the inputs."""
+
+    config: DimpleGenerationConfig
+    input_ids: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    pixel_values: Optional[torch.Tensor]
+    image_grid_thw: Optional[torch.Tensor]
+    prior: Optional[torch.Tensor]
+    tokens_hook: Optional[Callable]
+    logits_hook: Optional[Callable]
+    streamer: Optional[object]
+    generator: Optional[torch.Generator]
+    stopping_criteria: list
+
+
+@dataclass
+class PreparedDecode:
+    """What the loop runs on: the sequences, the model call, and `alg` resolved into scorer and chooser."""
+
+    x: torch.Tensor
+    prompt_len: int
+    denoise: "DenoisingForward"
+    scorer: PositionScorer
+    pipeline_class: type
+    chooser: PositionChooser
+    end_ids: torch.Tensor
+    streamer: Optional[object]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,6 +847,9 @@ class DimpleGenerationMixin(GenerationMixin):
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
             config.max_new_tokens = None  # an explicit max_length replaces the default answer length
         do_sample, temperature_given = kwargs.pop("do_sample", None), "temperature" in kwargs
+        if kwargs.get("temperature", 0) is None:  # generic callers' "unset": the checkpoint's temperature
+            del kwargs["temperature"]
+            temperature_given = False
         for key in SETTINGS:
             if key in kwargs:
                 setattr(config, key, kwargs.pop(key))
@@ -694,55 +919,58 @@ class DimpleGenerationMixin(GenerationMixin):
                 `block_length`, those of the current block, `logits[:, j]` predicting `x[:, prompt_length + start + j]`.
                 Without hooks the head runs only at the masked positions, the ones a step scores; with a hook
                 it runs at every position of the block (same tokens, sampled ones included).
+            stopping_criteria (`StoppingCriteria`, a callable or a list of them, *optional*): called after every
+                step as `criterion(sequences, None)`, returning a bool tensor `(batch,)` (or a bool for all rows);
+                a row marked done stops decoding there (its masks stay), and decoding ends once every row is done
+                (e.g. a client that cancelled, or a deadline).
             streamer (`BaseStreamer`, *optional*): `put` receives the answer canvases `(batch, max_new_tokens)`
-                after every step, `end` is called at the end (also on an error). transformers' `TextStreamer` /
-                `TextIteratorStreamer` (batch 1) receive the prompt, then the answer's tokens as they settle
-                (those left of the first mask, up to the end-of-text), each once.
-            generator (`torch.Generator`, *optional*): random source for sampling.
+                after every step, `end` is called at the end (also on an error). transformers' text streamers
+                (batch 1) and any streamer with `settled_tokens = True` receive the prompt, then the answer's
+                tokens as they settle (those left of the first mask, up to the end-of-text), each once
+                (`SettledTokenStream`).
+            generator (`torch.Generator`, *optional*): random source for sampling. One generator serves the whole
+                batch: with random position choices (`origin`) or sampling, a row's draws depend on its place in
+                the batch (the answers of greedy decoding do not).
 
         Returns:
             `torch.LongTensor` `(batch * num_return_sequences, prompt + max_new_tokens)`, or a
             `DimpleGenerationOutput` with `return_dict_in_generate=True`.
         """
+        request = self._validate_request(inputs, generation_config, kwargs)
+        prepared = self._prepare_decode(request)
+        return self._denoise(request, prepared)
+
+    # ---------------------------------------------------------------- 1. validate
+
+    def _validate_request(self, inputs, generation_config, kwargs) -> DecodeRequest:
+        """Every setting and input checked before any forward pass: a `ValueError` naming the argument."""
         if isinstance(inputs, dict) or hasattr(inputs, "data") and isinstance(getattr(inputs, "data"), dict):
             kwargs = {**dict(inputs), **kwargs}
             inputs = None
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("`inputs` (the prompt's input_ids) is required")
-        attention_mask = kwargs.pop("attention_mask", None)
-        pixel_values = kwargs.pop("pixel_values", None)
-        image_grid_thw = kwargs.pop("image_grid_thw", None)
-        tokens_hook = kwargs.pop("generation_tokens_hook_func", None)
-        logits_hook = kwargs.pop("generation_logits_hook_func", None)
-        streamer = kwargs.pop("streamer", None)
-        generator = kwargs.pop("generator", None)
-        response_prior = kwargs.pop("response_prior", None)
-        tokenizer = kwargs.pop("tokenizer", None)
+        arguments = {name: kwargs.pop(name, None) for name in (
+            "attention_mask", "pixel_values", "image_grid_thw", "generation_tokens_hook_func",
+            "generation_logits_hook_func", "streamer", "generator", "response_prior", "tokenizer", "stopping_criteria",
+        )}
         config = self._dimple_generation_config(generation_config, kwargs)
-        return_dict = config.return_dict_in_generate
+        for name, neutral in NEUTRAL_ARGUMENTS.items():
+            if name in kwargs and (kwargs[name] is None or kwargs[name] == neutral):
+                del kwargs[name]
         if kwargs:
             raise ValueError(
                 f"unknown arguments to diffusion_generate: {sorted(kwargs)}; its settings are {list(SETTINGS)} "
-                "(autoregressive options such as num_beams or repetition_penalty do not apply to diffusion)"
+                "(autoregressive options such as num_beams > 1 or repetition_penalty do not apply to diffusion; "
+                f"their neutral values {NEUTRAL_ARGUMENTS} are accepted)"
             )
-
-        # ---- validate everything before any forward pass
         if not torch.is_tensor(input_ids) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise ValueError(f"`inputs` must be a tensor of token ids (torch.long), got {type(input_ids).__name__}"
                              + (f" of {input_ids.dtype}" if torch.is_tensor(input_ids) else ""))
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"`inputs` must be (batch, prompt) token ids, prompt >= 1, got shape {tuple(input_ids.shape)}")
-        prompt_len = input_ids.shape[1]
-        if attention_mask is not None:
-            if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-                raise ValueError(
-                    f"`attention_mask` must be a tensor of the prompt's shape {tuple(input_ids.shape)}, got "
-                    + (f"shape {tuple(attention_mask.shape)}" if torch.is_tensor(attention_mask) else type(attention_mask).__name__)
-                )
-            # Left padding only: the answer canvas follows the last prompt token of every row.
-            if bool((attention_mask[:, 1:].long() < attention_mask[:, :-1].long()).any()):
-                raise ValueError("`attention_mask` must be left-padded (zeros before a row's tokens, none after)")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"`inputs` must be (batch, prompt) token ids, batch and prompt >= 1, got shape {tuple(input_ids.shape)}")
+        batch, prompt_len = input_ids.shape
+        attention_mask = self._checked_attention_mask(arguments["attention_mask"], input_ids)
         if config.max_length is not None and not _is_int(config.max_length):
             raise ValueError(f"`max_length` must be an integer, got {config.max_length!r}")
         if config.max_new_tokens is None:
@@ -752,114 +980,69 @@ class DimpleGenerationMixin(GenerationMixin):
                     f"`max_length` ({config.max_length}); set `max_new_tokens` or a larger `max_length`"
                 )
             config.max_new_tokens = config.max_length - prompt_len
-        check_generation_config(config)
         vocab_size = self.get_input_embeddings().num_embeddings
-        if config.mask_token_id >= vocab_size:
-            raise ValueError(f"`mask_token_id` must be a token id < the vocabulary size {vocab_size}, got {config.mask_token_id}")
-        mask_id = config.mask_token_id
-        if attention_mask is None and input_ids.shape[0] > 1 and bool((input_ids[:, 0] == config.pad_token_id).any()):
+        config.validate_for_model(vocab_size)
+        longest = getattr(self.config, "max_position_embeddings", None)
+        if longest is not None and prompt_len + config.max_new_tokens > longest:
+            raise ValueError(
+                f"`max_new_tokens` must be at most {longest - prompt_len}: the model's positions end at "
+                f"max_position_embeddings ({longest}) and the prompt has {prompt_len} tokens, got {config.max_new_tokens}"
+            )
+        if batch * config.num_return_sequences > MAX_ROWS:
+            raise ValueError(
+                f"`num_return_sequences` x batch must be at most {MAX_ROWS} rows, got {config.num_return_sequences} x {batch}"
+            )
+        if attention_mask is None and batch > 1 and bool((input_ids[:, 0] == config.pad_token_id).any()):
             raise ValueError("the batch is padded (a row starts with pad_token_id): pass its `attention_mask`")
-        if config.use_cache and bool((input_ids == mask_id).any()):
+        if config.use_cache and bool((input_ids == config.mask_token_id).any()):
             raise ValueError(
                 "the prompt contains mask tokens, which prefilling (`use_cache=True`) would freeze: use "
                 "`use_cache=False`, or put answer masks in `response_prior`"
             )
-        prior = self._response_prior(response_prior, tokenizer, input_ids, config)
-        if isinstance(streamer, TextStreamer) and input_ids.shape[0] * config.num_return_sequences != 1:
+        pixel_values = arguments["pixel_values"]
+        if torch.is_tensor(pixel_values) and pixel_values.dtype.is_floating_point and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("`pixel_values` holds NaN or infinite values: check the image and its preprocessing")
+        for name in ("generation_tokens_hook_func", "generation_logits_hook_func"):
+            if arguments[name] is not None and not callable(arguments[name]):
+                raise ValueError(f"`{name}` must be a callable (step, x, logits), got {type(arguments[name]).__name__}")
+        stopping = arguments["stopping_criteria"]
+        stopping = [] if stopping is None else list(stopping) if isinstance(stopping, (list, tuple)) else [stopping]
+        if not all(callable(c) for c in stopping):
+            raise ValueError("`stopping_criteria` must be a callable (sequences, scores) -> bool tensor, or a list of them")
+        streamer = arguments["streamer"]
+        if isinstance(streamer, TextStreamer) and batch * config.num_return_sequences != 1:
             raise ValueError(
                 "`streamer`: transformers' text streamers follow one answer (batch 1, num_return_sequences 1), got "
-                f"{input_ids.shape[0] * config.num_return_sequences}; use a streamer whose `put` takes the canvases"
+                f"{batch * config.num_return_sequences}; use a streamer with `settled_tokens = True` or whose `put` "
+                "takes the canvases"
             )
-
-        # ---- the sequence, positions and masks: built once
-        n_rep = config.num_return_sequences
-        device = input_ids.device
-        canvas_len = config.max_new_tokens
-        batch = input_ids.shape[0] * n_rep
-        total_len = prompt_len + canvas_len
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        full_mask = None
-        if attention_mask is not None:
-            full_mask = F.pad(attention_mask.long(), (0, canvas_len), value=1).repeat_interleave(n_rep, 0)
-        x = torch.full((batch, total_len), mask_id, dtype=torch.long, device=device)
-        x[:, :prompt_len] = input_ids.repeat_interleave(n_rep, 0)
-        if prior is not None:
-            if prior.shape[0] not in (1, batch):  # one row per prompt: repeat it for the prompt's answers
-                prior = prior.repeat_interleave(n_rep, 0)
-            x[:, prompt_len : prompt_len + prior.shape[1]] = prior  # a single row broadcasts to every row
-        end_ids = end_of_text_ids(config, device)
-        x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
-
-        position_ids, _ = self.get_rope_index(
-            F.pad(input_ids, (0, canvas_len), value=mask_id),
-            image_grid_thw,
-            attention_mask=None if attention_mask is None else F.pad(attention_mask, (0, canvas_len), value=1),
+        prior = self._response_prior(arguments["response_prior"], arguments["tokenizer"], input_ids, config)
+        return DecodeRequest(
+            config, input_ids, attention_mask, pixel_values, arguments["image_grid_thw"], prior,
+            arguments["generation_tokens_hook_func"], arguments["generation_logits_hook_func"], streamer,
+            arguments["generator"], stopping,
         )
-        position_ids = position_ids.repeat_interleave(n_rep, 1)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)  # images encoded once
-        denoise = DenoisingForward(
-            self, embeds.repeat_interleave(n_rep, 0), position_ids,
-            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
-            use_cache=config.use_cache, dual_cache=config.dual_cache,
-            use_cuda_graph=config.use_cuda_graph and device.type == "cuda", use_torch_compile=config.use_torch_compile,
-        )
-        pipeline_class = DimPipeline if config.decoding_pipeline == "dim" else DreamPipeline
-        original_confidence = config.use_original_confidence and pipeline_class.original_confidence_allowed
 
-        if isinstance(streamer, TextStreamer):  # transformers' text streamers: the answer as it settles
-            streamer = SettledTextStream(streamer, input_ids[0], mask_id, end_ids)
-        try:
-            # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
-            with self.stacked_qkv_projections():
-                if tokens_hook is not None:
-                    x = hook_result("generation_tokens_hook_func", tokens_hook(None, x, None), x)
-                    # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
-                    x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
-                history = [] if config.output_history else None
-                forward_passes = 0
-                for lo, hi, block_steps in plan_blocks(canvas_len, config.block_length, config.steps):
-                    pipeline = pipeline_class(config, block_steps, device)
-                    block = slice(prompt_len + lo, prompt_len + hi)
-                    masks_start = (x[:, block] == mask_id).sum(-1)
-                    for step in range(block_steps):
-                        is_mask = x[:, block] == mask_id
-                        # The one host sync of a step: which positions are masked (flat indices into the block).
-                        masked = is_mask.flatten().nonzero().squeeze(-1)
-                        if pipeline.early_exit and masked.numel() == 0:
-                            break
-                        hidden = denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
-                        forward_passes += 1
-                        logits = None
-                        if tokens_hook is not None or logits_hook is not None:  # hooks see the whole block's logits
-                            logits = self.lm_head(hidden)
-                            if logits_hook is not None:
-                                logits = hook_result("generation_logits_hook_func", logits_hook(forward_passes - 1, x, logits), logits)
-                            masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
-                        else:  # the head only where a token is scored
-                            masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
-                        tokens, confidence = scatter_scores(
-                            *score_positions(masked_logits, config, original_confidence, generator), masked, x[:, block]
-                        )
-                        chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
-                        x[:, block] = torch.where(chosen, tokens, x[:, block])
-                        if config.stop_at_eos:
-                            answer = x[:, prompt_len:]
-                            x[:, prompt_len:] = fill_after_end_of_text(answer, mask_id, end_ids, config.pad_token_id)
-                        if tokens_hook is not None:
-                            x = hook_result("generation_tokens_hook_func", tokens_hook(forward_passes - 1, x, logits), x)
-                        if history is not None:
-                            history.append(x.clone())
-                        if streamer is not None:
-                            streamer.put(x[:, prompt_len:].clone())
-        finally:  # also on an error, so that a consumer of TextIteratorStreamer is not left waiting
-            if streamer is not None:
-                streamer.end()
-        if return_dict:
-            return DimpleGenerationOutput(
-                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=forward_passes
+    @staticmethod
+    def _checked_attention_mask(attention_mask, input_ids) -> Optional[torch.Tensor]:
+        """The prompt's padding mask, left-padded, with a real token in every row; None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"`attention_mask` must be a tensor of the prompt's shape {tuple(input_ids.shape)}, got "
+                + (f"shape {tuple(attention_mask.shape)}" if torch.is_tensor(attention_mask) else type(attention_mask).__name__)
             )
-        return x
+        mask = attention_mask.long()
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("`attention_mask` must hold 0 (padding) and 1 (token) only")
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"`attention_mask`: row {empty[0]} is all padding (rows {empty}): every prompt needs a token")
+        # Left padding only: the answer canvas follows the last prompt token of every row.
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("`attention_mask` must be left-padded (zeros before a row's tokens, none after)")
+        return None if bool(mask.all()) else attention_mask
 
     def _response_prior(self, prior, tokenizer, input_ids, config) -> Optional[torch.Tensor]:
         """The response prior as a (1 or batch, length) tensor of ids on the prompt's device."""
@@ -887,8 +1070,131 @@ class DimpleGenerationMixin(GenerationMixin):
             )
         return prior
 
+    # ---------------------------------------------------------------- 2. prepare
 
-def _as_list(value):
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    def _prepare_decode(self, request: DecodeRequest) -> PreparedDecode:
+        """The sequences (prompt + canvas, with the prior), positions, attention mask, image embeddings (encoded
+        once) and the model call; `alg` resolved into the scorer and the position chooser."""
+        config, input_ids, attention_mask = request.config, request.input_ids, request.attention_mask
+        n_rep, mask_id = config.num_return_sequences, config.mask_token_id
+        device, (batch, prompt_len) = input_ids.device, input_ids.shape
+        canvas_len = config.max_new_tokens
+        total_len = prompt_len + canvas_len
+        x = torch.full((batch * n_rep, total_len), mask_id, dtype=torch.long, device=device)
+        x[:, :prompt_len] = input_ids.repeat_interleave(n_rep, 0)
+        prior = request.prior
+        if prior is not None:
+            if prior.shape[0] not in (1, batch * n_rep):  # one row per prompt: repeat it for the prompt's answers
+                prior = prior.repeat_interleave(n_rep, 0)
+            x[:, prompt_len : prompt_len + prior.shape[1]] = prior  # a single row broadcasts to every row
+        end_ids = end_of_text_ids(config, device)
+        x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, end_ids, config.pad_token_id)
+
+        full_mask = None if attention_mask is None else F.pad(attention_mask.long(), (0, canvas_len), value=1)
+        position_ids, _ = self.get_rope_index(
+            F.pad(input_ids, (0, canvas_len), value=mask_id), request.image_grid_thw, attention_mask=full_mask,
+        )
+        embeds = self.embed_inputs(input_ids, request.pixel_values, request.image_grid_thw)
+        if full_mask is not None:
+            full_mask = full_mask.repeat_interleave(n_rep, 0)
+        denoise = DenoisingForward(
+            self, embeds.repeat_interleave(n_rep, 0), position_ids.repeat_interleave(n_rep, 1),
+            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
+            use_cache=config.use_cache, dual_cache=config.dual_cache,
+            use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self._split_across_devices(),
+            use_torch_compile=config.use_torch_compile,
+        )
+        pipeline_class = PIPELINE_CLASSES[config.decoding_pipeline]
+        scorer = PositionScorer(config, config.use_original_confidence and pipeline_class.original_confidence_allowed)
+        streamer = request.streamer
+        if streamer is not None and streams_settled_tokens(streamer):
+            streamer = SettledTokenStream(streamer, input_ids.repeat_interleave(n_rep, 0), mask_id, end_ids)
+        return PreparedDecode(
+            x, prompt_len, denoise, scorer, pipeline_class, pipeline_class.make_chooser(config), end_ids, streamer,
+        )
+
+    def _split_across_devices(self) -> bool:
+        """Whether the model's parameters live on several devices (`device_map`): CUDA graphs are per device."""
+        check = getattr(self, "is_split_across_devices", None)
+        if callable(check):
+            return bool(check())
+        return len({p.device for p in self.parameters()}) > 1
+
+    # ---------------------------------------------------------------- 3. the loop
+
+    def _denoise(self, request: DecodeRequest, prepared: PreparedDecode):
+        config, x, prompt_len = request.config, prepared.x, prepared.prompt_len
+        mask_id, tokens_hook, logits_hook = config.mask_token_id, request.tokens_hook, request.logits_hook
+        vocab_size = self.get_input_embeddings().num_embeddings
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # rows not stopped
+        problem = torch.zeros((), dtype=torch.bool, device=x.device)  # a check failed at the previous step
+        history = [] if config.output_history else None
+        passes, streamer = 0, prepared.streamer
+        try:
+            # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
+            with self.stacked_qkv_projections():
+                if tokens_hook is not None:
+                    x = hook_result("generation_tokens_hook_func", tokens_hook(None, x, None), x)
+                    # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
+                    x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
+                    problem = ((x < 0) | (x >= vocab_size)).any()
+                for lo, hi, block_steps in plan_blocks(config.max_new_tokens, config.block_length, config.steps):
+                    pipeline = prepared.pipeline_class(config, block_steps, x.device, chooser=prepared.chooser)
+                    block = slice(prompt_len + lo, prompt_len + hi)
+                    masks_start = (x[:, block] == mask_id).sum(-1)
+                    for step in range(block_steps):
+                        is_mask = (x[:, block] == mask_id) & active[:, None]
+                        masked, failed = masked_positions(is_mask, problem)
+                        if failed:
+                            self._raise_step_problem(passes, x, vocab_size)
+                        if masked.numel() == 0:  # nothing left to decode in this block (or every row stopped)
+                            break
+                        hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
+                        passes += 1
+                        if tokens_hook is None and logits_hook is None:  # the head only where a token is scored
+                            logits = None
+                            masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
+                        else:  # hooks see the whole block's logits
+                            logits = self.lm_head(hidden)
+                            if logits_hook is not None:
+                                logits = hook_result("generation_logits_hook_func", logits_hook(passes - 1, x, logits), logits)
+                            masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
+                        problem = non_finite_logits(masked_logits).to(x.device)
+                        tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, request.generator), masked, x[:, block])
+                        chosen = pipeline.commit(step, is_mask, masks_start, confidence, request.generator)
+                        x[:, block] = torch.where(chosen, tokens, x[:, block])
+                        if config.stop_at_eos:
+                            x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
+                        if tokens_hook is not None:
+                            x = hook_result("generation_tokens_hook_func", tokens_hook(passes - 1, x, logits), x)
+                            problem = problem | ((x < 0) | (x >= vocab_size)).any()
+                        done = stopped_rows(request.stopping_criteria, x)
+                        if done is not None:
+                            active = active & ~done
+                        if history is not None:
+                            history.append(x.clone())
+                        if streamer is not None:
+                            streamer.put(x[:, prompt_len:].clone())
+                if bool(problem):  # the last step's checks (one host sync per decode)
+                    self._raise_step_problem(passes, x, vocab_size)
+        finally:  # also on an error, so that a consumer of TextIteratorStreamer is not left waiting
+            if streamer is not None:
+                streamer.end()
+        if config.return_dict_in_generate:
+            return DimpleGenerationOutput(
+                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=passes
+            )
+        return x
+
+    @staticmethod
+    def _raise_step_problem(passes: int, x: torch.Tensor, vocab_size: int):
+        """The check that failed at forward pass `passes` (found at the next host sync), as a clear error."""
+        if bool(((x < 0) | (x >= vocab_size)).any()):
+            raise ValueError(
+                f"`generation_tokens_hook_func` wrote token ids outside the vocabulary [0, {vocab_size}) "
+                f"(after forward pass {passes})"
+            )
+        raise ValueError(
+            f"the model's logits at forward pass {passes} are not finite (NaN or inf, or every token -inf): check "
+            "the weights, the inputs and any `generation_logits_hook_func`"
+        )

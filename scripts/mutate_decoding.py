@@ -25,19 +25,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "generation_utils.py"
 COPIES = (MODULE, f"tiny-dimple/{MODULE}")  # the shipped tiny model carries the same module
-DEFAULT_TESTS = ("tests/test_decoding_oracles.py", "tests/test_generation.py", "tests/test_block_decoding.py")
+DEFAULT_TESTS = ("tests/test_decoding_oracles.py", "tests/test_decoding_robustness.py", "tests/test_generation.py",
+                 "tests/test_block_decoding.py")
 
 # name -> (what the bug is, the exact snippet, its replacement)
 MUTATIONS = {
     "entropy-sign": (
         "the sign of the entropy confidence flipped",
-        "confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)",
-        "confidence = -(probs * torch.log(probs + 1e-10)).sum(dim=-1)",
+        "return (probs * torch.log(probs + 1e-10)).sum(dim=-1)",
+        "return -(probs * torch.log(probs + 1e-10)).sum(dim=-1)",
     ),
     "margin-is-top-probability": (
         "topk_margin reduced to the top probability (p1 instead of p1 - p2)",
-        "confidence = top2[..., 0] - top2[..., 1]",
-        "confidence = top2[..., 0]",
+        "return top2[..., 0] - top2[..., 1]",
+        "return top2[..., 0]",
     ),
     "top-p-removed": (
         "the top_p filter removed",
@@ -86,7 +87,7 @@ MUTATIONS = {
     ),
     "filtered-confidence-always": (
         "use_original_confidence ignored: confidence from the filtered distribution",
-        "probs = (raw if original_confidence else filtered).softmax(dim=-1)",
+        "probs = (raw if self.original_confidence else filtered).softmax(dim=-1)",
         "probs = filtered.softmax(dim=-1)",
     ),
     "autoregressive-schedule-count": (
@@ -96,8 +97,8 @@ MUTATIONS = {
     ),
     "origin-leftmost": (
         "origin chooses the leftmost masks instead of random ones",
-        "priority = torch.rand(is_mask.shape, device=is_mask.device, generator=generator)\n    elif",
-        "priority = -torch.arange(is_mask.shape[-1], device=is_mask.device, dtype=torch.float32).expand(is_mask.shape)\n    elif",
+        "        if alg in (\"origin\", \"origin-ratio\"):\n            self.priority = random_priority\n",
+        "        if alg in (\"origin\", \"origin-ratio\"):\n            self.priority = leftmost_priority\n",
     ),
     "dream-last-step-partial": (
         "Dream's last step commits the ratio's count instead of every mask left",
@@ -111,8 +112,18 @@ MUTATIONS = {
     ),
     "mask-token-allowed": (
         "the mask token may be generated",
-        'candidates[..., config.mask_token_id] = float("-inf")',
+        'candidates[..., self.mask_token_id] = float("-inf")',
         "pass",
+    ),
+    "non-finite-logits-unchecked": (
+        "non-finite logits are no longer flagged",
+        "problem = non_finite_logits(masked_logits).to(x.device)",
+        "problem = torch.zeros((), dtype=torch.bool, device=x.device)",
+    ),
+    "stopping-criteria-ignored": (
+        "stopping criteria no longer stop their rows",
+        "            active = active & ~done\n",
+        "            active = active\n",
     ),
 }
 

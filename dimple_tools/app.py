@@ -74,9 +74,16 @@ class QueueStreamer(CanvasRecorder):
 
     _END = object()
 
-    def __init__(self):
+    def __init__(self, timeout: float = 600.0):
         super().__init__()
         self.queue = queue.Queue()
+        self.timeout = timeout  # seconds without a step before the page gives up (a lost decode never hangs it)
+
+    def _next(self):
+        try:
+            return self.queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no decoding step arrived within {self.timeout:g} s") from None
 
     def put(self, value):
         super().put(value)
@@ -89,7 +96,7 @@ class QueueStreamer(CanvasRecorder):
     def __iter__(self):
         """The newest canvas each time the page asks: canvases that arrived while the page was updating are
         skipped (all stay in `canvases`), so a page slower than the decode shows where it is, not behind it."""
-        while (item := self.queue.get()) is not self._END:
+        while (item := self._next()) is not self._END:
             while True:
                 try:
                     newer = self.queue.get_nowait()
@@ -256,6 +263,9 @@ class DimpleDemo:
 
         streamer = QueueStreamer()
         result = {}
+        # Set when the page goes away (the browser cancels or leaves: gradio closes this generator); the decoder
+        # checks it after every step, so the next request does not wait behind a dead one.
+        cancelled = threading.Event()
 
         def work():
             try:
@@ -263,7 +273,8 @@ class DimpleDemo:
                     # The question is plain text: special-token strings in it cannot end its turn or fill the canvas.
                     result["answer"] = demo.answer(
                         self.model, self.processor, image.convert("RGB"), question.strip(),
-                        split_special_tokens=True, streamer=streamer, **settings,
+                        split_special_tokens=True, streamer=streamer,
+                        stopping_criteria=lambda sequences, scores: cancelled.is_set(), **settings,
                     )
             except Exception as error:  # noqa: BLE001  (reported on the page, logged here)
                 if isinstance(error, ValueError):  # bad input the processor / decoder explained
@@ -276,11 +287,15 @@ class DimpleDemo:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         previous = blank
-        for step, canvas in streamer:
-            left = sum(token == self.mask_token_id for token in canvas)
-            html_canvas = render_canvas(canvas, previous, tokenizer, self.mask_token_id)
-            yield gr.skip(), html_canvas, gr.skip(), f"step {step}: {left} masks left", gr.skip()
-            previous = canvas
+        try:
+            for step, canvas in streamer:
+                left = sum(token == self.mask_token_id for token in canvas)
+                html_canvas = render_canvas(canvas, previous, tokenizer, self.mask_token_id)
+                yield gr.skip(), html_canvas, gr.skip(), f"step {step}: {left} masks left", gr.skip()
+                previous = canvas
+        finally:  # also when the page closed this generator mid-decode
+            if thread.is_alive():
+                cancelled.set()
         thread.join()
 
         if "error" in result:

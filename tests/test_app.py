@@ -340,6 +340,50 @@ def test_a_slow_page_gets_the_newest_canvas(app_module):
     assert len(streamer.canvases) == 6  # the trajectory keeps every step
 
 
+def test_a_lost_decode_does_not_hang_the_page(app_module):
+    streamer = app_module.QueueStreamer(timeout=0.2)
+    streamer.put([[7, 8, 9]])  # one step, then the decoder is gone without end()
+    pages = iter(streamer)
+    assert next(pages)[0] == 1
+    with pytest.raises(TimeoutError, match="no decoding step arrived within 0.2 s"):
+        next(pages)
+
+
+def test_a_cancelled_request_stops_decoding_within_a_step(loaded, app_module, monkeypatch):
+    """The browser cancels (gradio closes the request's generator): the decode stops at its next step, and the
+    next request does not wait behind it."""
+    import time
+
+    from dimple_tools import demo
+
+    model, processor, _ = loaded
+    dimple = app_module.DimpleDemo(model, processor)
+    passes, forward = [], model.decoder_forward
+
+    def slow_forward(*args, **kwargs):  # 50 ms a pass: a 64-pass decode would take 3 s
+        passes.append(time.perf_counter())
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decoder_forward", slow_forward)
+    request = (demo.sample_image(), QUESTION, "maskgit_plus", 0.0, 64, 64, False)  # threshold 0: one token a pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        updates = dimple.ask(*request)
+        next(updates), next(updates)  # the blank canvas, then the first step
+        updates.close()  # what gradio does when the browser cancels or leaves
+        start = time.perf_counter()
+        assert dimple.lock.acquire(timeout=5), "the cancelled decode still holds the model"
+        dimple.lock.release()
+        stopped_after = len(passes)
+        assert time.perf_counter() - start < 1.0 and stopped_after <= 4, stopped_after
+        monkeypatch.setattr(model, "decoder_forward", forward)
+        start = time.perf_counter()
+        final = list(dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, False))[-1]
+    assert final[2].strip() and time.perf_counter() - start < 30
+    assert len(passes) == stopped_after  # nothing ran on after the cancel
+
+
 def test_ask_streams_the_canvas(loaded, app_module, tmp_path):
     from dimple_tools import demo
     from PIL import Image

@@ -41,6 +41,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+from dimple_tools.compat import TRANSFORMERS_5  # noqa: E402
 from dimple_tools.shapes_task import iter_task_texts  # noqa: E402
 
 
@@ -209,7 +210,7 @@ def build_tiny_tokenizer(
 
     # transformers 5's Qwen2Tokenizer is the fast one; 4.x names it Qwen2TokenizerFast and calls the extra
     # special tokens `additional_special_tokens`.
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    if TRANSFORMERS_5:
         tokenizer_class, extra_key = transformers.Qwen2Tokenizer, "extra_special_tokens"
     else:
         tokenizer_class, extra_key = transformers.Qwen2TokenizerFast, "additional_special_tokens"

@@ -16,8 +16,9 @@ import pathlib
 import time
 
 import torch
-import transformers
 from transformers import AutoModel, AutoProcessor
+
+from dimple_tools.compat import dtype_argument
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (tiny-dimple/ and the assets)
 DEFAULT_QUESTIONS = ("What color is the shape?", "What shape is this?", "Describe the image.")
@@ -33,10 +34,8 @@ def load(model_path):
     """(model, processor) loaded as users do (`trust_remote_code`), on the GPU in bf16 when there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # The keyword is `dtype` from transformers 4.56 on (`torch_dtype` before, as in 4.46.2).
-    dtype_key = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
     processor = AutoProcessor.from_pretrained(str(model_path), trust_remote_code=True)
-    model = AutoModel.from_pretrained(str(model_path), trust_remote_code=True, **{dtype_key: dtype})
+    model = AutoModel.from_pretrained(str(model_path), trust_remote_code=True, **dtype_argument(dtype))
     return model.to(device).eval(), processor
 
 

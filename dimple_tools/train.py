@@ -38,6 +38,7 @@ from dimple.configuration_dimple import DimpleConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple import processing_dimple  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
+from dimple_tools.compat import dtype_argument  # noqa: E402
 
 
 logger = logging.getLogger("train_dimple")
@@ -776,10 +777,7 @@ def train(args: DimpleTrainingArguments) -> dict:
         )
     # fp32 master weights whatever the checkpoint's dtype (the release is bf16; --bf16 trains with autocast);
     # safetensors only, never a pickle
-    dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = DimpleModel.from_pretrained(
-        args.model_name_or_path, use_safetensors=True, **{dtype_argument: torch.float32}
-    )
+    model = DimpleModel.from_pretrained(args.model_name_or_path, use_safetensors=True, **dtype_argument(torch.float32))
     set_stage(model, args)
     if checkpointing(args):
         model.config.use_cache = False
@@ -837,7 +835,7 @@ def synchronise_every_backward_on_4_46_2(trainer: Trainer) -> None:
     are never averaged: each rank trains alone and rank 0's weights are saved. There, every backward
     synchronises instead (the same result as syncing once per step; more communication only with gradient
     accumulation)."""
-    if transformers.__version__ == "4.46.2" and trainer.accelerator.num_processes > 1:
+    if transformers.__version__ == "4.46.2" and trainer.accelerator.num_processes > 1:  # fixed in 4.46.3
         trainer.accelerator.no_sync = lambda model: contextlib.nullcontext()
         logger.warning("transformers 4.46.2: gradients are synchronised after every backward (its Trainer skips it)")
 

@@ -1,0 +1,86 @@
+"""The repository's shape: one installable package with console scripts, imports one way, no path edits, a model
+card within its size with every linked page present."""
+
+import ast
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REMOTE_CODE = ("configuration_dimple.py", "modeling_dimple.py", "generation_utils.py", "processing_dimple.py")
+
+
+def tracked_python_files() -> list:
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [ROOT / name for name in listed.split()]
+
+
+def test_nothing_edits_sys_path():
+    offenders = [str(p.relative_to(ROOT)) for p in tracked_python_files() if "sys.path" in p.read_text()]
+    assert offenders == []
+
+
+def test_remote_code_imports_only_torch_transformers_and_itself():
+    allowed = {"torch", "transformers", "huggingface_hub", "PIL"}  # huggingface_hub and PIL: transformers' own deps
+    for name in REMOTE_CODE:
+        tree = ast.parse((ROOT / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: each other
+                    continue
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            standard = {root for root in roots if root in sys.stdlib_module_names}
+            assert roots - standard <= allowed, f"{name}:{node.lineno} imports {roots}"
+            assert "dimple_tools" not in roots
+
+
+def test_no_private_name_is_imported_from_another_module():
+    for path in tracked_python_files():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("dimple", "test_")):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{path.relative_to(ROOT)}:{node.lineno} imports {private}"
+
+
+def test_the_packages_import_and_the_console_scripts_answer_help():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"dimple-demo", "dimple-web-demo", "dimple-train", "dimple-bench"} <= set(scripts)
+    code = "import dimple.modeling_dimple, dimple_tools; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
+    bin_dir = pathlib.Path(sys.executable).parent
+    for name in scripts:
+        if not (bin_dir / name).exists():
+            pytest.fail(f"console script {name} is not installed: run `pip install -e .` (make venv does)")
+        if name in ("dimple-web-demo", "dimple-serve") and subprocess.run(
+            [sys.executable, "-c", "import gradio" if name == "dimple-web-demo" else "import litserve"],
+            capture_output=True,
+        ).returncode:
+            continue  # its optional packages are not installed here
+        result = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "usage" in result.stdout.lower(), (name, result.stderr[-2000:])
+
+
+def test_the_model_card_is_short_and_its_links_exist():
+    card = (ROOT / "README.md").read_text()
+    assert len(card) <= 10_000, len(card)
+    assert card.startswith("---\n") and "pipeline_tag: image-text-to-text" in card and "@article{yu2025dimple" in card
+    links = re.findall(r"\]\(((?:docs|assets|tiny-dimple)/[^)#]+)\)", card)
+    assert {"docs/development.md", "docs/performance.md", "docs/compatibility.md"} <= set(links)
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert missing == []
+
+
+def test_docs_link_only_to_files_that_exist():
+    for page in (ROOT / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+            assert (page.parent / link).exists(), f"{page.name} links to {link}"

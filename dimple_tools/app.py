@@ -231,8 +231,9 @@ def save_trajectory(canvases, mask_token_id, processor, path, title=None):
 class DimpleDemo:
     """The model, its processor and the request handler (`ask`, a generator of page updates)."""
 
-    def __init__(self, model, processor, save_trajectory_to=None):
+    def __init__(self, model, processor, save_trajectory_to=None, step_timeout: float = 600.0):
         self.model, self.processor = model, processor
+        self.step_timeout = step_timeout  # seconds the page waits for a decoding step before giving up
         self.mask_token_id = model.config.mask_token_id
         self.save_trajectory_to = save_trajectory_to
         self.counter = itertools.count(1)
@@ -261,7 +262,7 @@ class DimpleDemo:
         blank = [self.mask_token_id] * settings["max_new_tokens"]
         yield "", render_canvas(blank, None, tokenizer, self.mask_token_id), "", "decoding…", None
 
-        streamer = QueueStreamer()
+        streamer = QueueStreamer(timeout=self.step_timeout)
         result = {}
         # Set when the page goes away (the browser cancels or leaves: gradio closes this generator); the decoder
         # checks it after every step, so the next request does not wait behind a dead one.

@@ -357,7 +357,7 @@ def test_a_cancelled_request_stops_decoding_within_a_step(loaded, app_module, mo
     from dimple_tools import demo
 
     model, processor, _ = loaded
-    dimple = app_module.DimpleDemo(model, processor)
+    dimple = app_module.DimpleDemo(model, processor, step_timeout=60)
     passes, forward = [], model.decoder_forward
 
     def slow_forward(*args, **kwargs):  # 50 ms a pass: a 64-pass decode would take 3 s
@@ -389,7 +389,8 @@ def test_ask_streams_the_canvas(loaded, app_module, tmp_path):
     from PIL import Image
 
     model, processor, correct = loaded
-    dimple = app_module.DimpleDemo(model, processor, save_trajectory_to=tmp_path / "t-{n}.png")
+    # a lost decode fails this test within a minute instead of hanging it
+    dimple = app_module.DimpleDemo(model, processor, save_trajectory_to=tmp_path / "t-{n}.png", step_timeout=60)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gr.Warning outside a request
         updates = list(dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, False))

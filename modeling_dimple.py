@@ -14,7 +14,7 @@ computed per forward from the config (no buffers), so a model built on the meta 
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -504,9 +504,13 @@ class DimpleTextModel(nn.Module):
         cache_position: Optional[torch.Tensor] = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        layer_forward: Optional[Callable] = None,
     ):
         hidden_states = inputs_embeds
         rotary = self.rotary(position_ids, hidden_states.dtype)
+        # `layer_forward(layer, *arguments)` runs a layer instead of `layer(*arguments)` (decoding passes the one
+        # torch.compile of the layer's forward that every layer shares: regional compilation).
+        run_layer = layer_forward or nn.Module.__call__
         all_hidden, all_attn = [], []
         for layer in self.layers:
             if output_hidden_states:
@@ -516,8 +520,8 @@ class DimpleTextModel(nn.Module):
                     layer.__call__, hidden_states, rotary, attn_mask, is_causal, None, None, False
                 )
             else:
-                hidden_states, probs = layer(
-                    hidden_states, rotary, attn_mask, is_causal, cache, cache_position, output_attentions
+                hidden_states, probs = run_layer(
+                    layer, hidden_states, rotary, attn_mask, is_causal, cache, cache_position, output_attentions
                 )
             if output_attentions:
                 all_attn.append(probs)
@@ -935,13 +939,15 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
         cache_position: Optional[torch.LongTensor] = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        layer_forward: Optional[Callable] = None,
     ) -> tuple:
         """The language model on embedded inputs, without the head: `(hidden_states, all_hidden, all_attn)`,
         the final normalised hidden states `(batch, q_len, hidden)` and, when asked, those of every layer and the
         attention probabilities. `forward` applies `lm_head` to it; decoding calls it directly, to apply the
         head only at the positions it scores (the masked ones). Arguments as in `forward`: the inputs are the
         positions `cache_position` of the sequence (0, 1, 2, … without it); without `position_ids` their rotary
-        positions are those (text only)."""
+        positions are those (text only). `layer_forward(layer, *arguments)`, when given, runs each decoder layer
+        instead of `layer(*arguments)` (regional compilation: one compiled layer forward shared by every layer)."""
         batch, q_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         cache = past_key_values
@@ -999,6 +1005,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
             cache_position=cache_position,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            layer_forward=layer_forward,
         )
 
     def forward(

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 
-.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu check-layout clean
+.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu device-check check-layout clean
 
 # The pinned development set (requirements-dev.txt) in .venv, and this repository as an editable package
 # (`dimple`: the remote-code modules; `dimple_tools`: everything else, with its console scripts).
@@ -79,6 +79,10 @@ bench: venv
 
 bench-cpu: venv
 	$(PY) -m dimple_tools.bench --device cpu --tiny
+
+# Issue 26's device check (CUDA tests, then the 7B-shape benchmark, 8 minutes): docs/performance.md
+device-check: venv
+	bash scripts/device_check.sh benchmarks/device_check
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .venv-transformers-* .cache

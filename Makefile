@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 
-.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu device-check check-layout clean
+.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu device-check check-layout serve serve-load clean
 
 # The pinned development set (requirements-dev.txt) in .venv, and this repository as an editable package
 # (`dimple`: the remote-code modules; `dimple_tools`: everything else, with its console scripts).
@@ -73,6 +73,16 @@ tiny-dimple: venv
 
 check-layout: venv
 	$(PY) -m dimple_tools.check_layout
+
+# The OpenAI-compatible server on the tiny model (http://127.0.0.1:8000/v1, docs/serving.md).
+serve: venv
+	$(VENV)/bin/dimple-serve --model tiny-dimple --device cpu
+
+# Throughput of 64 requests at concurrency 16, batched against sequential (CPU, tiny model; docs/serving.md):
+# the checkpoint's decoding (about one forward pass per answer), then one token per step.
+serve-load: venv
+	$(PY) -m dimple_tools.serve_load --model tiny-dimple --device cpu --threads 1 --batch-timeout 0.02
+	$(PY) -m dimple_tools.serve_load --model tiny-dimple --device cpu --threads 1 --batch-timeout 0.02 --extra-body '{"alg_p_threshold": 0}'
 
 bench: venv
 	$(PY) -m dimple_tools.bench

@@ -1,0 +1,256 @@
+"""The OpenAI-compatible server (dimple_tools/serve.py, issue 24), run as users run it: `dimple-serve` with the
+shipped tiny model in a subprocess on 127.0.0.1, spoken to with the official `openai` client.
+
+One server for the module (batch window 0.5 s, up to 32 rows, an image folder for local paths); the reference
+answers come from `diffusion_generate` alone in this process. Every call has a timeout and the server's whole
+process group is killed at the end.
+"""
+
+import base64
+import concurrent.futures
+import io
+import pathlib
+import time
+
+import pytest
+
+pytest.importorskip("litserve", reason="the server needs LitServe (pip install -e '.[serve]')")
+openai = pytest.importorskip("openai", reason="the tests talk to the server with the openai client")
+
+import torch  # noqa: E402
+
+from dimple.modeling_dimple import DimpleModel  # noqa: E402
+from dimple.processing_dimple import DimpleProcessor  # noqa: E402
+from dimple_tools.build_tiny_dimple import IMAGE_SIZE  # noqa: E402
+from dimple_tools.serve import ServerProcess  # noqa: E402
+from dimple_tools.shapes_task import answer_is_correct, generate_samples, sample_image  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "tiny-dimple"
+MODEL_ID = "tiny-dimple"
+TIMEOUT = 120  # seconds for any one request (a busy 2-core machine)
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def user(image_url: str, question: str) -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                        {"type": "text", "text": question}]}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    sample_image().save(folder / "red_circle.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, image_folder):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with ServerProcess("--model", str(TINY), "--device", "cpu", "--max-batch-size", "32", "--batch-timeout", "0.5",
+                       "--image-folder", str(image_folder), "--threads", "1", log_path=str(log),
+                       startup_timeout=240) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    model = DimpleModel.from_pretrained(TINY).eval()
+    processor = DimpleProcessor.from_pretrained(TINY, trust_remote_code=True)
+    return model, processor
+
+
+def alone(tiny, messages, seed=None, **settings) -> str:
+    """The answer of `diffusion_generate` on this one conversation (images as PIL), as the server builds it."""
+    model, processor = tiny
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", split_special_tokens=True)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    out = model.diffusion_generate(**inputs, generator=generator, return_dict_in_generate=True, **settings)
+    return processor.decode_answers(out.sequences[0], prompt_length=inputs["input_ids"].shape[1])
+
+
+def pil_messages(image, question, system=None):
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return messages + [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
+def stream_text(client, **kwargs):
+    chunks = list(client.chat.completions.create(model=MODEL_ID, stream=True, **kwargs))
+    return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_models_and_a_data_url_image(server, client, tiny):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    image = sample_image()
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), "What color is the shape?")])
+    assert reply.choices[0].message.content == "red"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert 1 <= reply.usage.model_extra["forward_passes"] <= 8
+
+    # a system prompt, and a local file under the server's image folder (path or file:// URL)
+    messages = [{"role": "system", "content": "You are a careful assistant."}, user("red_circle.png", "What shape is this?")]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages)
+    assert reply.choices[0].message.content == alone(tiny, pil_messages(image, "What shape is this?",
+                                                                         "You are a careful assistant.")) == "circle"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user("file://red_circle.png", "Describe the image.")])
+    assert answer_is_correct(reply.choices[0].message.content, "a red circle")
+
+
+@pytest.mark.parametrize("settings", [{}, {"alg": "autoregressive", "alg_p_threshold": 0}, {"block_length": 4, "dual_cache": True}])
+def test_streamed_chunks_are_the_answer(client, tiny, settings):
+    image, question = sample_image(), "Describe the image."
+    messages = [user(data_url(image), question)]
+    whole = client.chat.completions.create(model=MODEL_ID, messages=messages, extra_body=settings)
+    chunks, text = stream_text(client, messages=messages, extra_body=settings)
+    assert text == whole.choices[0].message.content == alone(tiny, pil_messages(image, question), **settings)
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert contents and not any("<|mask|>" in piece or "\ufffd" in piece for piece in contents)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == "stop" and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.model_extra["forward_passes"] == whole.usage.model_extra["forward_passes"]
+    if settings.get("alg") == "autoregressive":  # one token per step: the text arrives in several chunks
+        assert len(contents) >= 2
+
+
+def test_stop_strings_and_max_tokens(client, tiny):
+    image = sample_image()
+    messages = [user(data_url(image), "Describe the image.")]
+    full = alone(tiny, pil_messages(image, "Describe the image."))
+    assert full == "a red circle"
+    for stream in (False, True):
+        kwargs = dict(messages=messages, stop=[" circle"], extra_body={"alg": "autoregressive", "alg_p_threshold": 0})
+        if stream:
+            _, text = stream_text(client, **kwargs)
+        else:
+            text = client.chat.completions.create(model=MODEL_ID, **kwargs).choices[0].message.content
+        assert text == "a red"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=2)
+    assert reply.choices[0].message.content == alone(tiny, pil_messages(image, "Describe the image."), max_new_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_32_concurrent_requests_decode_as_a_batch(server, client, tiny):
+    samples = generate_samples(32, seed=5, image_size=IMAGE_SIZE)
+    expected = [alone(tiny, pil_messages(image, question)) for image, question, _, _ in samples]
+    batches_before = server.metric("batches")
+
+    def ask(sample):
+        image, question, _, _ = sample
+        return client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), question)])
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(ask, samples, timeout=TIMEOUT * 2))
+    answers = [reply.choices[0].message.content for reply in replies]
+    assert answers == expected
+    assert all(answer_is_correct(answer, truth) for answer, (_, _, truth, _) in zip(answers, samples))
+    batches = server.metric("batches") - batches_before
+    assert batches <= 8, f"32 concurrent requests took {batches} decodes: no batching"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(client, tiny):
+    """Sampling with a seed decodes alone (its own generator): equal to diffusion_generate alone with that seed,
+    whatever else shares the batch window."""
+    image, question = sample_image(), "Describe the image."
+    requests = [dict(temperature=1.0, seed=seed) for seed in (1, 2, 3)] + [{}] * 3
+
+    def ask(kwargs):
+        reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), question)], **kwargs)
+        return reply.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(ask, requests, timeout=TIMEOUT * 2))
+    for kwargs, answer in zip(requests, answers):
+        settings = {"temperature": kwargs["temperature"]} if kwargs else {}
+        assert answer == alone(tiny, pil_messages(image, question), seed=kwargs.get("seed"), **settings)
+
+
+def _bad(client, field, stream=False, **kwargs):
+    kwargs.setdefault("model", MODEL_ID)
+    with pytest.raises(openai.BadRequestError) as caught:
+        if stream:
+            list(client.chat.completions.create(stream=True, **kwargs))
+        else:
+            client.chat.completions.create(**kwargs)
+    error = caught.value
+    assert error.status_code == 400
+    assert field in (error.body.get("param") or "") and field in error.body["message"], error.body
+    return error.body
+
+
+def test_bad_requests_get_400_naming_the_field(server, client):
+    good = [user(data_url(sample_image()), "What color is the shape?")]
+    _bad(client, "model", model="gpt-4o", messages=good)
+    _bad(client, "messages", messages=[])
+    _bad(client, "messages", messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}])
+    _bad(client, "messages[0].role", messages=[{"role": "robot", "content": "hi"}])
+    _bad(client, "messages", extra_body={"messages": "not a list"}, messages=good)
+    _bad(client, "image_url", messages=[user("data:image/png;base64," + base64.b64encode(b"junk").decode(), "Hi")])
+    _bad(client, "image_url", messages=[user("data:image/png;base64,***", "Hi")])
+    remote = _bad(client, "image_url", messages=[user("https://example.com/cat.png", "Hi")])
+    assert "remote" in remote["message"]
+    _bad(client, "image_url", messages=[user("broken.png", "Hi")])
+    _bad(client, "image_url", messages=[user("../../../etc/passwd", "Hi")])
+    _bad(client, "steps", messages=good, extra_body={"steps": 0})
+    _bad(client, "steps", messages=good, extra_body={"steps": "many"})
+    _bad(client, "alg", messages=good, extra_body={"alg": "beam"})
+    _bad(client, "alg_p_threshold", messages=good, extra_body={"alg_p_threshold": 1.5})
+    _bad(client, "block_length", messages=good, extra_body={"block_length": 3})
+    _bad(client, "dual_cache", messages=good, extra_body={"dual_cache": "yes"})
+    _bad(client, "temperature", messages=good, temperature=-1)
+    _bad(client, "top_p", messages=good, top_p=0)
+    _bad(client, "seed", messages=good, seed=-5)
+    _bad(client, "max_tokens", messages=good, max_tokens=0)
+    _bad(client, "max_tokens", messages=good, max_tokens=5000)
+    _bad(client, "messages", messages=[user(data_url(sample_image()), "word " * 1200)])  # too long a prompt
+    _bad(client, "n", messages=good, n=2)
+    _bad(client, "steps", stream=True, messages=good, extra_body={"steps": -1})  # 400 before any stream starts
+    _bad(client, "image_url", stream=True, messages=[user("https://example.com/cat.png", "Hi")])
+    # the server keeps serving, also a good request batched with bad ones
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        bad = pool.submit(_bad, client, "steps", messages=good, extra_body={"steps": 0})
+        ok = pool.submit(client.chat.completions.create, model=MODEL_ID, messages=good)
+        bad.result(timeout=TIMEOUT)
+        assert ok.result(timeout=TIMEOUT).choices[0].message.content == "red"
+
+
+def test_a_cancelled_stream_stops_decoding(server, client):
+    """A long decode (256 positions, one committed per step at random: the answer settles after ~230 steps)
+    is streamed, then its client closes the stream: the server's decoded-step count stops growing."""
+    start = server.metric("decoding_steps")
+    stream = client.chat.completions.create(
+        model=MODEL_ID, stream=True, messages=[user(data_url(sample_image()), "What color is the shape?")],
+        max_tokens=256, seed=0, extra_body={"steps": 256, "alg": "origin", "alg_p_threshold": 0},
+    )
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    deadline = time.monotonic() + TIMEOUT
+    while server.metric("decoding_steps") < start + 10:
+        assert time.monotonic() < deadline, "decoding did not start"
+        time.sleep(0.05)
+    stream.close()
+    time.sleep(1.0)  # the disconnect reaches the worker, which stops the row at its next step
+    stopped_at = server.metric("decoding_steps")
+    time.sleep(1.5)
+    assert server.metric("decoding_steps") == stopped_at
+    assert stopped_at - start < 200, "the row decoded (almost) to its end"
+    assert server.metric("rows_cancelled") >= 1
+    # and the next request is served
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(sample_image()), "What color is the shape?")])
+    assert reply.choices[0].message.content == "red"

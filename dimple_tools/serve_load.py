@@ -100,7 +100,7 @@ def measure(args, mode: str, samples: list) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dimple-serve-load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-dimple")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--requests", type=int, default=64)

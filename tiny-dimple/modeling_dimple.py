@@ -5,7 +5,9 @@ model (`model`, a Qwen2.5 derivative with bidirectional attention) and an untied
 and parameter names are those of the released Dimple-7B checkpoint.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`; the eager path (matrix products,
-softmax in fp32) runs for `output_attentions` or when the model is loaded with `attn_implementation="eager"`
+softmax in fp32) runs for `output_attentions` or when the model is loaded with `attn_implementation="eager"`,
+and any other `attn_implementation` ("flash_attention_2", "flash_attention_3", "flex_attention", a hub kernel)
+runs through transformers' `AttentionInterface` (transformers >= 5; see `attention_implementation`)
 (the top-level config's choice applies to the language model and the vision tower alike). Rotary tables are
 computed per forward from the config (no buffers), so a model built on the meta device and materialised with
 `to_empty` needs no extra step.
@@ -25,6 +27,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dimple import DimpleConfig, DimpleVisionConfig
 from .generation_utils import DimpleGenerationMixin
+
+try:  # transformers' registry of attention kernels (flash-attention, flex attention, hub kernels, user ones)
+    from transformers import AttentionInterface
+except ImportError:  # transformers 4.46: eager and SDPA only, chosen here
+    AttentionInterface = None
+ALL_ATTENTION_FUNCTIONS = AttentionInterface() if AttentionInterface is not None else None
+ATTENTION_INTERFACE = ALL_ATTENTION_FUNCTIONS  # feature flag: None where transformers has no interface
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,9 +84,74 @@ def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
+def is_plain_float_tensor(tensor) -> bool:
+    """A `torch.Tensor` or `nn.Parameter` of floating dtype, not a tensor subclass (torchao's quantised weights,
+    bitsandbytes' `Int8Params` / `Params4bit`, DTensor, ...)."""
+    return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.dtype.is_floating_point
+
+
 def uses_eager_attention(config) -> bool:
     """Whether the model was asked for the eager attention path (`attn_implementation="eager"`)."""
     return getattr(config, "_attn_implementation", None) == "eager"
+
+
+def attention_implementation(config) -> str:
+    """The attention kernel the model was loaded with (`attn_implementation`, held in `config._attn_implementation`):
+    "sdpa" (the default, also when unset) and "eager" are Dimple's own paths; any other name is looked up in
+    transformers' `AttentionInterface` ("flash_attention_2", "flash_attention_3", "flex_attention", a hub kernel,
+    a function registered by the user). Where transformers has no such interface (4.x), SDPA."""
+    name = getattr(config, "_attn_implementation", None) or "sdpa"
+    if name not in ("sdpa", "eager") and ALL_ATTENTION_FUNCTIONS is None:
+        return "sdpa"
+    return name
+
+
+def attention_mask_kind(implementation: str) -> str:
+    """The mask format an attention kernel takes: "padding" for flash-attention (a (batch, keys) padding mask, 1 =
+    real; causality by its flag), "block" for flex attention (a `BlockMask`), "dense" otherwise (a boolean
+    (batch, 1, queries, keys) mask, True = may attend, or None for full attention: SDPA's, eager's and the format
+    a user-registered function gets)."""
+    if "flash" in implementation:
+        return "padding"
+    if "flex" in implementation:
+        return "block"
+    return "dense"
+
+
+def attention_function(implementation: str) -> Callable:
+    """transformers' function for `implementation` (an `AttentionInterface` name): called as
+    `fn(module, query, key, value, attention_mask, dropout=, scaling=, is_causal=, **kwargs)` with (batch, heads,
+    seq, head_dim) tensors, it returns `(output (batch, seq, heads, head_dim), weights or None)`."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def flex_block_mask(mask: torch.Tensor):
+    """A flex-attention `BlockMask` of a boolean (batch or 1, 1, queries, keys) mask (True = may attend); blocks
+    with nothing to attend are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]
+    if dense.shape[0] == 1:  # one mask for every row: the kernel's batch index must not reach it
+        single = dense[0]
+
+        def mask_mod(batch, head, query, key):
+            return single[query, key]
+
+        return create_block_mask(mask_mod, None, None, dense.shape[1], dense.shape[2], device=dense.device)
+
+    def mask_mod(batch, head, query, key):
+        return dense[batch, query, key]
+
+    return create_block_mask(mask_mod, dense.shape[0], None, dense.shape[1], dense.shape[2], device=dense.device)
+
+
+def key_padding_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """The (batch, keys) padding mask (1 = real) of a boolean (batch or 1, 1, queries, keys) mask made by
+    `build_attention_mask` from left-padded rows: its last query is a real token, whose row is the padding of the
+    keys (and, for a causal mask of the whole sequence, of every key up to it: all of them)."""
+    return mask[:, 0, -1, :].expand(batch, -1).long()
 
 
 def eager_attention(query, key, value, attn_mask: Optional[torch.Tensor], dropout: float = 0.0, training=False):
@@ -117,50 +191,95 @@ class DimpleVisionPatchEmbed(nn.Module):
 class SegmentLayout:
     """Packed sequences split into independent attention segments (images, or windows of an image).
 
-    Attention over all segments is one SDPA call: segments of equal length are a reshape; otherwise they
-    are padded to the longest and padded keys are masked. Built once per forward, reused by every block.
+    Attention over all segments is one call: for SDPA (and eager, and the kernels of transformers'
+    `AttentionInterface` other than flash-attention), segments of equal length are a reshape; otherwise they are
+    padded to the longest and padded keys are masked (flex attention gets that mask as a `BlockMask`).
+    flash-attention runs the packed rows as variable-length sequences (their cumulative lengths), as Qwen2.5-VL
+    does. Built once per forward, reused by every block; a tower split over devices gets the index tensors
+    copied to each block's device once.
     """
 
-    def __init__(self, seqlens: list, device, eager: bool = False):
-        self.eager = eager  # attend with `eager_attention` instead of SDPA
+    def __init__(self, seqlens: list, device, eager: bool = False, implementation: Optional[str] = None):
+        self.implementation = "eager" if eager else (implementation or "sdpa")
+        self.eager = self.implementation == "eager"  # attend with `eager_attention` instead of SDPA
+        self.kind = "dense" if self.implementation in ("sdpa", "eager") else attention_mask_kind(self.implementation)
         self.total = sum(seqlens)
         self.num_segments = len(seqlens)
         self.max_len = max(seqlens)
         self.uniform = all(n == self.max_len for n in seqlens)
+        self.device = torch.device(device)
+        self.indices = {}  # device -> index tensors
+        if self.kind == "padding":
+            lengths = torch.tensor(seqlens, device=device)
+            self.indices[self.device] = {"cu_seqlens": F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)}
+            return
         if self.uniform:
             return
         lengths = torch.tensor(seqlens, device=device)
         starts = torch.cumsum(lengths, 0) - lengths
         slot = torch.arange(self.max_len, device=device)
-        self.key_valid = slot[None, :] < lengths[:, None]  # (segments, max_len)
+        key_valid = slot[None, :] < lengths[:, None]  # (segments, max_len)
         gather = (starts[:, None] + slot[None, :]).clamp(max=self.total - 1)
-        self.gather_index = gather.flatten()  # padded slot -> packed row (pads read any valid row)
-        self.scatter_index = self.key_valid.flatten().nonzero().squeeze(-1)  # packed row -> padded slot
+        self.indices[self.device] = {
+            "key_valid": key_valid,
+            "gather_index": gather.flatten(),  # padded slot -> packed row (pads read any valid row)
+            "scatter_index": key_valid.flatten().nonzero().squeeze(-1),  # packed row -> padded slot
+        }
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (total, heads, head_dim) -> (total, heads, head_dim)."""
+    def on(self, device) -> dict:
+        """The index tensors on `device` (copied there at the first block that runs on it)."""
+        if device not in self.indices:
+            self.indices[device] = {name: t.to(device) for name, t in self.indices[self.device].items()}
+        return self.indices[device]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, module=None) -> torch.Tensor:
+        """q, k, v: (total, heads, head_dim) -> (total, heads, head_dim). `module` (the attention layer) is what
+        transformers' attention functions are given."""
         heads, head_dim = q.shape[1:]
+        if self.kind == "padding":  # flash-attention over the packed rows, segment by segment
+            cu_seqlens = self.on(q.device)["cu_seqlens"]
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, head_dim)
+            out, _ = attention_function(self.implementation)(
+                module, q, k, v, None, dropout=0.0, scaling=head_dim**-0.5, is_causal=False,
+                cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=self.max_len,
+                max_length_k=self.max_len,
+            )
+            return out[0]
         if self.uniform:
             q, k, v = (t.view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-            out = self.attend(q, k, v, None)
+            out = self.attend(q, k, v, None, module)
             return out.transpose(1, 2).reshape(self.total, heads, head_dim)
+        index = self.on(q.device)
         q, k, v = (
-            t[self.gather_index].view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2)
+            t[index["gather_index"]].view(self.num_segments, self.max_len, heads, head_dim).transpose(1, 2)
             for t in (q, k, v)
         )
-        out = self.attend(q, k, v, self.key_valid[:, None, None, :])
+        out = self.attend(q, k, v, index["key_valid"][:, None, None, :], module)
         out = out.transpose(1, 2).reshape(self.num_segments * self.max_len, heads, head_dim)
-        return out[self.scatter_index]
+        return out[index["scatter_index"]]
 
-    def attend(self, q, k, v, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def attend(self, q, k, v, attn_mask: Optional[torch.Tensor], module=None) -> torch.Tensor:
+        """(segments, heads, max_len, head_dim) each -> the same shape; `attn_mask` masks padded keys."""
         if self.eager:
             return eager_attention(q, k, v, attn_mask)[0]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if self.implementation == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if attn_mask is not None and self.kind == "block":
+            index = self.on(q.device)
+            if "block_mask" not in index:  # one BlockMask per layout, shared by its blocks
+                index["block_mask"] = flex_block_mask(attn_mask.expand(-1, -1, self.max_len, -1))
+            attn_mask = index["block_mask"]
+        out, _ = attention_function(self.implementation)(
+            module, q, k, v, attn_mask, dropout=0.0, scaling=q.shape[-1] ** -0.5, is_causal=False
+        )
+        return out.transpose(1, 2)
 
 
 class DimpleVisionAttention(nn.Module):
     def __init__(self, config: DimpleVisionConfig):
         super().__init__()
+        self.config = config  # read by transformers' attention functions (flash-attention's version)
+        self.is_causal = False
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.hidden_size, config.hidden_size * 3, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -173,7 +292,7 @@ class DimpleVisionAttention(nn.Module):
         # nothing, and x·cos + roll(x)·signed_sin == x·cos + rotate_half(x)·sin (5 kernels instead of 16).
         qk = qkv[:, :2].float()
         qk = torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), signed_sin).to(qkv.dtype)
-        out = layout.attention(qk[:, 0], qk[:, 1], qkv[:, 2])
+        out = layout.attention(qk[:, 0], qk[:, 1], qkv[:, 2], self)
         return self.proj(out.reshape(seq_len, -1))
 
 
@@ -211,7 +330,8 @@ class DimpleVisionTransformer(nn.Module):
     """The Qwen2.5-VL vision transformer: window attention in most blocks, full attention in
     `fullatt_block_indexes`. Input: patch rows of `pixel_values` (as the image processor orders them,
     merge groups contiguous) and `grid_thw`; output: one feature per merged group, in input order. `eager`
-    attends with `eager_attention` instead of SDPA (same math)."""
+    attends with `eager_attention` instead of SDPA (same math); `attn_implementation` names any other kernel
+    (see `attention_implementation`; DimpleModel passes its own)."""
 
     def __init__(self, config: DimpleVisionConfig):
         super().__init__()
@@ -257,7 +377,10 @@ class DimpleVisionTransformer(nn.Module):
             offset += t * gh * gw
         return torch.cat(index), seqlens
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, eager: bool = False) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, eager: bool = False,
+        attn_implementation: Optional[str] = None,
+    ) -> torch.Tensor:
         grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         device = pixel_values.device
         unit = self.merge**2
@@ -272,9 +395,9 @@ class DimpleVisionTransformer(nn.Module):
 
         hidden_states = to_window_order(hidden_states)
         rotary = tuple(to_window_order(table)[:, None, None, :] for table in (cos, signed_sin))  # (seq, 1, 1, dim)
-        window_layout = SegmentLayout(window_seqlens, device, eager)
+        window_layout = SegmentLayout(window_seqlens, device, eager, attn_implementation)
         # Full-attention blocks attend within each frame of each image.
-        full_layout = SegmentLayout([h * w for t, h, w in grid for _ in range(t)], device, eager)
+        full_layout = SegmentLayout([h * w for t, h, w in grid for _ in range(t)], device, eager, attn_implementation)
         full_blocks = set(self.config.fullatt_block_indexes)
         # A frozen tower records no graph to checkpoint (4.x's reentrant checkpoint would warn that gradients
         # will be None, as if something were lost).
@@ -350,6 +473,13 @@ class DimpleAttention(nn.Module):
         # Set only inside `DimpleModel.stacked_qkv_projections` (decoding): q/k/v weights stacked for one product.
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+        # What transformers' attention functions read from the module they are given.
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+
+    @property
+    def is_causal(self) -> bool:
+        return not self.config.full_attn_mask
 
     @property
     def qkv_projections(self) -> tuple:
@@ -357,11 +487,14 @@ class DimpleAttention(nn.Module):
 
     def can_stack_qkv(self) -> bool:
         """Whether one product over stacked weights computes what q_proj, k_proj and v_proj do: plain
-        `nn.Linear` layers (not PEFT adapters or quantised layers) without hooks, with real weights."""
+        `nn.Linear` layers (not PEFT adapters or quantised layers) without hooks, with real weights that are
+        plain floating-point tensors. torchao's weight-only quantisation keeps `nn.Linear` and swaps the weight
+        for a tensor subclass (`Int8Tensor`, ...), which `torch.cat` cannot stack: such layers stay separate."""
         weight = self.q_proj.weight
         return weight.device.type != "meta" and all(
             type(proj) is nn.Linear and proj.bias is not None and not proj._forward_hooks
             and not proj._forward_pre_hooks and "forward" not in proj.__dict__  # accelerate's hooks
+            and all(is_plain_float_tensor(tensor) for tensor in (proj.weight, proj.bias))
             and proj.weight.device == weight.device and proj.weight.dtype == proj.bias.dtype == weight.dtype
             for proj in self.qkv_projections
         )
@@ -404,16 +537,25 @@ class DimpleAttention(nn.Module):
             key_value = cache.update(self.layer_idx, key_value, cache_position)
         k, v = key_value.transpose(1, 2).split(kv_heads, dim=1)  # (batch, kv_heads, keys, head_dim) each
         dropout = self.attention_dropout if self.training else 0.0
-        if output_attentions or uses_eager_attention(self.config):
+        implementation = attention_implementation(self.config)
+        if output_attentions or implementation == "eager":
             if is_causal:  # SDPA's `is_causal` flag has no eager counterpart: the mask is built whole
                 attn_mask = build_attention_mask(None, q_len, k.shape[-2], True, q.device, explicit=True)
             out, probs = eager_attention(q, k, v, attn_mask, dropout, self.training)
-        else:
+            out = out.transpose(1, 2)
+        elif implementation == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=True
+            ).transpose(1, 2)
+            probs = None
+        else:  # transformers' AttentionInterface; `attn_mask` is in the kernel's format (see `attention_mask_kind`)
+            if attention_mask_kind(implementation) == "padding":
+                is_causal = self.is_causal  # flash-attention takes the padding only: causality is its flag
+            out, _ = attention_function(implementation)(
+                self, q, k, v, attn_mask, dropout=dropout, scaling=self.scaling, is_causal=is_causal
             )
             probs = None
-        out = out.transpose(1, 2).reshape(batch, q_len, -1)
+        out = out.reshape(batch, q_len, -1)  # (batch, q_len, heads, head_dim) -> (batch, q_len, hidden)
         return self.o_proj(out), probs
 
 
@@ -574,6 +716,28 @@ def check_safetensors_checkpoint(path, subfolder: str = "") -> None:
         )
 
 
+def with_quantization_skips(quantization_config, skip_modules):
+    """`quantization_config` (a transformers quantization config or its dict) with `skip_modules` as the modules
+    left unquantised, where it names none: bitsandbytes' `llm_int8_skip_modules`, else `modules_to_not_convert`
+    (torchao, quanto, fbgemm, ...). The caller's object is not changed (a copy is returned when one is set)."""
+    import copy
+
+    skip = list(skip_modules)
+    if isinstance(quantization_config, dict):
+        method = str(quantization_config.get("quant_method", ""))
+        key = "llm_int8_skip_modules" if method == "bitsandbytes" else "modules_to_not_convert"
+        if quantization_config.get(key) is None:
+            return {**quantization_config, key: skip}
+        return quantization_config
+    for key in ("llm_int8_skip_modules", "modules_to_not_convert"):
+        if hasattr(quantization_config, key):
+            if getattr(quantization_config, key) is None:
+                quantization_config = copy.deepcopy(quantization_config)
+                setattr(quantization_config, key, skip)
+            break
+    return quantization_config
+
+
 # Guards the count of decodes using a model's stacked q/k/v copies (see `DimpleModel.stacked_qkv_projections`);
 # module-level, so that a model stays deep-copyable (a lock object is not).
 _QKV_STACKING_LOCK = threading.Lock()
@@ -583,15 +747,29 @@ class DimplePreTrainedModel(PreTrainedModel):
     config_class = DimpleConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
+    # accelerate's device_map keeps each of these whole on one device (their residual adds and the cache write
+    # stay on the layer's device); the inputs of a module are moved to its device by accelerate's hooks.
     _no_split_modules = ["DimpleDecoderLayer", "DimpleVisionBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    # Attention kernels reached through transformers' `AttentionInterface` (transformers >= 5; 4.x has no such
+    # interface, and refuses these names at load with its own message).
+    _supports_flash_attn = _supports_flash_attn_2 = _supports_flex_attn = ATTENTION_INTERFACE is not None
+    # Left unquantised when a `quantization_config` names no modules to skip (bitsandbytes' `llm_int8_skip_modules`,
+    # torchao's and most others' `modules_to_not_convert`): the vision tower and projector (8 % of the weights,
+    # and the image features every answer depends on) and the head (the scores the decoding ranks tokens by).
+    quantization_skip_modules = ("visual", "img_projector", "lm_head")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors weights only: a pickle-based checkpoint
         (`pytorch_model.bin`, ...) can run code when it is loaded, so it is refused with a note on how to convert
-        it, never unpickled. Without `state_dict`, the weights must be a `.safetensors` file (or an index of them)."""
+        it, never unpickled. Without `state_dict`, the weights must be a `.safetensors` file (or an index of them).
+        A `quantization_config` that names no modules to skip skips `quantization_skip_modules`."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = with_quantization_skips(
+                kwargs["quantization_config"], cls.quantization_skip_modules
+            )
         if kwargs.get("use_safetensors") is False:
             raise ValueError(
                 "`use_safetensors` must be True or None: Dimple loads safetensors weights only (pickle-based "
@@ -716,6 +894,17 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     def new_prefix_cache(self, length: int) -> DimplePrefixCache:
         """An empty key/value cache for sequences of `length` positions (see `DimplePrefixCache`)."""
         return DimplePrefixCache(length)
+
+    def is_split_across_devices(self) -> bool:
+        """Whether the weights are spread over more than one device: an accelerate `device_map` over several GPUs,
+        or with CPU / disk offload (offloaded weights are moved to the GPU by hooks as their layer runs). The prefix
+        cache then holds each layer's keys and values on that layer's device, and a pass runs on several devices
+        (or copies weights in): a CUDA graph, which records one device's kernels on fixed memory, cannot capture
+        it, so decoding should run without CUDA graphs for such a model."""
+        device_map = getattr(self, "hf_device_map", None)
+        if device_map:
+            return len({str(device) for device in device_map.values()}) > 1
+        return len({tensor.device for tensor in (*self.parameters(), *self.buffers())}) > 1
 
     @contextlib.contextmanager
     def stacked_qkv_projections(self):
@@ -886,7 +1075,7 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector: one row per merged patch group, in prompt order."""
         pixel_values = pixel_values.to(self.visual.patch_embed.proj.weight.dtype)
-        features = self.visual(pixel_values, image_grid_thw, eager=uses_eager_attention(self.config))
+        features = self.visual(pixel_values, image_grid_thw, attn_implementation=attention_implementation(self.config))
         return self.img_projector(features)
 
     def embed_inputs(
@@ -975,6 +1164,10 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
 
         is_causal = not self.config.full_attn_mask
         k_len = cache.length if cache is not None else q_len
+        # The mask format of the attention kernel: eager's and SDPA's boolean mask, flash-attention's padding mask,
+        # flex attention's BlockMask (`attention_mask_kind`); output_attentions runs the eager path.
+        kind = "dense" if output_attentions else attention_mask_kind(attention_implementation(self.config))
+        padding = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if tuple(attention_mask.shape) != (batch, k_len):
                 raise ValueError(
@@ -994,6 +1187,14 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                 f"({batch}, 1, {q_len}, {k_len}) mask (True = may attend), got {attention_mask.dtype} of shape "
                 f"{tuple(attention_mask.shape)}"
             )
+        if kind == "padding":  # the keys' padding (None: none); the kernel masks causally by its own flag
+            attention_mask = padding if padding is not None or attention_mask is None else key_padding_mask(
+                attention_mask, batch
+            )
+        elif kind == "block":  # flex attention: None is full attention
+            if attention_mask is None and is_causal:
+                attention_mask = build_attention_mask(None, q_len, k_len, True, device, cache_position, explicit=True)
+            attention_mask = None if attention_mask is None else flex_block_mask(attention_mask)
         # A prepared 4-D mask already holds the causal part; SDPA's own flag is for the mask-free case.
         is_causal = is_causal and attention_mask is None
         return self.model(

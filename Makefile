@@ -26,7 +26,7 @@ demo: venv
 demo-deps: venv
 	bash scripts/install_browser.sh
 
-test: venv demo-deps
+test: venv demo-deps eval-deps
 	$(PY) -m pytest -q tests
 
 web-demo: demo-deps
@@ -93,6 +93,50 @@ bench-cpu: venv
 # Issue 26's device check (CUDA tests, then the 7B-shape benchmark, 8 minutes): docs/performance.md
 device-check: venv
 	bash scripts/device_check.sh benchmarks/device_check
+
+# lmms-eval (requirements-eval.txt) in .venv-eval, which reads .venv's packages through a .pth file as
+# test-transformers does: the packages the model runs on stay at .venv's versions (constraints), so torch is not
+# installed twice; lmms-eval's other dependencies go into .venv-eval.
+.PHONY: eval-deps eval-tiny
+EVAL_VENV := .venv-eval
+EVAL_PY := $(EVAL_VENV)/bin/python
+EVAL_SHARED := torch torchvision transformers tokenizers huggingface-hub accelerate safetensors numpy pillow
+
+$(EVAL_VENV)/.installed: $(VENV)/.installed requirements-eval.txt pyproject.toml
+	test -x $(EVAL_PY) || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PY) -c "import site, sys; open(site.getsitepackages()[0] + '/zz_dimple_venv.pth', 'w').write(sys.argv[1])" \
+		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
+	$(PY) -c "import sys; from importlib.metadata import version; print('\n'.join(f'{n}=={version(n)}' for n in sys.argv[1:]))" \
+		$(EVAL_SHARED) > $(EVAL_VENV)/constraints.txt
+	$(EVAL_PY) -m pip install -q --upgrade pip
+	$(EVAL_PY) -m pip install -q -r requirements-eval.txt -c $(EVAL_VENV)/constraints.txt
+	$(EVAL_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# For tests/test_lmms_eval.py under `make test`: never fails the build (those tests then skip, saying why).
+eval-deps: venv
+	@$(MAKE) --no-print-directory $(EVAL_VENV)/.installed || \
+		echo "eval-deps: could not install requirements-eval.txt into $(EVAL_VENV) (tests/test_lmms_eval.py skips)"
+
+# lmms-eval's command line on the shipped tiny model and the local task `dimple_shapes` (120 generated questions,
+# exact match; dimple_tools/lmms_eval_shapes.py), with the model's default settings (the release's: 8 tokens,
+# 8 steps, maskgit_plus, dream). `EVAL_PROCESSES=2`: two processes on the CPU through `accelerate launch`
+# (its `--cpu` launcher starts one process unless through mpirun; `--multi_gpu` with ACCELERATE_USE_CPU=true
+# starts N CPU processes). Offline: the task is read from local files and nothing is downloaded.
+EVAL_TASKS_DIR ?= .cache/lmms-eval-tasks
+EVAL_OUT ?= .cache/lmms-eval-results
+EVAL_PROCESSES ?= 1
+EVAL_BATCH ?= 8
+EVAL_PORT ?= 29517
+EVAL_ENV := HF_HOME=$(CURDIR)/.cache/lmms-eval-hf HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
+EVAL_ARGS := --model dimple --model_args pretrained=tiny-dimple,device=cpu --include_path $(EVAL_TASKS_DIR) \
+	--tasks dimple_shapes --batch_size $(EVAL_BATCH) --output_path $(EVAL_OUT) --log_samples
+
+eval-tiny: $(EVAL_VENV)/.installed
+	$(EVAL_PY) -m dimple_tools.lmms_eval_shapes --out $(EVAL_TASKS_DIR)
+	if [ "$(EVAL_PROCESSES)" = 1 ]; then $(EVAL_ENV) $(EVAL_PY) -m lmms_eval $(EVAL_ARGS); \
+	else $(EVAL_ENV) ACCELERATE_USE_CPU=true $(EVAL_PY) -m accelerate.commands.launch --multi_gpu \
+		--num_processes $(EVAL_PROCESSES) --main_process_port $(EVAL_PORT) -m lmms_eval $(EVAL_ARGS); fi
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .venv-transformers-* .cache

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/device_check}
 shift $(( $# > 0 ? 1 : 0 ))
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 if ! "$PY" -c "import dimple.modeling_dimple, dimple_tools" 2>/dev/null; then  # not installed: the package by a link
   LINK=$(mktemp -d) && ln -s "$PWD" "$LINK/dimple" && export PYTHONPATH="$LINK:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -3,8 +3,10 @@ setting or names why it skipped it, and the harness keeps its promises (a settin
 that does not fit is skipped, the JSON is written after every setting)."""
 
 import json
+import os
 import pathlib
 import subprocess
+import sys
 import time
 
 from dimple_tools import bench
@@ -15,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_device_check_dry_run_on_the_cpu(tmp_path):
     start = time.monotonic()
     result = subprocess.run(["bash", "scripts/device_check.sh", str(tmp_path), "--device", "cpu", "--tiny"],
-                            capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+                            capture_output=True, text=True, cwd=str(ROOT), timeout=600,
+                            env={**os.environ, "PYTHON": sys.executable})
     wall = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])  # the last line is the JSON summary

@@ -14,8 +14,11 @@ REMOTE_CODE = ("configuration_dimple.py", "modeling_dimple.py", "generation_util
 
 
 def tracked_python_files() -> list:
-    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [ROOT / name for name in listed.split()]
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:
+        return [ROOT / name for name in listed.stdout.split()]
+    # not a git checkout (a copy of the tree): every module outside environments and caches
+    return [p for p in ROOT.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
 
 
 def uses_sys_path(path) -> bool:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Dimple's decoding benchmark: random weights against the memory-bandwidth floor and an autoregressive baseline.
 
 The Dimple-7B shape with random bf16 weights, built on the meta device and materialised on the GPU (no download);
@@ -14,16 +13,14 @@ Settings, in order (`--settings`):
   long256   a 256-token answer in 256 passes: prefilling, and prefilling + the dual cache
   baseline  transformers' Qwen2.5-VL of the same shape, same prompt, greedy 64 tokens: dynamic, static cache
   compile   the first compiled 22-pass answer from cold (torch.compile caches reset and disabled): regional
-  vision    the vision tower eager, and with its blocks compiled (one compile shared by all blocks)
-  quant     22-pass answers of the weights saved and reloaded with TorchAoConfig / BitsAndBytesConfig
+  vision / quant  the vision tower eager and block-compiled / 22-pass answers of TorchAo and bitsandbytes weights
   compile_whole  as compile, tracing the whole decoder pass (the comparison; minutes on the 7B shape)
-Every setting has a budget (its own deadline); one that does not fit what `--deadline` leaves is skipped and
-named. The JSON is rewritten after every setting (a cut-off run keeps what it measured); `summary` holds issue
-26's ratios. Timing: CUDA events (perf_counter on the CPU), median of `--repeats` after a first call timed on
-its own (`first_call_ms`: graph capture, compilation); peak memory per measurement.
+Each setting has a budget (its deadline); one that does not fit what `--deadline` leaves is skipped, named. The
+JSON is rewritten after every setting; `summary` holds issue 26's ratios. Timing: CUDA events (perf_counter on
+the CPU), median of `--repeats` after a first call timed alone (`first_call_ms`); peak memory per measurement.
 
-    python -m dimple_tools.bench --out bench.json        # CUDA, 7B shape;  --device cpu --tiny: the dry run
-    bash scripts/device_check.sh                         # CUDA tests, then this, in 8 minutes (docs/performance.md)
+    python -m dimple_tools.bench --out bench.json   # CUDA, 7B; --device cpu --tiny: the dry run; device check:
+    bash scripts/device_check.sh                    # CUDA tests, then this, in 8 minutes (docs/performance.md)
 """
 
 import argparse
@@ -46,6 +43,7 @@ import torch
 
 from dimple.configuration_dimple import DimpleConfig
 from dimple.modeling_dimple import DimpleModel
+from dimple_tools.compat import dtype_argument
 from dimple_tools.tiny_configs import TINY_VISION, tiny_config
 
 GIB = 1024**3
@@ -305,7 +303,10 @@ def long256(h: Harness, out: dict):
 @setting(cuda_s=120, cpu_s=30)
 @torch.no_grad()
 def baseline(h: Harness, out: dict):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    try:  # transformers >= 4.49
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    except ImportError as error:
+        raise Skip(f"no Qwen2.5-VL in this transformers: {error}") from None
 
     c = h.config
     text = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -404,7 +405,8 @@ def quant(h: Harness, out: dict):
         h.free()
         for name, make in modes.items():
             try:
-                model = DimpleModel.from_pretrained(folder, quantization_config=make(), dtype=h.dtype, device_map=str(h.device))
+                model = DimpleModel.from_pretrained(folder, quantization_config=make(), device_map=str(h.device),
+                                                    **dtype_argument(h.dtype))
                 out[name] = decode(h, steps=22, use_cache=True, model=model)
                 del model
             except (Timeout, KeyboardInterrupt):
@@ -454,8 +456,7 @@ def summarise(report: dict) -> dict:
         "vision_ms": {k: dig(s, "vision", k, "ms") for k in ("eager", "compiled_blocks")},
         "skipped": {k: v.get("reason") for k, v in s.items() if v.get("status") == "skipped"},
         "errors": {k: v.get("error") for k, v in s.items() if v.get("status") in ("error", "timeout")},
-        "elapsed_s": report["meta"].get("elapsed_s"),
-    }
+        "elapsed_s": report["meta"].get("elapsed_s")}
     return summary
 
 
@@ -547,8 +548,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
+    args, started = parse_args(argv), time.perf_counter()
     if args.device == "cpu" and args.tiny:
         torch.set_num_threads(1)  # the tiny shape only loses to thread contention
     h = Harness(args)

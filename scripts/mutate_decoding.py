@@ -92,8 +92,8 @@ MUTATIONS = {
     ),
     "autoregressive-schedule-count": (
         "autoregressive commits the schedule's count of leftmost masks instead of one",
-        "        count = torch.ones_like(count)\n",
-        "",
+        "            count = torch.ones_like(count)\n",
+        "            pass\n",
     ),
     "origin-leftmost": (
         "origin chooses the leftmost masks instead of random ones",

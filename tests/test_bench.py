@@ -30,12 +30,16 @@ def test_device_check_dry_run_on_the_cpu(tmp_path):
     for name, entry in settings.items():
         assert entry["status"] in ("ok", "skipped"), (name, entry)
         assert entry["status"] == "ok" or entry["reason"]  # a skipped setting says why
-    for name in ("floor", "pass", "answer64", "batch", "long256", "baseline", "compile"):
+    has_qwen2_5_vl = hasattr(__import__("transformers"), "Qwen2_5_VLConfig")  # from transformers 4.49 on
+    for name in ("floor", "pass", "answer64", "batch", "long256", "compile") + (("baseline",) if has_qwen2_5_vl else ()):
         assert settings[name]["status"] == "ok", name  # the dry run fits them all
+    if not has_qwen2_5_vl:
+        assert "no Qwen2.5-VL" in settings["baseline"]["reason"]
     assert settings["answer64"]["steps22"]["passes"] == 22 and settings["answer64"]["steps22"]["masks_left"] == 0
     assert settings["batch"]["batch16_dual"]["tokens_per_s"] > 0 and settings["long256"]["dual_speedup"] > 0
     assert settings["compile"]["tokens_equal_eager"]  # regional compilation: the eager tokens (fp32, CPU)
-    assert summary["floor_ms"] > 0 and summary["baseline_tokens_per_s"] > 0 and summary["first_compiled_answer_s"] > 0
+    assert summary["floor_ms"] > 0 and summary["first_compiled_answer_s"] > 0
+    assert not has_qwen2_5_vl or summary["baseline_tokens_per_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert wall < 180, f"the dry run took {wall:.0f} s (target: under 2 minutes on an idle machine)"
 

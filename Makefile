@@ -36,7 +36,7 @@ trajectory: venv
 	$(PY) -m dimple_tools.trajectory --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
 
 # The suite on transformers 4.46.2, the version of the original model card, in a second environment.
-$(COMPAT_VENV)/.installed: requirements-compat.txt
+$(COMPAT_VENV)/.installed: requirements-compat.txt pyproject.toml
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q --upgrade pip
 	$(COMPAT_PY) -m pip install -q -r requirements-compat.txt

@@ -90,11 +90,6 @@ def is_plain_float_tensor(tensor) -> bool:
     return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.dtype.is_floating_point
 
 
-def uses_eager_attention(config) -> bool:
-    """Whether the model was asked for the eager attention path (`attn_implementation="eager"`)."""
-    return getattr(config, "_attn_implementation", None) == "eager"
-
-
 def attention_implementation(config) -> str:
     """The attention kernel the model was loaded with (`attn_implementation`, held in `config._attn_implementation`):
     "sdpa" (the default, also when unset) and "eager" are Dimple's own paths; any other name is looked up in

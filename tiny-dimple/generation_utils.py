@@ -551,14 +551,13 @@ class DenoisingForward:
         self.use_cuda_graph = use_cuda_graph
         self.graphs = {}
         # The repeated passes may run compiled; the full pass runs once per decode (or block), eagerly.
-        self.compiled, self.cache_marked = use_torch_compile, False
         self.cached_forward = compiled_decoder(model) if use_torch_compile else model.decoder_forward
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
         self.canvas.copy_(canvas)
         if lo != self.block_start:
             self.block_start = lo
-            self.queries["window"].copy_(self.queries["window"] - self.queries["window"][0] + self.prompt_len - 1 + lo)
+            self.queries["window"].copy_(torch.arange(self.prompt_len - 1 + lo, self.prompt_len + hi, device=self.canvas.device))
             if torch.is_tensor(self.keep["tail"]):
                 self.keep["tail"].copy_(torch.arange(lo, hi, device=self.canvas.device))
         if self.cache is None or not self.cache_filled or (
@@ -581,24 +580,8 @@ class DenoisingForward:
             past_key_values=self.cache,
             cache_position=None if self.cache is None else queries,
         )
-        if kind == "full":
-            return self.model.decoder_forward(**inputs)[0][:, keep]
-        if self.compiled:
-            self._mark_dynamic(inputs)
-        return self.cached_forward(**inputs)[0][:, keep]
-
-    def _mark_dynamic(self, inputs: dict) -> None:
-        """The batch and the cached length change from one request to the next; the pass's own length (the
-        canvas, or a block) is fixed by the settings. Declared dynamic up front, each kind of pass compiles
-        once for batch 1 and once for larger batches, instead of once per shape (which reaches torch.compile's
-        recompile limit after a few prompts, and then runs eager)."""
-        dynamic_dims = [(inputs["inputs_embeds"], (0,)), (inputs["attention_mask"], (0, 3)), (inputs["position_ids"], (1,))]
-        if not self.cache_marked:  # the cache's tensors live for the whole decode: marked once
-            self.cache_marked = True
-            dynamic_dims += [(kv, (0, 1)) for kv in self.cache.key_values]  # (batch, keys, 2 * kv_heads, dim)
-        for tensor, dims in dynamic_dims:
-            for dim in dims if tensor is not None else ():
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        forward = self.model.decoder_forward if kind == "full" else self.cached_forward
+        return forward(**inputs)[0][:, keep]
 
     def _replay(self, kind: str) -> torch.Tensor:
         """Run a cached pass, or on CUDA its captured graph (captured at the first call)."""
@@ -645,11 +628,27 @@ def compiled_decoder(model, regional: bool = True) -> Callable:
         key = (type(model), "whole")
         if key not in _COMPILED_DECODERS:
             _COMPILED_DECODERS[key] = torch.compile(type(model).decoder_forward)
-        return functools.partial(_COMPILED_DECODERS[key], model)
+        return functools.partial(_whole_pass, _COMPILED_DECODERS[key], model)
     key = (type(model.model.layers[0]), "layer")
     if key not in _COMPILED_DECODERS:
         _COMPILED_DECODERS[key] = torch.compile(key[0].forward)
     return functools.partial(model.decoder_forward, layer_forward=functools.partial(_regional_layer, _COMPILED_DECODERS[key]))
+
+
+def mark_dynamic(dynamic: list) -> None:
+    """`torch._dynamo.maybe_mark_dynamic` for each (tensor or None, dims): sizes that change between requests (the
+    batch, the cached length) compile once as dynamic sizes instead of once per shape, which would reach
+    torch.compile's recompile limit after a few prompts and then run eager."""
+    for tensor, dims in dynamic:
+        for dim in dims if tensor is not None else ():
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _whole_pass(compiled, model, **inputs):
+    """Run the whole-pass compile of `decoder_forward`; the pass's own length is fixed by the settings."""
+    mark_dynamic([(inputs["inputs_embeds"], (0,)), (inputs["attention_mask"], (0, 3)), (inputs["position_ids"], (1,))]
+                 + [(kv, (0, 1)) for kv in inputs["past_key_values"].key_values])  # (batch, keys, 2 * kv_heads, dim)
+    return compiled(model, **inputs)
 
 
 class _LayerCache:
@@ -670,11 +669,8 @@ def _regional_layer(compiled, layer, hidden, rotary, attn_mask, is_causal, cache
         if len(cache.key_values) <= layer.self_attn.layer_idx:  # the first write allocates the layer's cache
             return layer(hidden, rotary, attn_mask, is_causal, cache, positions, output_attentions)
         cache = _LayerCache(cache.key_values[layer.self_attn.layer_idx])
-    dynamic = [(hidden, (0, 1)), (positions, (0,)), *((table, (0, 1)) for table in rotary)]
-    dynamic += [(attn_mask, (0, 2, 3)), (cache and cache.key_values, (0, 1))]
-    for tensor, dims in dynamic:
-        for dim in dims if tensor is not None else ():
-            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    mark_dynamic([(hidden, (0, 1)), (positions, (0,)), *((table, (0, 1)) for table in rotary),
+                  (attn_mask, (0, 2, 3)), (cache and cache.key_values, (0, 1))])
     return compiled(layer, hidden, rotary, attn_mask, is_causal, cache, positions, output_attentions)
 
 
@@ -1101,7 +1097,7 @@ class DimpleGenerationMixin(GenerationMixin):
             self, embeds.repeat_interleave(n_rep, 0), position_ids.repeat_interleave(n_rep, 1),
             self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
             use_cache=config.use_cache, dual_cache=config.dual_cache,
-            use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self._split_across_devices(),
+            use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self.is_split_across_devices(),
             use_torch_compile=config.use_torch_compile,
         )
         pipeline_class = PIPELINE_CLASSES[config.decoding_pipeline]
@@ -1112,13 +1108,6 @@ class DimpleGenerationMixin(GenerationMixin):
         return PreparedDecode(
             x, prompt_len, denoise, scorer, pipeline_class, pipeline_class.make_chooser(config), end_ids, streamer,
         )
-
-    def _split_across_devices(self) -> bool:
-        """Whether the model's parameters live on several devices (`device_map`): CUDA graphs are per device."""
-        check = getattr(self, "is_split_across_devices", None)
-        if callable(check):
-            return bool(check())
-        return len({p.device for p in self.parameters()}) > 1
 
     # ---------------------------------------------------------------- 3. the loop
 

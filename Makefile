@@ -33,7 +33,7 @@ web-demo: demo-deps
 	$(VENV)/bin/dimple-web-demo
 
 trajectory: venv
-	$(PY) -m dimple_tools.trajectory --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
+	$(PY) -m dimple_tools.demos.trajectory --model tiny-dimple --alg-p-threshold 0 --out assets/trajectory.png
 
 # The suite on transformers 4.46.2, the version of the original model card, in a second environment.
 $(COMPAT_VENV)/.installed: requirements-compat.txt pyproject.toml
@@ -69,10 +69,10 @@ test-transformers: venv
 
 # Retrain the shipped tiny model (6.3 minutes on two CPU cores, tiny-dimple/build_log.txt).
 tiny-dimple: venv
-	$(PY) -m dimple_tools.build_tiny_dimple
+	$(PY) -m dimple_tools.tiny.build
 
 check-layout: venv
-	$(PY) -m dimple_tools.check_layout
+	$(PY) -m dimple_tools.checkpoint.layout
 
 # The OpenAI-compatible server on the tiny model (http://127.0.0.1:8000/v1, docs/serving.md).
 serve: venv
@@ -81,14 +81,14 @@ serve: venv
 # Throughput of 64 requests at concurrency 16, batched against sequential (CPU, tiny model; docs/serving.md):
 # the checkpoint's decoding (about one forward pass per answer), then one token per step.
 serve-load: venv
-	$(PY) -m dimple_tools.serve_load --model tiny-dimple --device cpu --threads 1 --batch-timeout 0.02
-	$(PY) -m dimple_tools.serve_load --model tiny-dimple --device cpu --threads 1 --batch-timeout 0.02 --extra-body '{"alg_p_threshold": 0}'
+	$(PY) -m dimple_tools.serving.load --model tiny-dimple --device cpu --threads 1 --batch-timeout 0.02
+	$(PY) -m dimple_tools.serving.load --model tiny-dimple --device cpu --threads 1 --batch-timeout 0.02 --extra-body '{"alg_p_threshold": 0}'
 
 bench: venv
-	$(PY) -m dimple_tools.bench
+	$(PY) -m dimple_tools.bench.benchmark
 
 bench-cpu: venv
-	$(PY) -m dimple_tools.bench --device cpu --tiny
+	$(PY) -m dimple_tools.bench.benchmark --device cpu --tiny
 
 # Issue 26's device check (CUDA tests, then the 7B-shape benchmark, 8 minutes): docs/performance.md
 device-check: venv
@@ -119,7 +119,7 @@ eval-deps: venv
 		echo "eval-deps: could not install requirements-eval.txt into $(EVAL_VENV) (tests/test_lmms_eval.py skips)"
 
 # lmms-eval's command line on the shipped tiny model and the local task `dimple_shapes` (120 generated questions,
-# exact match; dimple_tools/lmms_eval_shapes.py), with the model's default settings (the release's: 8 tokens,
+# exact match; dimple_tools/evaluation/shapes.py), with the model's default settings (the release's: 8 tokens,
 # 8 steps, maskgit_plus, dream). `EVAL_PROCESSES=2`: two processes on the CPU through `accelerate launch`
 # (its `--cpu` launcher starts one process unless through mpirun; `--multi_gpu` with ACCELERATE_USE_CPU=true
 # starts N CPU processes). Offline: the task is read from local files and nothing is downloaded.
@@ -133,7 +133,7 @@ EVAL_ARGS := --model dimple --model_args pretrained=tiny-dimple,device=cpu --inc
 	--tasks dimple_shapes --batch_size $(EVAL_BATCH) --output_path $(EVAL_OUT) --log_samples
 
 eval-tiny: $(EVAL_VENV)/.installed
-	$(EVAL_PY) -m dimple_tools.lmms_eval_shapes --out $(EVAL_TASKS_DIR)
+	$(EVAL_PY) -m dimple_tools.evaluation.shapes --out $(EVAL_TASKS_DIR)
 	if [ "$(EVAL_PROCESSES)" = 1 ]; then $(EVAL_ENV) $(EVAL_PY) -m lmms_eval $(EVAL_ARGS); \
 	else $(EVAL_ENV) ACCELERATE_USE_CPU=true $(EVAL_PY) -m accelerate.commands.launch --multi_gpu \
 		--num_processes $(EVAL_PROCESSES) --main_process_port $(EVAL_PORT) -m lmms_eval $(EVAL_ARGS); fi

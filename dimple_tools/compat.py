@@ -11,7 +11,7 @@ import transformers
 
 TRANSFORMERS_VERSION = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
 TRANSFORMERS_5 = TRANSFORMERS_VERSION >= (5, 0)
-# 4.46.2's Trainer skips the gradient all-reduce of data-parallel training (see dimple_tools/train.py).
+# 4.46.2's Trainer skips the gradient all-reduce of data-parallel training (see dimple_tools/training/train.py).
 TRANSFORMERS_4_46 = TRANSFORMERS_VERSION == (4, 46)
 
 

@@ -125,6 +125,11 @@ MUTATIONS = {
         "            active = active & ~done\n",
         "            active = active\n",
     ),
+    "return-sequences-mix-prompts": (
+        "num_return_sequences tiles the prompts (a b a b) instead of repeating each (a a b b)",
+        "x[:, :prompt_len] = input_ids.repeat_interleave(n_rep, 0)",
+        "x[:, :prompt_len] = input_ids.repeat(n_rep, 1)",
+    ),
 }
 
 

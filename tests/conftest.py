@@ -2,7 +2,7 @@
 
 import pytest
 
-from dimple_tools import build_qwen2_tokenizer
+from dimple_tools.checkpoint import qwen2_tokenizer as build_qwen2_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -48,5 +48,5 @@ def qwen2_bpe_ranks(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_tokenizer_dir(tmp_path_factory, qwen2_bpe_ranks):
     """A complete Dimple processor folder (the repository's configs and `processing_dimple.py` plus the real
-    Qwen2 vocabulary), built once per test session by `dimple_tools/build_qwen2_tokenizer.py`."""
+    Qwen2 vocabulary), built once per test session by `dimple_tools/checkpoint/qwen2_tokenizer.py`."""
     return build_qwen2_tokenizer.build(tmp_path_factory.mktemp("cache") / "qwen2-tokenizer", ranks=qwen2_bpe_ranks)

@@ -1,4 +1,4 @@
-"""Tests of the web demo (`app.py`) and the decoding-trajectory picture (`dimple_tools/trajectory.py`).
+"""Tests of the web demo (`app.py`) and the decoding-trajectory picture (`dimple_tools/demos/trajectory.py`).
 
 * The trajectory: on a hand-made history every committed position is listed and drawn exactly once, at the
   step that committed it; the same on a real decode of a tiny random model (`output_history=True`), and
@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dimple_tools import trajectory
-from dimple_tools.tiny_configs import MASK_ID, tiny_config
+from dimple_tools.demos import trajectory
+from dimple_tools.tiny.configs import MASK_ID, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What color is the shape?"
@@ -173,7 +173,7 @@ def test_trajectory_cli_with_the_shipped_model(model_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def app_module():
     pytest.importorskip("gradio", reason="the demo's requirements are not installed (pip install -r requirements-demo.txt)")
-    from dimple_tools import app
+    from dimple_tools.demos import web as app
 
     return app
 
@@ -252,7 +252,7 @@ def test_check_request_names_api_values_of_the_wrong_type(app_module):
 def test_the_api_hands_raw_values_to_the_checks(loaded, app_module, monkeypatch):
     """gradio's own preprocessing would turn a Textbox's 123 into "123" and fail on a Slider's "8" with a bare
     TypeError; the page's inputs pass values through, and `ask` refuses use_cache="false" before decoding."""
-    from dimple_tools import demo
+    from dimple_tools.demos import cli as demo
 
     model, processor, _ = loaded
     app = app_module.build_app(model, processor)
@@ -272,7 +272,7 @@ def test_the_api_hands_raw_values_to_the_checks(loaded, app_module, monkeypatch)
 def test_the_question_is_read_as_plain_text(loaded, app_module, monkeypatch):
     """Special-token strings typed in the question are its characters (issue 22 item 15): the prompt the
     model gets has only the template's special tokens."""
-    from dimple_tools import demo
+    from dimple_tools.demos import cli as demo
 
     model, processor, _ = loaded
     seen = {}
@@ -354,7 +354,7 @@ def test_a_cancelled_request_stops_decoding_within_a_step(loaded, app_module, mo
     next request does not wait behind it."""
     import time
 
-    from dimple_tools import demo
+    from dimple_tools.demos import cli as demo
 
     model, processor, _ = loaded
     dimple = app_module.DimpleDemo(model, processor, step_timeout=60)
@@ -385,7 +385,7 @@ def test_a_cancelled_request_stops_decoding_within_a_step(loaded, app_module, mo
 
 
 def test_ask_streams_the_canvas(loaded, app_module, tmp_path):
-    from dimple_tools import demo
+    from dimple_tools.demos import cli as demo
     from PIL import Image
 
     model, processor, correct = loaded
@@ -476,7 +476,7 @@ def server(model_dir, app_module, tmp_path_factory):
     port = _free_port()
     log = work / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "dimple_tools.app", "--model", str(path), "--port", str(port),
+    command = [sys.executable, "-m", "dimple_tools.demos.web", "--model", str(path), "--port", str(port),
                "--save-trajectory", str(work / "trajectory-{n}.png")]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
@@ -510,7 +510,7 @@ def test_demo_in_a_browser(browser, server, model_dir, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from dimple_tools import demo
+    from dimple_tools.demos import cli as demo
 
     url, log, work = server
     _, correct = model_dir

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dimple import modeling_dimple
 from dimple.modeling_dimple import DimpleModel, DimplePrefixCache
-from dimple_tools.tiny_configs import tiny_config
+from dimple_tools.tiny.configs import tiny_config
 
 from test_modeling import ATOL, assert_close_on, image_batch, make_model, text_batch
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from dimple_tools import bench
+from dimple_tools.bench import benchmark as bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

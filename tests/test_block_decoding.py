@@ -15,7 +15,7 @@ import torch
 from dimple.generation_utils import plan_blocks
 from dimple.modeling_dimple import DimpleModel
 from test_generation import capture_logits, image_inputs, mixed_batch, run, tiny_model
-from dimple_tools.tiny_configs import EOS_ID, MASK_ID, PAD_ID, tiny_config
+from dimple_tools.tiny.configs import EOS_ID, MASK_ID, PAD_ID, tiny_config
 
 
 CACHES = {

@@ -1,4 +1,4 @@
-"""Command-line checks of dimple_tools.bench, dimple_tools.shapes_task and dimple_tools.count_layer_ops: a bad flag
+"""Command-line checks of dimple_tools.bench.benchmark, dimple_tools.tiny.task and dimple_tools.bench.layer_ops: a bad flag
 value ends in argparse's usage message (exit code 2) that names the flag and the values it allows, before any
 model is built or file written. Fast: only argument parsing runs."""
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dimple_tools import bench, shapes_task
+from dimple_tools.bench import benchmark as bench
+from dimple_tools.tiny import task as shapes_task
 
 MISSING = "/nonexistent_dir_for_cli_tests"
 
@@ -22,7 +23,7 @@ def refused(fn, argv, capsys) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# dimple_tools/bench.py
+# dimple_tools/bench/benchmark.py
 # --------------------------------------------------------------------------------------------------
 
 BENCH_BAD = [  # (argv, the flag the message names, words of the allowed values)
@@ -79,7 +80,7 @@ def test_bench_accepts_good_values(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# dimple_tools/shapes_task.py
+# dimple_tools/tiny/task.py
 # --------------------------------------------------------------------------------------------------
 
 SHAPES_BAD = [
@@ -111,12 +112,12 @@ def test_shapes_task_cli_accepts_the_bounds(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# dimple_tools/count_layer_ops.py
+# dimple_tools/bench/layer_ops.py
 # --------------------------------------------------------------------------------------------------
 
 
 def test_count_layer_ops_help_and_unknown_arguments(capsys):
-    from dimple_tools import count_layer_ops
+    from dimple_tools.bench import layer_ops as count_layer_ops
 
     with pytest.raises(SystemExit) as exit_info:
         count_layer_ops.main(["--help"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dimple.modeling_dimple import DimpleModel
-from dimple_tools.tiny_configs import BOS_ID, IMAGE_ID, VISION_END_ID, VISION_START_ID, tiny_config
+from dimple_tools.tiny.configs import BOS_ID, IMAGE_ID, VISION_END_ID, VISION_START_ID, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -72,8 +72,8 @@ def test_bf16_cuda_answers_match_cpu_fp32_on_the_tiny_model(settings):
     folder = ROOT / "tiny-dimple"
     if not (folder / "model.safetensors").exists():
         pytest.skip("tiny-dimple/ is not built")
-    from dimple_tools.build_tiny_dimple import IMAGE_SIZE, ask
-    from dimple_tools.shapes_task import generate_samples
+    from dimple_tools.tiny.build import IMAGE_SIZE, ask
+    from dimple_tools.tiny.task import generate_samples
     from transformers import AutoModel, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)

@@ -25,7 +25,7 @@ from dimple.generation_utils import (
 )
 from dimple.modeling_dimple import DimpleModel
 from test_generation import IMAGE_PROMPT, force_token_logits, hand_schedule, image_inputs, run, tiny_model
-from dimple_tools.tiny_configs import MASK_ID, tiny_config
+from dimple_tools.tiny.configs import MASK_ID, tiny_config
 
 # Five tokens with known probabilities; token 4 stands for `<|mask|>` (probability 0).
 PROBS = [0.5, 0.3, 0.15, 0.05, 0.0]

@@ -7,7 +7,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from dimple.modeling_dimple import DimpleModel
-from dimple_tools.tiny_configs import EOS_ID, MASK_ID, PAD_ID, tiny_config
+from dimple_tools.tiny.configs import EOS_ID, MASK_ID, PAD_ID, tiny_config
 from test_generation import IMAGE_PROMPT, image_inputs, run, text_inputs, tiny_model
 
 

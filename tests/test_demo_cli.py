@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from dimple_tools import demo
+from dimple_tools.demos import cli as demo
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "tiny-dimple"
 

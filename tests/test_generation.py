@@ -27,7 +27,7 @@ from dimple.generation_utils import (
     fill_after_end_of_text,
 )
 from dimple.modeling_dimple import DimpleModel
-from dimple_tools.tiny_configs import (
+from dimple_tools.tiny.configs import (
     BOS_ID,
     EOS_ID,
     IMAGE_ID,
@@ -657,6 +657,37 @@ def test_num_return_sequences_batch_order_and_sampling(model):
     assert sampled.shape == (4, len(IMAGE_PROMPT) + 8)
     assert not (sampled == MASK_ID).any()
     assert not torch.equal(sampled[0], sampled[1])  # independent samples of one prompt
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(use_cache=False), dict(use_cache=True), dict(use_cache=True, block_length=4, dual_cache=True)],
+    ids=["no-prefilling", "prefilling", "dual-cache"],
+)
+def test_num_return_sequences_of_two_different_prompts(peaked, settings):
+    """Two different prompts (an image prompt and a shorter, left-padded text prompt), 2 answers each, greedy:
+    rows are prompt-major and every row, its prompt tokens included, equals that prompt decoded alone."""
+    batch, image_alone, text_alone = mixed_batch()
+    common = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", **settings)
+    out = run(peaked, batch, num_return_sequences=2, **common).sequences
+    prompt_len = batch["input_ids"].shape[1]
+    assert out.shape == (4, prompt_len + 8)
+    for prompt, alone in enumerate((image_alone, text_alone)):
+        single = run(peaked, alone, **common).sequences[0]
+        for row in (2 * prompt, 2 * prompt + 1):
+            assert torch.equal(out[row, :prompt_len], batch["input_ids"][prompt]), (prompt, row)
+            assert torch.equal(out[row, prompt_len - (single.shape[0] - 8):], single), (prompt, row)
+    assert not torch.equal(out[0, prompt_len:], out[2, prompt_len:])  # the prompts' answers differ: a real check
+
+
+def test_num_return_sequences_sampling_keeps_each_rows_prompt(peaked):
+    batch, _, _ = mixed_batch()
+    torch.manual_seed(0)
+    out = run(peaked, batch, max_new_tokens=8, steps=8, alg="origin", temperature=1.0, num_return_sequences=3).sequences
+    prompt_len = batch["input_ids"].shape[1]
+    for row in range(6):
+        assert torch.equal(out[row, :prompt_len], batch["input_ids"][row // 3]), row
+    assert not (out[:, prompt_len:] == MASK_ID).any()
 
 
 def test_num_return_sequences_with_a_shared_prior(model):

@@ -1,4 +1,4 @@
-"""`dimple_tools/init_dimple.py` on tiny fake source checkpoints.
+"""`dimple_tools/checkpoint/initialize.py` on tiny fake source checkpoints.
 
 A tiny transformers `Qwen2_5_VLForConditionalGeneration` stands in for Qwen2.5-VL (the vision tower) and a
 tiny `Qwen2ForCausalLM` for Dream (same parameter names as Dream: `model.*`, `lm_head.weight`); the built
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from dimple_tools.init_dimple import init_dimple
+from dimple_tools.checkpoint.initialize import init_dimple
 import transformers  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests of Dimple's lmms-eval model (`dimple_tools/lmms_eval_dimple.py`, `lmms_eval_settings.py`) and `make eval-tiny`.
+"""Tests of Dimple's lmms-eval model (`dimple_tools/evaluation/model.py`, `lmms_eval_settings.py`) and `make eval-tiny`.
 
 * The decoding settings a request turns into (no lmms-eval needed): the release's defaults (8 tokens / 8 steps,
   maskgit_plus, dream; 64 / 64 for open-ended tasks) in place of a task YAML's autoregressive budget; explicit
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dimple_tools.lmms_eval_settings import (
+from dimple_tools.evaluation.settings import (
     OPEN_ENDED_LENGTH,
     RELEASE_SETTINGS,
     DimpleEvalError,
@@ -165,7 +165,7 @@ def lmms_eval_python():
         pytest.skip("tiny-dimple/ is not built (`make tiny-dimple`): the lmms-eval tests use the shipped tiny model")
     if not EVAL_PY.is_file():
         pytest.skip("lmms-eval is not installed: no .venv-eval (`make eval-deps` installs requirements-eval.txt there)")
-    probe = subprocess.run([str(EVAL_PY), "-c", "import lmms_eval.models, dimple_tools.lmms_eval_dimple"],
+    probe = subprocess.run([str(EVAL_PY), "-c", "import lmms_eval.models, dimple_tools.evaluation.model"],
                            cwd=REPO, env=_eval_env(), capture_output=True, text=True, timeout=300)
     if probe.returncode:
         reason = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -217,9 +217,9 @@ def probe(lmms_eval_python):
 
 
 def test_entry_point_resolves_dimple_through_lmms_evals_registry(probe):
-    assert "dimple=dimple_tools.lmms_eval_plugin:manifest" in probe["entry_points"]
-    assert probe["resolved"] == ["dimple", "simple", "dimple_tools.lmms_eval_dimple.Dimple"]
-    assert probe["class"] == "dimple_tools.lmms_eval_dimple.Dimple" and probe["is_simple"] is True
+    assert "dimple=dimple_tools.evaluation.plugin:manifest" in probe["entry_points"]
+    assert probe["resolved"] == ["dimple", "simple", "dimple_tools.evaluation.model.Dimple"]
+    assert probe["class"] == "dimple_tools.evaluation.model.Dimple" and probe["is_simple"] is True
     assert probe["batch_size"] == 4
 
 
@@ -267,9 +267,9 @@ def tiny_model():
 
 
 def test_eval_tiny_scores_the_tiny_model_as_diffusion_generate_does(one_process, tiny_model):
-    from dimple_tools.build_tiny_dimple import IMAGE_SIZE, ask
-    from dimple_tools.lmms_eval_shapes import DEFAULT_N, read_task
-    from dimple_tools.shapes_task import DEFAULT_IMAGE_SIZE, answer_is_correct
+    from dimple_tools.tiny.build import IMAGE_SIZE, ask
+    from dimple_tools.evaluation.shapes import DEFAULT_N, read_task
+    from dimple_tools.tiny.task import DEFAULT_IMAGE_SIZE, answer_is_correct
 
     tmp, output, results, samples = one_process
     assert IMAGE_SIZE == DEFAULT_IMAGE_SIZE and DEFAULT_N == 120
@@ -301,7 +301,7 @@ def test_eval_tiny_scores_the_tiny_model_as_diffusion_generate_does(one_process,
 
 def test_neutral_values_decode_through_diffusion_generate(tiny_model):
     model, processor = tiny_model
-    from dimple_tools.shapes_task import sample_image
+    from dimple_tools.tiny.task import sample_image
 
     settings, *_ = decoding_settings("t", NEUTRAL)
     messages = [{"role": "user", "content": [{"type": "image", "image": sample_image()},

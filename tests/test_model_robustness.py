@@ -9,7 +9,7 @@ import torch
 
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig
 from dimple.modeling_dimple import DimpleModel
-from dimple_tools.tiny_configs import IMAGE_ID, TINY_TEXT, TINY_VISION, tiny_config
+from dimple_tools.tiny.configs import IMAGE_ID, TINY_TEXT, TINY_VISION, tiny_config
 
 # --------------------------------------------------------------------------------------------------
 # Item 7: the config is checked when it is built
@@ -124,7 +124,7 @@ def test_default_and_released_configs_still_build(tmp_path):
     assert released.num_hidden_layers == 28 and released.vision_config.depth == 32
     assert DimpleConfig().to_dict() == DimpleConfig(**DimpleConfig().to_dict()).to_dict()
     assert DimpleVisionConfig().fullatt_block_indexes == [7, 15, 23, 31]
-    # ids only the tokenizer reads may lie outside a small vocabulary (dimple_tools/init_dimple.py keeps the defaults)
+    # ids only the tokenizer reads may lie outside a small vocabulary (dimple_tools/checkpoint/initialize.py keeps the defaults)
     assert tiny_config(bos_token_id=151644, vision_token_id=151654).bos_token_id == 151644
     # a round trip through save_pretrained (transformers builds default configs to diff against)
     config = tiny_config(eos_token_id=[2, 1], rope_theta=10000)

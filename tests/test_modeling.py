@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dimple.modeling_dimple import DimpleModel, DimplePrefixCache
-from dimple_tools.tiny_configs import (
+from dimple_tools.tiny.configs import (
     BOS_ID,
     IMAGE_ID,
     PAD_ID,
@@ -654,7 +654,7 @@ def test_a_prefilled_decoding_pass_dispatches_18_operators_per_layer():
 
     if not (modeling_dimple.RMS_NORM_UPCASTS and hasattr(torch.ops.aten, "_fused_rms_norm")):
         pytest.skip(f"torch {torch.__version__} has no fused RMSNorm kernel: the norms decompose on every device")
-    from dimple_tools.count_layer_ops import prefilled_pass_operators
+    from dimple_tools.bench.layer_ops import prefilled_pass_operators
 
     per_layer = prefilled_pass_operators(2) - prefilled_pass_operators(1)
     assert per_layer["aten.addmm"] == 1  # q, k and v in one product (o_proj and the MLP have no bias: mm)
@@ -1021,7 +1021,7 @@ def test_state_dict_layout_matches_release():
     """The 7B config's model, built as users load it, has the release's 733 names and shapes (the reference is
     shipped in tests/data; `make check-layout`)."""
     result = subprocess.run(
-        [sys.executable, "-m", "dimple_tools.check_layout"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "dimple_tools.checkpoint.layout"], cwd=ROOT, capture_output=True, text=True,
         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -1036,7 +1036,7 @@ def test_layout_checker_reports_a_wrong_reference(tmp_path):
     path = tmp_path / "reference.json"
     path.write_text(json.dumps(reference))
     result = subprocess.run(
-        [sys.executable, "-m", "dimple_tools.check_layout", "--reference", str(path)], cwd=ROOT,
+        [sys.executable, "-m", "dimple_tools.checkpoint.layout", "--reference", str(path)], cwd=ROOT,
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 1

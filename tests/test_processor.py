@@ -26,7 +26,7 @@ from dimple.processing_dimple import DimpleProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "tiny-dimple"
-# The vocabulary files dimple_tools/build_qwen2_tokenizer.py builds, committed at the repository root.
+# The vocabulary files dimple_tools/checkpoint/qwen2_tokenizer.py builds, committed at the repository root.
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 
 # Token ids of SPEC §2 and the rest of the added tokens (Qwen2.5's, then Dream's).
@@ -179,7 +179,7 @@ def test_the_repository_root_is_the_real_processor(root_processor):
 def mixed_text():
     """About 5,000 characters of code, prose, Chinese, Japanese, Korean, Arabic, emoji (ZWJ sequences, flags,
     skin tones), digits and odd whitespace, shuffled by line with a fixed seed, plus random characters."""
-    code = (REPO_ROOT / "dimple_tools" / "build_qwen2_tokenizer.py").read_text()[:1500]
+    code = (REPO_ROOT / "dimple_tools" / "checkpoint" / "qwen2_tokenizer.py").read_text()[:1500]
     lines = [
         "def f(x):\n\treturn {'a': [1, 2, 3], \"b\": x ** 2 / 3.14159}  # comment",
         "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }  // C loop\r\n",
@@ -726,3 +726,42 @@ def test_processor_constructed_directly(processor):
     direct = DimpleProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
     assert direct.chat_template == processor.chat_template
     assert direct.apply_chat_template(describe(), add_generation_prompt=True) == EXPECTED_PROMPT
+
+
+PER_CALL_FORMS = {
+    "keywords": lambda low, high: {"min_pixels": low, "max_pixels": high},
+    "images_kwargs": lambda low, high: {"images_kwargs": {"min_pixels": low, "max_pixels": high}},
+    "size": lambda low, high: {"size": {"shortest_edge": low, "longest_edge": high}},
+}
+
+
+@pytest.mark.parametrize("form", sorted(PER_CALL_FORMS))
+@pytest.mark.parametrize("side", [239, 300, 56, 448])
+@pytest.mark.parametrize("bounds", [(3136, 3136), (3136, 12544), (12544, 50176)], ids=["min=max", "small", "mid"])
+def test_per_call_pixel_bounds_are_honoured(root_processor, form, side, bounds):
+    """The release's processor (bounds 3136..112896) given other bounds on the call, as Qwen2.5-VL users pass
+    them: the image's grid is the one `fit_size` gives for those bounds (a multiple of 28 inside them), the same
+    whichever way they are passed, and the same through apply_chat_template's processor_kwargs."""
+    low, high = bounds
+    image = random_image(side, side, seed=side)
+    kwargs = PER_CALL_FORMS[form](low, high)
+    grid = root_processor(images=image, text="<|image_pad|>", return_tensors="pt", **kwargs)["image_grid_thw"]
+    expected = processing_dimple.fit_size(side, side, 28, low, high)
+    assert grid.tolist() == [[1, expected[0] // 14, expected[1] // 14]]
+    assert low <= int(grid[0, 1] * grid[0, 2]) * 14 * 14 <= high
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}]
+    chat = root_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt", **kwargs)
+    assert chat["image_grid_thw"].tolist() == grid.tolist()
+
+
+def test_per_call_pixel_bounds_refuse_conflicts_and_bad_values(root_processor):
+    image = random_image(64, 64)
+    with pytest.raises(ValueError, match=r"max_pixels: given as 3136 and as images_kwargs\['max_pixels'\] = 6272"):
+        root_processor(images=image, max_pixels=3136, images_kwargs={"max_pixels": 6272})
+    with pytest.raises(ValueError, match=r"min_pixels \(6272\) must be <= max_pixels \(3136\)"):
+        root_processor(images=image, min_pixels=6272, max_pixels=3136)
+    with pytest.raises(ValueError, match="max_pixels: must be a positive whole number of pixels, got -1"):
+        root_processor(images=image, max_pixels=-1)
+    with pytest.raises(ValueError, match="images_kwargs: must be a dict"):
+        root_processor(images=image, images_kwargs=[("max_pixels", 3136)])

@@ -19,9 +19,9 @@ from packaging import version
 from transformers import AutoModel, AutoProcessor
 
 from dimple import modeling_dimple
-from dimple_tools import quantization_memory
-from dimple_tools.build_tiny_dimple import IMAGE_SIZE, ask
-from dimple_tools.shapes_task import answer_is_correct, generate_samples
+from dimple_tools.bench import quantization_memory
+from dimple_tools.tiny.build import IMAGE_SIZE, ask
+from dimple_tools.tiny.task import answer_is_correct, generate_samples
 
 FOLDER = pathlib.Path(__file__).resolve().parents[1] / "tiny-dimple"
 TRANSFORMERS_5 = version.parse(transformers.__version__).major >= 5

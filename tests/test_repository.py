@@ -94,5 +94,29 @@ def test_docs_link_only_to_files_that_exist():
 
 
 def test_the_benchmark_is_a_small_harness():
-    files = ("dimple_tools/bench.py", "scripts/device_check.sh", "dimple_tools/tiny_configs.py")
+    files = ("dimple_tools/bench/benchmark.py", "scripts/device_check.sh", "dimple_tools/tiny/configs.py")
     assert sum(len((ROOT / name).read_text().splitlines()) for name in files) <= 700
+
+
+# Which tool subpackages each may import besides `tiny` (the task every tool shows; docs/development.md's map).
+TOOL_IMPORTS_ALLOWED = {
+    "tiny": {"training"},  # the tiny build trains through dimple-train
+    "demos": set(), "serving": set(), "evaluation": set(), "bench": set(), "checkpoint": set(), "training": set(),
+}
+
+
+def test_tool_subpackages_import_one_way():
+    tools = ROOT / "dimple_tools"
+    found = {path.name for path in tools.iterdir() if (path / "__init__.py").is_file()}
+    assert found == set(TOOL_IMPORTS_ALLOWED), "a new subpackage belongs in docs/development.md's map and here"
+    for package, allowed in TOOL_IMPORTS_ALLOWED.items():
+        for path in (tools / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "dimple_tools" and len(parts) > 1 and parts[1] in TOOL_IMPORTS_ALLOWED:
+                        assert parts[1] in allowed | {package, "tiny"}, f"{path.relative_to(ROOT)} imports {name}"
+    assert not [p for p in tools.glob("*.py") if p.name not in ("__init__.py", "paths.py", "compat.py")], \
+        "modules belong in a subpackage"

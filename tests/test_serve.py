@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (dimple_tools/serve.py, issue 24), run as users run it: `dimple-serve` with the
+"""The OpenAI-compatible server (dimple_tools/serving/server.py, issue 24), run as users run it: `dimple-serve` with the
 shipped tiny model in a subprocess on 127.0.0.1, spoken to with the official `openai` client.
 
 One server for the module (batch window 0.5 s, up to 32 rows, an image folder for local paths); the reference
@@ -21,9 +21,9 @@ import torch  # noqa: E402
 
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
-from dimple_tools.build_tiny_dimple import IMAGE_SIZE  # noqa: E402
-from dimple_tools.serve import ServerProcess  # noqa: E402
-from dimple_tools.shapes_task import answer_is_correct, generate_samples, sample_image  # noqa: E402
+from dimple_tools.tiny.build import IMAGE_SIZE  # noqa: E402
+from dimple_tools.serving.process import ServerProcess  # noqa: E402
+from dimple_tools.tiny.task import answer_is_correct, generate_samples, sample_image  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "tiny-dimple"

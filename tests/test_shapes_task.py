@@ -1,5 +1,5 @@
-"""Tests of the generated shapes VQA task (dimple_tools/shapes_task.py) and of the tiny tokenizer
-(dimple_tools/build_tiny_tokenizer.py) the tiny Dimple is trained with."""
+"""Tests of the generated shapes VQA task (dimple_tools/tiny/task.py) and of the tiny tokenizer
+(dimple_tools/tiny/tokenizer.py) the tiny Dimple is trained with."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from dimple_tools import build_tiny_tokenizer as btt  # noqa: E402
-from dimple_tools import shapes_task as st  # noqa: E402
+from dimple_tools.tiny import tokenizer as btt  # noqa: E402
+from dimple_tools.tiny import task as st  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_cli_writes_a_llava_jsonl_that_round_trips(tmp_path):
     out = tmp_path / "data"
     sample = tmp_path / "sample.png"
     subprocess.run(
-        [sys.executable, "-m", "dimple_tools.shapes_task", "--out", str(out), "--n", "12", "--seed", "3",
+        [sys.executable, "-m", "dimple_tools.tiny.task", "--out", str(out), "--n", "12", "--seed", "3",
          "--sample", str(sample)],
         check=True, capture_output=True, text=True,
     )

@@ -1,6 +1,6 @@
 """The shipped tiny model answers held-out questions, with and without prefilling, through the public API.
 
-`tiny-dimple/` is trained by dimple_tools/build_tiny_dimple.py (its full evaluation, 300 questions per setting,
+`tiny-dimple/` is trained by dimple_tools/tiny/build.py (its full evaluation, 300 questions per setting,
 is tiny-dimple/eval_results.json); these tests re-check a fresh held-out sample through AutoModel /
 AutoProcessor with trust_remote_code, as a user loads it.
 """
@@ -18,9 +18,9 @@ from transformers import AutoModel, AutoProcessor
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "tiny-dimple"
 
-from dimple_tools import build_tiny_dimple  # noqa: E402
-from dimple_tools.build_tiny_dimple import IMAGE_SIZE, ask  # noqa: E402
-from dimple_tools.shapes_task import answer_is_correct, generate_samples  # noqa: E402
+from dimple_tools.tiny import build as build_tiny_dimple  # noqa: E402
+from dimple_tools.tiny.build import IMAGE_SIZE, ask  # noqa: E402
+from dimple_tools.tiny.task import answer_is_correct, generate_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +139,14 @@ def test_the_image_text_to_text_pipeline_answers_like_diffusion_generate(tiny):
 
 def test_demo_command_answers_the_sample_image():
     result = subprocess.run(
-        [sys.executable, "-m", "dimple_tools.demo"], capture_output=True, text=True, check=True, cwd=str(ROOT)
+        [sys.executable, "-m", "dimple_tools.demos.cli"], capture_output=True, text=True, check=True, cwd=str(ROOT)
     )
     answers = [line for line in result.stdout.splitlines() if line.startswith("A: ")]
     assert [a.split("    ")[0] for a in answers] == ["A: red", "A: circle", "A: a red circle"]
     assert all("forward passes" in a for a in answers)
 
 
-# dimple_tools/build_tiny_dimple.py's command line: bad values and folders it must not delete stop it (exit code 2,
+# dimple_tools/tiny/build.py's command line: bad values and folders it must not delete stop it (exit code 2,
 # the flag named) before anything is deleted or trained. Nothing here trains.
 
 class Started(Exception):

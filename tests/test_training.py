@@ -25,11 +25,12 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from dimple_tools import train as train_dimple  # noqa: E402
-from dimple_tools.build_tiny_dimple import GENERATION, build_processor  # noqa: E402
-from dimple_tools.build_tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from dimple_tools.shapes_task import sample_image, write_dataset  # noqa: E402
-from dimple_tools.train import (
+from dimple_tools.training import train as train_dimple  # noqa: E402
+from dimple_tools.training import arguments as training_arguments, checkpoints, data as training_data  # noqa: E402
+from dimple_tools.tiny.build import GENERATION, build_processor  # noqa: E402
+from dimple_tools.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402
+from dimple_tools.tiny.task import sample_image, write_dataset  # noqa: E402
+from dimple_tools.training.data import (
     ConversationDataset,
     DimpleCollator,
     load_conversations,
@@ -76,7 +77,7 @@ def tiny(tmp_path_factory):
         bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
         mask_token_id=ids["mask_token_id"], **GENERATION,
     )
-    train_dimple.save_checkpoint(model, processor, str(root / "init"))
+    checkpoints.save_checkpoint(model, processor, str(root / "init"))
     data = write_dataset(str(root / "data"), n=N_SAMPLES, seed=0, image_size=IMAGE_SIZE)
     return {"root": root, "init": root / "init", "data": Path(data), "ids": ids}
 
@@ -533,7 +534,7 @@ def test_a_bf16_checkpoint_trains_in_fp32(tiny, tmp_path):
     """The release is bf16: optimiser updates on bf16 weights would round most small steps away."""
     folder = tmp_path / "bf16"
     model = DimpleModel.from_pretrained(str(tiny["init"])).to(torch.bfloat16)
-    train_dimple.save_checkpoint(model, DimpleProcessor.from_pretrained(str(tiny["init"])), str(folder))
+    checkpoints.save_checkpoint(model, DimpleProcessor.from_pretrained(str(tiny["init"])), str(folder))
     run(tiny, tmp_path / "out", model_dir=folder, steps=2, lr=1e-5)
     trained = weights(tmp_path / "out")
     assert {t.dtype for t in trained.values()} == {torch.float32}
@@ -628,7 +629,7 @@ def test_two_processes_train_as_one_process_with_their_whole_batch(tiny, tmp_pat
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dimple_tools.train", *argv]
+               "-m", "dimple_tools.training.train", *argv]
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:
@@ -739,16 +740,16 @@ def test_bad_samples_are_named_before_training(tiny, tmp_path, no_training, prob
 def test_either_spelling_of_the_checkpointing_flags_works_without_a_deprecation_warning(tmp_path, spelling):
     """transformers 5.23 renamed the flags (the old name warns); older releases know only the old one."""
     argv = ["--output_dir", str(tmp_path), f"{spelling}=true", f"{spelling}_kwargs", '{"use_reentrant": false}']
-    current = "activation" if train_dimple.HAS_ACTIVATION_CHECKPOINTING else "gradient"
-    assert train_dimple.respell_checkpointing_flags(argv)[2:4] == [f"--{current}_checkpointing=true", f"--{current}_checkpointing_kwargs"]
+    current = "activation" if training_arguments.HAS_ACTIVATION_CHECKPOINTING else "gradient"
+    assert training_arguments.respell_checkpointing_flags(argv)[2:4] == [f"--{current}_checkpointing=true", f"--{current}_checkpointing_kwargs"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        (args,) = HfArgumentParser(train_dimple.DimpleTrainingArguments).parse_args_into_dataclasses(
-            args=train_dimple.respell_checkpointing_flags(argv)
+        (args,) = HfArgumentParser(training_arguments.DimpleTrainingArguments).parse_args_into_dataclasses(
+            args=training_arguments.respell_checkpointing_flags(argv)
         )
-    assert train_dimple.checkpointing(args)
+    assert training_arguments.checkpointing(args)
     assert getattr(args, f"{current}_checkpointing_kwargs") == {"use_reentrant": False}
-    assert train_dimple.respell_checkpointing_flags(["--gradient_checkpointing_other", "1"]) == ["--gradient_checkpointing_other", "1"]
+    assert training_arguments.respell_checkpointing_flags(["--gradient_checkpointing_other", "1"]) == ["--gradient_checkpointing_other", "1"]
 
 
 @pytest.mark.parametrize(
@@ -1024,7 +1025,7 @@ def test_all_data_problems_are_reported_at_once_with_their_lines(tiny, tmp_path,
     data = tmp_path / "problems.jsonl"
     data.write_text("\n".join(lines) + "\n")
 
-    with pytest.raises(train_dimple.DataProblems) as caught:
+    with pytest.raises(training_data.DataProblems) as caught:
         run(tiny, tmp_path / "out", "--max_seq_length", "256", data=data, steps=2)
     problems = caught.value.problems
     message = str(caught.value)
@@ -1058,7 +1059,7 @@ def test_prompt_lengths_are_counted_as_the_processor_tokenizes(tiny, processor):
         Image.new("RGB", (width, height), "white").save(image)
         inputs = processor(images=[str(image)], text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt")
         expected = int((inputs["input_ids"] == processor.image_token_id).sum())
-        assert train_dimple.image_tokens(processor.image_processor, height, width) == expected
+        assert training_data.image_tokens(processor.image_processor, height, width) == expected
 
 
 def test_a_json_list_names_the_line_each_problem_record_starts_on(tiny, tmp_path, no_training):
@@ -1078,13 +1079,13 @@ def test_a_json_list_names_the_line_each_problem_record_starts_on(tiny, tmp_path
 
 _CRASHING_SAVE = r"""
 import os, sys
-from dimple_tools import train as train_dimple
+from dimple_tools.training import checkpoints, train as train_dimple
 
 def crash_midway(model, processor, output_dir, *args):
     model.save_pretrained(output_dir, safe_serialization=True)  # the weights are written, the rest is not
     os._exit(17)
 
-train_dimple.save_checkpoint = crash_midway
+checkpoints.save_checkpoint = crash_midway
 train_dimple.main(sys.argv[2:])
 """
 
@@ -1125,18 +1126,18 @@ def test_a_crash_inside_the_final_save_leaves_the_previous_checkpoint(tiny, tmp_
 
 
 def test_a_save_stopped_between_its_renames_is_undone_or_finished(tmp_path):
-    out, staging, backup = train_dimple._save_paths(tmp_path / "run")
+    out, staging, backup = checkpoints._save_paths(tmp_path / "run")
     # Stopped after the previous checkpoint moved aside: it comes back.
     backup.mkdir()
     (backup / "model.safetensors").write_text("previous")
-    train_dimple.recover_interrupted_save(out)
+    checkpoints.recover_interrupted_save(out)
     assert (out / "model.safetensors").read_text() == "previous" and not backup.exists()
     # Stopped after the new one moved in: the run's folders move over, the old checkpoint files go.
     backup.mkdir()
     (backup / "model.safetensors").write_text("previous")
     (backup / "checkpoint-4").mkdir()
     (out / "model.safetensors").write_text("new")
-    train_dimple.recover_interrupted_save(out)
+    checkpoints.recover_interrupted_save(out)
     assert (out / "model.safetensors").read_text() == "new" and (out / "checkpoint-4").is_dir()
     assert not backup.exists()
 
@@ -1155,7 +1156,7 @@ def test_max_pixels_reaches_the_image_processor(tiny, tmp_path):
 
     assert tokens() == 4  # the tiny processor's 56x56 pixels at most
     train_dimple.set_max_pixels(processor, 112 * 112)
-    assert tokens() == 16 == train_dimple.image_tokens(processor.image_processor, 200, 200)
+    assert tokens() == 16 == training_data.image_tokens(processor.image_processor, 200, 200)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,15 @@ REQUIRED_TOKENS = {
     "vision_end_token_id": "<|vision_end|>",
 }
 
+# Keyword arguments of the image processor: given to the processor call itself (as Qwen2.5-VL users do,
+# `processor(images=..., text=..., max_pixels=...)`), they go to the images, not the tokenizer.
+IMAGE_PROCESSOR_KWARGS = (
+    "min_pixels", "max_pixels", "size", "patch_size", "merge_size", "temporal_patch_size", "do_resize", "resample",
+    "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb",
+)
+
+PIXEL_BOUND_KWARGS = {"min_pixels", "max_pixels", "size"}
+
 _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 
@@ -151,6 +160,7 @@ class DimpleProcessor(ProcessorMixin):
         return [segment for segment in segments if segment[0]]
 
     def _process(self, segments, images, padding, return_tensors, images_kwargs, tokenizer_kwargs):
+        images_kwargs = _image_kwargs(images_kwargs, tokenizer_kwargs)
         images = load_images(images)
         if segments is not None:
             num_placeholders = sum(text.count(self.image_token) for row in segments for text, plain in row if not plain)
@@ -163,8 +173,12 @@ class DimpleProcessor(ProcessorMixin):
         data = {}
         tokens_per_image = []
         if images:
-            images_kwargs = dict(images_kwargs or {})
             images = _fit_pixel_bounds(images, self.image_processor, images_kwargs)
+            if PIXEL_BOUND_KWARGS & set(images_kwargs):
+                # Per-call bounds: the images are already resized to them (above), since transformers 4.46's image
+                # processor reads only its own bounds and 5.x warns about min_pixels / max_pixels.
+                images_kwargs = {k: v for k, v in images_kwargs.items() if k not in PIXEL_BOUND_KWARGS}
+                images_kwargs["do_resize"] = False
             image_inputs = self.image_processor(images=images, return_tensors=return_tensors, **images_kwargs)
             data["pixel_values"] = image_inputs["pixel_values"]
             data["image_grid_thw"] = image_inputs["image_grid_thw"]
@@ -245,7 +259,8 @@ class DimpleProcessor(ProcessorMixin):
         `"path"` or `"url"`, or OpenAI's `{"type": "image_url", "image_url": {"url": ...}}`).
 
         Returns the prompt string (a list for a batch) or, with `tokenize=True`, the processor's output on the
-        prompt(s) and the images found in the items (`processor_kwargs` go to `__call__`); its `input_ids` alone
+        prompt(s) and the images found in the items (`processor_kwargs`, and image processor arguments such as
+        `max_pixels` given here, go to `__call__`); its `input_ids` alone
         with `return_dict=False` (transformers' pipelines ask for `return_dict=True`).
 
         `split_special_tokens=True` (with `tokenize=True`) reads the messages' text as plain text: a message
@@ -259,6 +274,12 @@ class DimpleProcessor(ProcessorMixin):
         if return_dict and not tokenize:
             raise ValueError("return_dict=True needs tokenize=True: without tokenizing there is no dict to return.")
         processor_kwargs = dict(processor_kwargs or {})
+        for key in (*IMAGE_PROCESSOR_KWARGS, "images_kwargs"):  # image arguments go to the images, not the template
+            if key in template_kwargs:
+                if key in processor_kwargs and processor_kwargs[key] != template_kwargs[key]:
+                    raise ValueError(f"{key}: given as {template_kwargs[key]!r} and as processor_kwargs[{key!r}] = "
+                                     f"{processor_kwargs[key]!r}; give it once")
+                processor_kwargs[key] = template_kwargs.pop(key)
         split_special_tokens = processor_kwargs.pop("split_special_tokens", split_special_tokens)
         if split_special_tokens not in (True, False):
             raise ValueError(f"split_special_tokens: must be True or False, got {split_special_tokens!r}")
@@ -513,12 +534,40 @@ def resize_target(height, width, factor, min_pixels, max_pixels):
     return target
 
 
+def _image_kwargs(images_kwargs, call_kwargs) -> dict:
+    """`images_kwargs` with the image processor's arguments given to the call itself moved in (popped from
+    `call_kwargs`, which then holds the tokenizer's); one argument given both ways must agree."""
+    if images_kwargs is not None and not isinstance(images_kwargs, dict):
+        raise ValueError(f"images_kwargs: must be a dict of image processor arguments, got {type(images_kwargs).__name__}")
+    images_kwargs = dict(images_kwargs or {})
+    for key in IMAGE_PROCESSOR_KWARGS:
+        if key in call_kwargs:
+            value = call_kwargs.pop(key)
+            if key in images_kwargs and images_kwargs[key] != value:
+                raise ValueError(
+                    f"{key}: given as {value!r} and as images_kwargs[{key!r}] = {images_kwargs[key]!r}; give it once"
+                )
+            images_kwargs[key] = value
+    for key in ("min_pixels", "max_pixels"):
+        value = images_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}: must be a positive whole number of pixels, got {value!r}")
+    if None not in (images_kwargs.get("min_pixels"), images_kwargs.get("max_pixels")) and \
+            images_kwargs["min_pixels"] > images_kwargs["max_pixels"]:
+        raise ValueError(
+            f"min_pixels ({images_kwargs['min_pixels']}) must be <= max_pixels ({images_kwargs['max_pixels']})"
+        )
+    return images_kwargs
+
+
 def _fit_pixel_bounds(images, image_processor, images_kwargs):
     """`images`, each one that Qwen2-VL's image processor would resize outside [min_pixels, max_pixels]
-    resized here (`resize_target`)."""
+    resized here (`resize_target`); with bounds given on the call (`min_pixels`, `max_pixels`, `size`), every
+    image is resized here to `fit_size`'s result for them."""
     kwargs = images_kwargs
     if not kwargs.get("do_resize", getattr(image_processor, "do_resize", True)):
         return images
+    per_call = bool(PIXEL_BOUND_KWARGS & set(kwargs))
     size = kwargs.get("size") or getattr(image_processor, "size", None) or {}
 
     def bound(key, *size_keys):
@@ -545,7 +594,11 @@ def _fit_pixel_bounds(images, image_processor, images_kwargs):
     fitted = []
     for image in images:
         height, width = _image_size(image, len(fitted))
-        target = resize_target(height, width, factor, min_pixels, max_pixels)
+        if per_call:  # resized here to the call's bounds: the image processor then does not resize
+            target = fit_size(height, width, factor, min_pixels, max_pixels)
+            target = None if target == (height, width) else target
+        else:
+            target = resize_target(height, width, factor, min_pixels, max_pixels)
         if target is not None:
             if is_pil_image(image):
                 if image.mode in ("1", "P"):  # PIL resizes these by nearest neighbour only

@@ -1,0 +1,157 @@
+"""An OpenAI-compatible chat-completions server for Dimple, built on LitServe.
+
+    dimple-serve --model tiny-dimple                       # http://127.0.0.1:8000/v1/chat/completions
+    dimple-serve --model rp-yu/Dimple-7B --device cuda --max-batch-size 16 --batch-timeout 0.02
+
+LitServe (`OpenAISpec`) gives the HTTP layer, the chat-completions schema, the request queue, the batch
+window (`max_batch_size`, `batch_timeout`) and the worker processes (`workers_per_device` on every device).
+This module adds what is Dimple's:
+
+* `DimpleAPI` (the inference worker): turns each request into the processor's inputs (text and `image_url`
+  parts: base64 `data:` URLs, and local files under `--image-folder`; remote URLs are refused since the server
+  fetches nothing), groups the requests of a batch that decode alike (same canvas and settings) into one
+  `diffusion_generate` call, and follows every row after each step: the answer's settled text (committed
+  tokens left of the first mask, up to the end-of-text) is sent as it grows, a row ends as soon as its answer
+  is settled, a `stop` string is met, or its client went away, and its remaining masks are then never
+  decoded. Requests that sample (temperature > 0, or a random `alg` such as `origin`) with a `seed` decode
+  alone with their own generator, so the answer does not depend on the batch.
+* `DimpleOpenAISpec` (the HTTP side): the Dimple settings of the request body, 400 errors in OpenAI's format
+  naming the field, `usage.forward_passes`, `finish_reason`, `/v1/models`, `/metrics`, and client
+  disconnects (a closed stream or connection) marked for the worker, which stops that row at its next step.
+
+Every row of a batch decodes as it would alone (Dimple's decisions are per row); greedy decoding is the default
+(a request's `temperature` applies only when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import os
+import pathlib
+import signal
+
+import torch
+
+import litserve as ls
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dimple_tools.serving.worker import DimpleAPI
+from dimple_tools.serving.openai_spec import DimpleOpenAISpec
+from dimple_tools.serving.errors import RequestError, http_error_handler, request_error_handler, validation_error_handler
+from dimple_tools.serving.state import SharedState
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimple-serve", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+    parser.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when there is a GPU, else cpu")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="default auto: bfloat16 on the GPU, float32 on the CPU")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="most requests decoded together (1: one at a time)")
+    parser.add_argument("--batch-timeout", type=float, default=0.02,
+                        help="seconds a worker waits for a batch to fill")
+    parser.add_argument("--workers-per-device", type=int, default=1,
+                        help="model copies per device (one per GPU is usual; a batch keeps a GPU busy)")
+    parser.add_argument("--image-folder", default=None,
+                        help="folder local image paths (or file:// URLs) may be read from (default: none allowed)")
+    parser.add_argument("--queue-timeout", type=float, default=600,
+                        help="seconds a request may wait in the queue before a 504")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per CPU worker (default: the cores / workers-per-device)")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def check_args(parser, args) -> None:
+    if not 1024 <= args.port <= 65535:
+        parser.error(f"--port must be in [1024, 65535], got {args.port}")
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not (math.isfinite(args.batch_timeout) and args.batch_timeout >= 0):
+        parser.error(f"--batch-timeout must be a number >= 0, got {args.batch_timeout}")
+    if args.workers_per_device < 1:
+        parser.error(f"--workers-per-device must be >= 1, got {args.workers_per_device}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.image_folder is not None and not os.path.isdir(args.image_folder):
+        parser.error(f"--image-folder must be a folder, got {args.image_folder!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+
+def model_info(model_path: str) -> dict:
+    """What /v1/models says about the checkpoint: its context size and decoding defaults (local folders)."""
+    info = {}
+    folder = pathlib.Path(model_path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        info["max_model_len"] = config.get("max_position_embeddings")
+        info["decoding_defaults"] = json.loads((folder / "generation_config.json").read_text())
+        info["decoding_defaults"].pop("transformers_version", None)
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads
+    if device == "cpu" and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // args.workers_per_device)
+    model_id = args.served_model_name or pathlib.Path(args.model.rstrip("/")).name or args.model
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()))
+
+    manager = multiprocessing.Manager()
+    shared = SharedState(manager)
+    spec = DimpleOpenAISpec(model_id, shared, model_info(args.model))
+    api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
+                    max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, spec=spec)
+    # fast_queue: LitServe's ZeroMQ transport from the workers to the HTTP servers (the default goes through a
+    # multiprocessing manager: a round trip per streamed item)
+    server = ls.LitServer(api, accelerator=device, devices="auto", workers_per_device=args.workers_per_device,
+                          timeout=args.queue_timeout, model_metadata={"model": model_id}, fast_queue=True)
+    server.app.add_exception_handler(RequestError, request_error_handler)
+    server.app.add_exception_handler(RequestValidationError, validation_error_handler)
+    server.app.add_exception_handler(StarletteHTTPException, http_error_handler)
+
+    main_pid = os.getpid()
+
+    def terminate(signum, frame):  # SIGTERM (docker stop, kill): LitServe's graceful shutdown, as on Ctrl-C
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked HTTP server inherited this handler: just exit
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    finally:
+        manager.shutdown()
+
+
+if __name__ == "__main__":
+    # `python -m dimple_tools.serving.server`: run the imported module's main, so that the classes LitServe pickles for its
+    # spawned workers are `dimple_tools.serving.server.*`, not `__main__.*`.
+    from dimple_tools.serving.server import main as _main
+
+    _main()

@@ -56,6 +56,10 @@ class DimpleTrainingArguments(TrainingArguments):
                   "compare."},
     )
     data_seed_offset: int = dataclasses.field(default=0, metadata={"help": "Offset of the answer-padding RNG."})
+    answer_padding_to: int = dataclasses.field(
+        default=0, metadata={"help": "0: each answer is padded with <|endoftext|> to a length drawn in [n + 1, next "
+                             "bucket] (the release's objective); N > 0: drawn in [n + 1, max(N, next bucket)], so that "
+                             "short answers also learn to end on a canvas of up to N tokens."})
     # transformers 5's default, also on 4.x: a step's loss is the mean over the labelled tokens of every
     # micro-batch on every device, so N devices × batch b train as one device with batch N·b.
     average_tokens_across_devices: Optional[bool] = dataclasses.field(

@@ -23,14 +23,15 @@ from dimple_tools.training.arguments import IMAGE_PLACEHOLDER, MAX_ASPECT_RATIO,
 logger = logging.getLogger("train_dimple")
 
 
-def padded_answer_length(n: int, rng: random.Random) -> int:
+def padded_answer_length(n: int, rng: random.Random, pad_to: int = 0) -> int:
     """Answer + padding length, drawn uniformly in [n + 1, next bucket]: below 16 tokens the next power of
-    two, else the next multiple of 16 (at least one `<|endoftext|>` always follows the answer)."""
+    two, else the next multiple of 16 (at least one `<|endoftext|>` always follows the answer); with
+    `pad_to` > 0 the upper end is at least `pad_to` (`--answer_padding_to`)."""
     if n + 1 <= 16:
         bucket = 1 << math.ceil(math.log2(n + 1))
     else:
         bucket = 16 * math.ceil((n + 1) / 16)
-    return rng.randint(n + 1, bucket)
+    return rng.randint(n + 1, max(bucket, pad_to))
 
 
 class DataProblems(ValueError):
@@ -303,8 +304,10 @@ class ConversationDataset(torch.utils.data.Dataset):
     """One item per conversation: the prompt (all turns before the last answer, chat template with the
     generation prompt), the answer ids and its padded length, the images."""
 
-    def __init__(self, samples: list, processor, max_seq_length: int, seed: int = 0, fixed_masks: bool = False):
+    def __init__(self, samples: list, processor, max_seq_length: int, seed: int = 0, fixed_masks: bool = False,
+                 answer_padding_to: int = 0):
         self.samples, self.processor, self.max_seq_length, self.seed = samples, processor, max_seq_length, seed
+        self.answer_padding_to = answer_padding_to
         self.fixed_masks = fixed_masks  # evaluation: the same diffusion masks at every evaluation
         self.truncated_indices = set()  # distinct samples (an item is fetched again every epoch)
         self.prompts = [prompt_text(processor, s["messages"]) for s in samples]
@@ -325,7 +328,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         prompt_ids = inputs["input_ids"][0]
         answer = tokenizer(sample["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
         # Padding length is drawn per (epoch-independent) sample so that runs are reproducible.
-        length = padded_answer_length(len(answer), random.Random(self.seed * 1_000_003 + index))
+        length = padded_answer_length(len(answer), random.Random(self.seed * 1_000_003 + index), self.answer_padding_to)
         target = answer + [tokenizer.pad_token_id] * (length - len(answer))
         room = self.max_seq_length - len(prompt_ids)
         if room < 1:

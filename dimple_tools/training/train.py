@@ -123,7 +123,10 @@ def train(args: DimpleTrainingArguments) -> dict:
         eps=args.diffusion_eps,
         seed=args.seed,
     )
-    dataset = ConversationDataset(samples, processor, args.max_seq_length, seed=args.seed + args.data_seed_offset)
+    if args.answer_padding_to < 0:
+        raise ValueError(f"--answer_padding_to must be >= 0 (0: the release's buckets), got {args.answer_padding_to}")
+    dataset = ConversationDataset(samples, processor, args.max_seq_length, seed=args.seed + args.data_seed_offset,
+                                  answer_padding_to=args.answer_padding_to)
     eval_dataset = None
     if eval_samples is not None:
         eval_dataset = ConversationDataset(eval_samples, processor, args.max_seq_length, seed=args.seed, fixed_masks=True)

@@ -295,6 +295,48 @@ def test_dream_confidence_count_by_hand(step, masks, expected):
     assert chosen[0].nonzero().flatten().tolist() == list(range(masks - expected, masks))
 
 
+def dream_passes_by_hand(masks: int, steps: int, eps: float = 1e-3) -> int:
+    """Passes of a greedy Dream decode that runs only the steps committing something: floor(m (1 - s/t)) >= 1,
+    and the last step while masks are left."""
+    taus = [1 + (eps - 1) * i / steps for i in range(steps + 1)]
+    passes = 0
+    for step in range(steps):
+        if masks == 0:
+            break
+        count = masks if step == steps - 1 else math.floor(masks * (1 - taus[step + 1] / taus[step]))
+        if count >= 1:
+            passes += 1
+            masks -= count
+    return passes
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("settings", [dict(), dict(use_cache=True), dict(block_length=2, dual_cache=True)],
+                         ids=["plain", "prefilling", "dual-cache"])
+def test_dream_skips_the_passes_that_commit_nothing(alg, settings):
+    """4 masks over 16 steps: most steps' floor(4 (1 - s/t)) is 0. Those passes are skipped (the count by hand),
+    and the tokens equal a decode that runs every pass (an identity logits hook turns skipping off)."""
+    model = tiny_model(0.2)
+    common = dict(alg=alg, decoding_pipeline="dream", max_new_tokens=4, steps=16, temperature=0.0, **settings)
+    skipped = run(model, image_inputs(batch=2), **common)
+    every_pass = run(model, image_inputs(batch=2), generation_logits_hook_func=lambda step, x, logits: logits,
+                     **common)
+    assert torch.equal(skipped.sequences, every_pass.sequences)
+    blocks = generation_utils.plan_blocks(4, settings.get("block_length"), 16)
+    assert skipped.num_forward_passes == sum(dream_passes_by_hand(hi - lo, n) for lo, hi, n in blocks)
+    assert every_pass.num_forward_passes == 16
+    assert skipped.num_forward_passes < every_pass.num_forward_passes
+
+
+def test_dream_does_not_skip_sampled_decodes():
+    settings = config(alg="maskgit_plus", decoding_pipeline="dream", steps=16, temperature=1.0)
+    pipeline = DreamPipeline(settings, 16)
+    assert not pipeline.commits_nothing(1, torch.ones(1, 4, dtype=torch.bool))
+    greedy = DreamPipeline(config(alg="maskgit_plus", decoding_pipeline="dream", steps=16), 16)
+    assert greedy.commits_nothing(1, torch.ones(1, 4, dtype=torch.bool))  # floor(4 * 0.0666) = 0
+    assert not greedy.commits_nothing(15, torch.ones(1, 4, dtype=torch.bool))  # the last step takes every mask
+
+
 # --------------------------------------------------------------------------------------------------
 # Confident decoding (dim): positions above the threshold, all of them on the last step
 # --------------------------------------------------------------------------------------------------

@@ -875,14 +875,14 @@ def card_metadata(readme: Path) -> dict:
 def assert_dimple_card(readme: Path, path: str):
     data = card_metadata(readme)
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-text-to-text"
-    assert data["license"] == "apache-2.0" and data["base_model"]
+    assert data["license"] == "apache-2.0"
     assert {"diffusion", "custom_code"} <= set(data["tags"])
     text = readme.read_text()
     assert f'path = "{path}"' in text
     assert "AutoModel.from_pretrained(path, trust_remote_code=True)" in text
     assert "AutoProcessor.from_pretrained(path, trust_remote_code=True)" in text
     assert "model.diffusion_generate(**inputs)" in text
-    assert "## Decoding settings" in text and "| `steps` | `8` |" in text and "| `alg` | `'maskgit_plus'` |" in text
+    assert "## Decoding settings" in text and f"| `steps` | `{GENERATION['steps']}` |" in text and "| `alg` | `'maskgit_plus'` |" in text
     return data, text
 
 
@@ -990,6 +990,9 @@ def test_training_output_carries_a_card_with_the_arguments_and_losses(tiny, tmp_
     for readme, path in ((out / "README.md", "me/dimple-card-run"), (hub.into / "README.md", "me/dimple-card-run")):
         data, text = assert_dimple_card(readme, path)
         assert "dimple-diffusion" in data["tags"]
+        # tiny["init"] is a local checkpoint of no Hub model: no base_model (not the release's Dream / Qwen)
+        assert "base_model" not in data, data
+        assert "Trained from the local checkpoint `init`" in text
         assert "| stage | diffusion |" in text and "| learning_rate | 0.003 |" in text
         assert "| per_device_train_batch_size | 8 |" in text and "| max_steps | 5 |" in text
         assert f"final training loss (step 5): {history[-1]['loss']:.4f}" in text
@@ -1248,3 +1251,233 @@ def test_trl_vision_sft_records_train(tiny, tmp_path):
     history = run(tiny, tmp_path / "out", data=data, steps=10)
     assert history[-1]["loss"] < history[0]["loss"]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. Reliability (issue 37): finished runs, exit status, resuming, undecodable data, cards and adapters
+# --------------------------------------------------------------------------------------------------
+
+
+def _stamp(path: Path) -> tuple:
+    """What a rewrite changes: the bytes, the inode (a save renames a new folder into place), the mtime."""
+    info = path.stat()
+    return path.read_bytes(), info.st_ino, info.st_mtime_ns
+
+
+@pytest.mark.parametrize("bound", ["max_steps", "num_train_epochs"])
+def test_resuming_a_finished_run_trains_nothing_and_keeps_the_final_model(tiny, tmp_path, caplog, bound):
+    """The Trainer resumed from a checkpoint at max_steps trains one step more, saves checkpoint-N+1 and replaces
+    the finished model; dimple-train stops instead, saying so."""
+    data = _write_jsonl(tmp_path, [_good(tiny, i) for i in range(16)])  # 2 steps of 8 per epoch
+    extra = ("--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1")
+    if bound == "num_train_epochs":
+        extra += ("--num_train_epochs", "1")
+    steps = 2 if bound == "max_steps" else -1
+    out = tmp_path / "done"
+    run(tiny, out, *extra, data=data, steps=steps)
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    final, state = _stamp(out / "model.safetensors"), _stamp(out / "trainer_state.json")
+    for resume in (str(out / "checkpoint-2"), "true"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train_dimple"):
+            train_dimple.main([
+                "--model_name_or_path", str(tiny["init"]), "--data_path", str(data), "--output_dir", str(out),
+                "--max_steps", str(steps), *extra, "--resume_from_checkpoint", resume, "--learning_rate", "3e-3",
+                "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "8", "--report_to", "none",
+                "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+            ])
+        where = "step 2 of max_steps 2" if bound == "max_steps" else "epoch 1 (step 2) of num_train_epochs 1"
+        assert f"checkpoint-2 is already at {where}: nothing to train; the final model in {out} is left as it is" \
+            in caplog.text, caplog.text
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+        assert _stamp(out / "model.safetensors") == final and _stamp(out / "trainer_state.json") == state
+
+
+def test_train_returns_the_metrics_and_main_returns_none(tiny, tmp_path):
+    """A console script passes main()'s value to sys.exit: a dict there is exit status 1 after a success."""
+    out = tmp_path / "status"
+    argv = ["--model_name_or_path", str(tiny["init"]), "--data_path", str(tiny["data"]), "--output_dir", str(out),
+            "--max_steps", "1", "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
+            "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+    assert train_dimple.main(argv) is None
+    (args,) = HfArgumentParser(training_arguments.DimpleTrainingArguments).parse_args_into_dataclasses(
+        args=argv[:5] + [str(tmp_path / "library")] + argv[6:])
+    metrics = train_dimple.train(args)
+    assert metrics["train_loss"] > 0 and (tmp_path / "library" / "model.safetensors").is_file()
+
+
+def _installed(script: str) -> str:
+    path = Path(sys.executable).parent / script
+    if not path.is_file():
+        pytest.skip(f"{script} is not installed in this environment (pip install -e .)")
+    return str(path)
+
+
+def test_the_dimple_train_console_script_exits_0_after_training_and_1_on_bad_input(tiny, tmp_path):
+    script = _installed("dimple-train")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--model_name_or_path", str(tiny["init"]), "--stage", "diffusion", "--max_steps", "1",
+              "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+              "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+    done = subprocess.run([script, *common, "--data_path", str(tiny["data"]), "--output_dir", str(tmp_path / "ok")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ok" / "model.safetensors").is_file()
+    missing = subprocess.run([script, *common, "--data_path", str(tmp_path / "nowhere.jsonl"),
+                              "--output_dir", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "--data_path" in missing.stderr and "does not exist" in missing.stderr
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.x's Trainer resumes with torch.load of pickled RNG state, which torch >= 2.6 refuses",
+)
+def test_resume_from_checkpoint_true_takes_the_latest_complete_checkpoint(tiny, tmp_path, monkeypatch, caplog):
+    """`true` is the latest checkpoint-N of output_dir (not a folder named "true"), a half-written one (killed
+    before its trainer_state.json) is skipped with a warning naming it; `false` is no resume."""
+    out = tmp_path / "resume"
+    run(tiny, out, "--save_strategy", "steps", "--save_steps", "1", steps=2)
+    intact = tmp_path / "intact"
+    shutil.copytree(out, intact)
+    executed = []
+
+    class CountingTrainer(train_dimple.Trainer):
+        def training_step(self, *args, **kwargs):
+            executed.append(self.state.global_step)
+            return super().training_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_dimple, "Trainer", CountingTrainer)
+    run(tiny, intact, "--resume_from_checkpoint", "true", steps=3)
+    assert executed == [2]  # from checkpoint-2
+    assert json.loads((intact / "trainer_state.json").read_text())["global_step"] == 3
+
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # as a kill in the middle of the save leaves it
+    executed.clear()
+    with caplog.at_level(logging.WARNING, logger="train_dimple"):
+        run(tiny, out, "--resume_from_checkpoint", "True", steps=3)
+    assert executed == [1, 2]  # from checkpoint-1
+    assert re.search(r"skipping \S*checkpoint-2, it has no trainer_state\.json", caplog.text), caplog.text
+
+    executed.clear()
+    run(tiny, tmp_path / "fresh", "--resume_from_checkpoint", "false", steps=1)
+    assert executed == [0]
+
+
+def test_an_incomplete_or_missing_checkpoint_is_refused_by_name(tiny, tmp_path, no_training):
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"")  # the weights are written first
+    with pytest.raises(ValueError, match=rf"--resume_from_checkpoint {re.escape(str(out / 'checkpoint-4'))} is an "
+                                         r"incomplete checkpoint: it has no trainer_state\.json"):
+        run(tiny, out, "--resume_from_checkpoint", str(out / "checkpoint-4"), steps=8)
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint true resumes from the latest checkpoint-N folder in "
+                                         r"--output_dir .*, but it holds only incomplete ones \(checkpoint-4\)"):
+        run(tiny, out, "--resume_from_checkpoint", "true", steps=8)
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*elsewhere: no such folder; give a checkpoint-N "
+                                         r"folder of a run, true .* or false"):
+        run(tiny, out, "--resume_from_checkpoint", str(tmp_path / "elsewhere"), steps=8)
+
+
+def test_a_line_that_is_not_utf8_is_one_problem_among_the_others(tiny, tmp_path, no_training):
+    records = [_good(tiny, i) for i in range(6)]
+    records[4]["image"] = str(tmp_path / "nowhere.png")
+    lines = [json.dumps(record).encode() for record in records]
+    lines[2] = lines[2].replace(b'"content": "', b'"content": "\xff\xfe', 1)  # e.g. a UTF-16 fragment pasted in
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(training_data.DataProblems) as caught:
+        run(tiny, tmp_path / "out", data=data, steps=2)
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert re.fullmatch(rf"mixed\.jsonl:3: sample {records[2]['id']}: not UTF-8 text: byte 0xff at byte \d+ of the "
+                        r"line \(invalid start byte\); the file must be UTF-8", problems[0]), problems[0]
+    assert re.fullmatch(rf"mixed\.jsonl:5: sample {records[4]['id']}: image file .*nowhere\.png not found", problems[1])
+    # ... in a JSON list too (the record it falls in is named), and a UTF-16 file is named as such
+    listing = tmp_path / "mixed.json"
+    listing.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(training_data.DataProblems) as caught:
+        run(tiny, tmp_path / "out", data=listing, steps=2)
+    assert [p.split(": ")[0:2] for p in caught.value.problems] == [
+        ["mixed.json:4", f"sample {records[2]['id']}"], ["mixed.json:6", f"sample {records[4]['id']}"]]
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes("\n".join(json.dumps(r) for r in records[:2]).encode("utf-16"))
+    with pytest.raises(ValueError, match=r"utf16\.jsonl is UTF-16 text .*save it as UTF-8"):
+        run(tiny, tmp_path / "out", data=utf16, steps=2)
+
+
+def test_the_lora_flag_without_peft_says_what_to_install(tiny, tmp_path):
+    code = ("import sys; sys.modules['peft'] = None\n"  # peft unimportable, as where the train extra is missing
+            "from dimple_tools.training.train import main\nsys.exit(main())\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--model_name_or_path", str(tiny["init"]), "--data_path", str(tiny["data"]),
+         "--output_dir", str(tmp_path / "out"), "--lora_r", "4", "--max_steps", "1", "--use_cpu", "true",
+         "--report_to", "none"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "--lora_r needs peft, the `train` extra: pip install -e '.[train]'" in result.stderr
+    assert "Traceback" not in result.stderr and "ModuleNotFoundError" not in result.stderr
+
+
+def test_the_card_names_the_checkpoint_trained_from(tiny, tmp_path, model):
+    """Not the release's Dream-7B / Qwen2.5-VL-7B whatever the run started from: a Hub id is the base model; a local
+    folder passes on what its card or config names (the release's bases only for a model of their shape)."""
+    state = transformers.TrainerState()
+
+    def card_for(name_or_path):
+        (args,) = HfArgumentParser(training_arguments.DimpleTrainingArguments).parse_args_into_dataclasses(args=[
+            "--model_name_or_path", str(name_or_path), "--data_path", str(tiny["data"]),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu", "true"])
+        card = checkpoints.training_card(model, args, state, {}, 1)
+        card.save(str(tmp_path / "README.md"))
+        return card_metadata(tmp_path / "README.md").get("base_model"), card.text
+
+    # The shipped tiny model is trained from scratch: its card names no base model, nor does a model trained from it.
+    assert "base_model" not in card_metadata(ROOT / "tiny-dimple" / "README.md")
+    base, text = card_for(ROOT / "tiny-dimple")
+    assert base is None and "Trained from the local checkpoint `tiny-dimple`, of no known Hub base model" in text
+    assert card_for("someone/dimple-base")[0] == ["someone/dimple-base"]
+    derived = tmp_path / "derived"
+    shutil.copytree(tiny["init"], derived)
+    (derived / "README.md").write_text("---\nbase_model: someone/dimple-base\nlicense: apache-2.0\n---\n# notes\n")
+    assert card_for(derived) == (["someone/dimple-base"], card_for(derived)[1])
+    assert "derived from `someone/dimple-base`" in card_for(derived)[1]
+    (derived / "README.md").unlink()
+    config = json.loads((derived / "config.json").read_text())
+    (derived / "config.json").write_text(json.dumps({**config, "_name_or_path": "someone/else"}))
+    assert card_for(derived)[0] == ["someone/else"]
+    cached = tmp_path / "hub" / "models--owner--dimple-ft" / "snapshots" / "0123abc"
+    shutil.copytree(tiny["init"], cached)
+    assert card_for(cached)[0] == ["owner/dimple-ft"]
+
+
+def test_a_lora_adapter_carries_a_card_and_loads_with_auto_peft_model(tiny, tmp_path, monkeypatch):
+    """--lora_save both: the adapter folder gets a filled card (not peft's empty template), and
+    `AutoPeftModel.from_pretrained(adapter)` loads it (peft imports only allowlisted packages: the config names
+    transformers' AutoModel, which the base's auto_map leads to Dimple), from any directory."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel, AutoProcessor
+
+    monkeypatch.chdir(tiny["root"])
+    out = tmp_path / "lora"
+    run(tiny, out, "--lora_r", "4", "--lora_save", "both", steps=1, model_dir="init")  # a relative base path
+    adapter = out / "adapter"
+    text = (adapter / "README.md").read_text()
+    assert "Provide a quick summary" not in text and "## This folder is a LoRA adapter" in text
+    data = card_metadata(adapter / "README.md")
+    assert data["library_name"] == "peft" and "base_model" not in data and {"lora", "peft"} <= set(data["tags"])
+    assert 'path = "lora/adapter"' in text and "AutoPeftModel.from_pretrained(path, trust_remote_code=True, " \
+        "full_attn_mask=True)" in text
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny["init"].resolve())
+    monkeypatch.chdir(tmp_path)
+    merged = DimpleModel.from_pretrained(str(out)).eval()
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, tiny["ids"]["mask_token_id"]]])}
+    loaded = peft.AutoPeftModel.from_pretrained(str(adapter), trust_remote_code=True, full_attn_mask=True).eval()
+    # the line docs/training.md gives for a base of one's choosing
+    documented = peft.PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(tiny["init"]), trust_remote_code=True, full_attn_mask=True), str(adapter)).eval()
+    with torch.no_grad():
+        for model in (loaded, documented):
+            torch.testing.assert_close(model(**inputs).logits, merged(**inputs).logits, rtol=1e-4, atol=1e-4)
+    assert type(AutoProcessor.from_pretrained(str(adapter), trust_remote_code=True)).__name__ == "DimpleProcessor"

@@ -1,6 +1,7 @@
 """Training data: LLaVA-style or TRL-style conversations checked before the model loads, the dataset and the
 collator that pads answers with end-of-text and masks them for the diffusion stage."""
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -46,30 +47,70 @@ class DataProblems(ValueError):
         )
 
 
+def decode_lines(path: pathlib.Path, data: bytes, flag: str = "--data_path") -> tuple:
+    """(text, {line number: what}) of a file's bytes: each line is decoded as UTF-8 (a UTF-8 byte-order mark is
+    dropped), a line that is not UTF-8 is kept with its undecodable bytes replaced and named in the dict."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+        else:
+            raise ValueError(f"{flag} {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    lines, undecodable = [], {}
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            bad = raw[error.start:error.end]
+            undecodable[number] = (
+                f"not UTF-8 text: byte{'s' if len(bad) > 1 else ''} {' '.join(f'0x{b:02x}' for b in bad)} at byte "
+                f"{error.start + 1} of the line ({error.reason}); the file must be UTF-8"
+            )
+            lines.append(raw.decode("utf-8", errors="replace"))
+    return "\n".join(lines), undecodable
+
+
+def _sample_name(record) -> str:
+    return f"sample {record['id']}: " if isinstance(record, dict) and isinstance(record.get("id"), (str, int)) else ""
+
+
 def read_records(path: pathlib.Path, flag: str = "--data_path") -> tuple:
-    """(records, line numbers, problems) of a JSON list or a JSONL file; a JSONL line that does not parse is a
-    problem naming its line, the others are still read."""
-    text = path.read_text()
+    """(records, line numbers, problems) of a JSON list or a JSONL file; a JSONL line that does not parse, or a
+    line that is not UTF-8, is a problem naming its line (and the sample, where it still reads), the others are
+    still read."""
+    text, undecodable = decode_lines(path, path.read_bytes(), flag)
     if not text.strip():
         raise ValueError(f"{flag} {path} holds no samples")
     records, lines, problems = [], [], []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may be in a JSON string
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                    lines.append(number)
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    problems.append(f"{path.name}:{number}: not valid JSON: {error.msg} (column {error.colno})")
+                    if number in undecodable:  # the bytes replaced may be what does not parse
+                        problems.append(f"{path.name}:{number}: {undecodable[number]}")
+                    else:
+                        problems.append(f"{path.name}:{number}: not valid JSON: {error.msg} (column {error.colno})")
+                    continue
+                if number in undecodable:
+                    problems.append(f"{path.name}:{number}: {_sample_name(record)}{undecodable[number]}")
+                    continue
+                records.append(record)
+                lines.append(number)
         return records, lines, problems
     try:
         start = len(text) - len(text.lstrip())
         if not text.startswith("[", start):
             records = json.loads(text)  # not a list: named below
-            return records, None, problems
+            return records, None, [f"{path.name}:{number}: {what}" for number, what in undecodable.items()]
         # A list, read record by record to know the line each starts on.
         decoder, position, line, counted = json.JSONDecoder(), start + 1, 1, 0
         separators = re.compile(r"\s*(,\s*)?")
+        ends = []
         while True:
             position = separators.match(text, position).end()
             if text.startswith("]", position):
@@ -79,11 +120,25 @@ def read_records(path: pathlib.Path, flag: str = "--data_path") -> tuple:
             record, position = decoder.raw_decode(text, position)
             records.append(record)
             lines.append(line)
+            ends.append(line + text.count("\n", counted, position))
         if text[position + 1:].strip():
             json.loads(text)  # raises "Extra data" at the right place
     except json.JSONDecodeError as error:
         hint = " (one record per line is a .jsonl file)" if "Extra data" in str(error) else ""
-        raise ValueError(f"{flag} {path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}") from None
+        encoding = "".join(f"; line {number}: {what}" for number, what in undecodable.items())
+        raise ValueError(
+            f"{flag} {path}: not valid {path.suffix[1:].upper() or 'JSON'}{hint}: {error}{encoding}"
+        ) from None
+    if undecodable:  # the records holding lines that are not UTF-8 are problems, the others still read
+        kept, named = [], set()
+        for index, record in enumerate(records):
+            bad = [number for number in undecodable if lines[index] <= number <= ends[index]]
+            problems += [f"{path.name}:{number}: {_sample_name(record)}{undecodable[number]}" for number in bad]
+            named.update(bad)
+            if not bad:
+                kept.append(index)
+        problems += [f"{path.name}:{number}: {what}" for number, what in undecodable.items() if number not in named]
+        records, lines = [records[i] for i in kept], [lines[i] for i in kept]
     return records, lines, problems
 
 

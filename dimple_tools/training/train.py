@@ -18,14 +18,18 @@ positions (logits at j − 1 predict token j); `dual` masking adds the complemen
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 import sys
 import warnings
+from typing import Optional
 
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
@@ -37,6 +41,101 @@ from dimple_tools.training.arguments import MODULES, DimpleTrainingArguments, ch
 from dimple_tools.training.checkpoints import push_checkpoint, recover_interrupted_save, save_final_checkpoint, training_card
 
 logger = logging.getLogger("train_dimple")
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint-N folder
+CHECKPOINT_FOLDER = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+RESUME_LATEST, RESUME_NONE = ("true", "yes", "1"), ("false", "no", "0", "none", "")
+
+
+class MissingExtra(ImportError):
+    """An optional package a flag needs is not installed; the message says what to install."""
+
+
+def checkpoint_problem(folder) -> Optional[str]:
+    """What keeps a Trainer checkpoint folder from being resumed (None: nothing). A run killed while saving
+    leaves a checkpoint-N folder without its trainer_state.json, which the Trainer writes last."""
+    state = os.path.join(folder, TRAINER_STATE)
+    if not os.path.isfile(state):
+        return f"it has no {TRAINER_STATE} (written last by the Trainer: the save was interrupted)"
+    try:
+        with open(state, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"its {TRAINER_STATE} does not parse ({error})"
+    return None
+
+
+def latest_checkpoint(output_dir: str) -> str:
+    """The complete checkpoint-N folder of `output_dir` with the largest N; incomplete ones are skipped with a
+    warning naming them."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = CHECKPOINT_FOLDER.fullmatch(name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    skipped = []
+    for _, folder in sorted(found, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("--resume_from_checkpoint true: skipping %s, %s", folder, problem)
+        skipped.append(os.path.basename(folder))
+    raise ValueError(
+        f"--resume_from_checkpoint true resumes from the latest {PREFIX_CHECKPOINT_DIR}-N folder in --output_dir "
+        f"{output_dir}, but it holds " + (f"only incomplete ones ({', '.join(skipped)})" if skipped else "none")
+        + "; leave --resume_from_checkpoint out (or false) to start from --model_name_or_path"
+    )
+
+
+def resume_checkpoint(args) -> Optional[str]:
+    """The checkpoint folder `--resume_from_checkpoint` names: a path, `true` (the latest complete checkpoint-N
+    in --output_dir, as in transformers' examples) or `false` (none)."""
+    value = args.resume_from_checkpoint
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not os.path.isdir(text):
+        if text.lower() in RESUME_NONE:
+            return None
+        if text.lower() in RESUME_LATEST:
+            return latest_checkpoint(args.output_dir)
+        raise ValueError(
+            f"--resume_from_checkpoint {text}: no such folder; give a checkpoint-N folder of a run, true (the "
+            f"latest complete one in --output_dir) or false"
+        )
+    problem = checkpoint_problem(text)
+    if problem is not None:
+        raise ValueError(
+            f"--resume_from_checkpoint {text} is an incomplete checkpoint: {problem}; resume from an earlier "
+            f"checkpoint-N, or give true (the latest complete one in --output_dir)"
+        )
+    return text
+
+
+def nothing_left_to_train(checkpoint: str, args) -> Optional[str]:
+    """The message to stop with when the checkpoint already reached the run's end (`--max_steps`, or
+    `--num_train_epochs` without it); None when there are steps left. (The Trainer would train one more step
+    and save over the finished model.)"""
+    with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    step = state.get("global_step") or 0
+    if args.max_steps and args.max_steps > 0:
+        if step < args.max_steps:
+            return None
+        where = f"step {step} of max_steps {args.max_steps}"
+    else:
+        epoch = state.get("epoch") or 0
+        if epoch < args.num_train_epochs - 1e-6:
+            return None
+        where = f"epoch {epoch:g} (step {step}) of num_train_epochs {args.num_train_epochs:g}"
+    name = os.path.basename(os.path.normpath(checkpoint))
+    finals = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    if any(os.path.isfile(os.path.join(args.output_dir, final)) for final in finals):
+        after = f"the final model in {args.output_dir} is left as it is"
+    else:
+        after = f"{args.output_dir} holds no final model: {checkpoint} is the trained model"
+    return f"{name} is already at {where}: nothing to train; {after}"
 
 
 def set_stage(model: DimpleModel, args: DimpleTrainingArguments) -> None:
@@ -84,6 +183,20 @@ def train(args: DimpleTrainingArguments) -> dict:
         raise ValueError("--model_name_or_path and --data_path are required")
     if int(os.environ.get("RANK", "0")) == 0:
         recover_interrupted_save(args.output_dir)  # a final save that crashed between its renames
+    checkpoint = resume_checkpoint(args)
+    if checkpoint is not None:
+        done = nothing_left_to_train(checkpoint, args)
+        if done is not None:
+            logger.warning("%s", done)
+            return {}
+    if args.lora_r:
+        try:
+            import peft  # noqa: F401
+        except ImportError as error:
+            raise MissingExtra(
+                f"--lora_r needs peft, the `train` extra: pip install -e '.[train]' (or pip install 'peft>=0.13'); "
+                f"{error}"
+            ) from None
     set_seed(args.seed)  # before the model exists: LoRA's adapters are initialised from it
     processor = DimpleProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     if args.max_pixels is not None:
@@ -145,7 +258,7 @@ def train(args: DimpleTrainingArguments) -> dict:
         callbacks=[MaskingEpochCallback(collator)],
     )
     synchronise_every_backward_on_4_46_2(trainer)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     if dataset.truncated:
         logger.warning("%d sample(s) were truncated to --max_seq_length %d", dataset.truncated, args.max_seq_length)
     metrics = dict(result.metrics)
@@ -153,7 +266,10 @@ def train(args: DimpleTrainingArguments) -> dict:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         card = training_card(trainer.model, args, trainer.state, metrics, len(samples))
-        save_final_checkpoint(trainer.model, processor, args.output_dir, card, args.lora_save)
+        adapter_card = None
+        if args.lora_r and args.lora_save == "both":
+            adapter_card = training_card(trainer.model, args, trainer.state, metrics, len(samples), adapter=True)
+        save_final_checkpoint(trainer.model, processor, args.output_dir, card, args.lora_save, adapter_card)
     trainer.save_state()
     if push_to_hub and trainer.is_world_process_zero():
         push_checkpoint(args.output_dir, args)
@@ -171,11 +287,16 @@ def synchronise_every_backward_on_4_46_2(trainer: Trainer) -> None:
         logger.warning("transformers 4.46.2: gradients are synchronised after every backward (its Trainer skips it)")
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """`dimple-train`: exits 0 after training (or when the checkpoint resumed has nothing left to train). The
+    metrics are logged; `train(args)` returns them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = respell_checkpointing_flags(sys.argv[1:] if argv is None else list(argv))
     (args,) = HfArgumentParser(DimpleTrainingArguments).parse_args_into_dataclasses(args=argv)
-    return train(args)
+    try:
+        train(args)
+    except MissingExtra as error:
+        sys.exit(f"dimple-train: {error}")
 
 
 if __name__ == "__main__":

@@ -127,3 +127,149 @@ def test_count_layer_ops_help_and_unknown_arguments(capsys):
     for argv in (["--bogus"], ["extra"]):
         err = refused(count_layer_ops.main, argv, capsys)
         assert f"unrecognized arguments: {argv[0]}" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Every console script of pyproject.toml: exit status 0 on success, non-zero on failure (issue 37)
+# --------------------------------------------------------------------------------------------------
+
+import ast  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def console_scripts() -> dict:
+    """name -> "module:function" of pyproject.toml's [project.scripts] (read without tomllib: Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", text, re.S | re.M).group(1)
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.:]+)"', section, re.M))
+
+
+SCRIPTS = console_scripts()
+
+
+def test_pyproject_lists_the_console_scripts():
+    assert {"dimple-train", "dimple-bench", "dimple-shapes", "dimple-web-demo", "dimple-serve"} <= set(SCRIPTS)
+
+
+def _returned_values(function: ast.FunctionDef) -> list:
+    """The `return` statements of `function` itself (not of functions defined inside it)."""
+    found, stack = [], list(function.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return):
+            found.append(node.value)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _is_exit_status(value) -> bool:
+    if value is None or (isinstance(value, ast.Constant) and (value.value is None or type(value.value) is int)):
+        return True
+    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
+        return _is_exit_status(value.operand)
+    if isinstance(value, ast.IfExp):
+        return _is_exit_status(value.body) and _is_exit_status(value.orelse)
+    return False
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_main_returns_none_or_an_exit_status(script):
+    """The installed wrapper runs `sys.exit(main())`: anything but None or an int (a metrics dict, a report) is
+    printed to stderr and exits with status 1 after a success. Read from the source: no module is imported."""
+    module, function = SCRIPTS[script].split(":")
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
+    if main.returns is not None:
+        assert ast.unparse(main.returns) in ("None", "int", "int | None", "Optional[int]"), ast.unparse(main.returns)
+    bad = [ast.unparse(value) for value in _returned_values(main) if not _is_exit_status(value)]
+    assert not bad, f"{script}: {module}.{function}() returns {bad}; sys.exit() reads that as a failure"
+
+
+def installed(script: str) -> str:
+    path = pathlib.Path(sys.executable).parent / script
+    if not path.is_file():
+        pytest.skip(f"{script} is not installed in this environment (pip install -e .)")
+    return str(path)
+
+
+def run_script(script: str, *argv, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.run([installed(script), *argv], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=cwd or ROOT)
+
+
+# Successful invocations that take seconds (dimple-train's is in tests/test_training.py, on its tiny model).
+CHEAP_RUNS = {
+    "dimple-bench": lambda tmp: (["--device", "cpu", "--tiny", "--settings", "floor", "--plot", "none",
+                                  "--out", str(tmp / "bench.json")], tmp / "bench.json"),
+    "dimple-shapes": lambda tmp: (["--out", str(tmp / "shapes"), "--n", "2"], tmp / "shapes" / shapes_task.JSONL_NAME),
+    "dimple-lmms-eval-shapes": lambda tmp: (["--out", str(tmp / "tasks"), "--n", "2"],
+                                            tmp / "tasks" / "dimple_shapes" / "data" / "test.jsonl"),
+    "dimple-check-layout": lambda tmp: ([], None),
+    "dimple-trajectory": lambda tmp: (["--out", str(tmp / "t.png"), "--steps", "2", "--max-new-tokens", "4"],
+                                      tmp / "t.png"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CHEAP_RUNS))
+def test_a_successful_run_exits_0(script, tmp_path):
+    argv, written = CHEAP_RUNS[script](tmp_path)
+    result = run_script(script, *argv)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert written is None or written.is_file()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_bad_flag_exits_non_zero(script, tmp_path):
+    result = run_script(script, "--no-such-flag-anywhere", cwd=tmp_path)
+    assert result.returncode != 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_a_missing_input_file_exits_non_zero(tmp_path):
+    result = run_script("dimple-trajectory", "--image", str(tmp_path / "nowhere.png"), "--out", str(tmp_path / "t.png"))
+    assert result.returncode != 0 and not (tmp_path / "t.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional packages: a missing extra is named with what to install, not a bare ModuleNotFoundError
+# --------------------------------------------------------------------------------------------------
+
+
+def without(package: str, code: str, *argv) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter where `package` cannot be imported (as where its extra is not installed)."""
+    blocker = f"import sys; sys.modules[{package!r}] = None\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", blocker + code, *argv], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+
+
+def test_the_web_demo_without_gradio_says_what_to_install():
+    result = without("gradio", "import sys\nfrom dimple_tools.demos.web import main\nsys.exit(main())\n")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "dimple-web-demo needs gradio" in result.stderr
+    assert "make web-demo" in result.stderr and "pip install -e '.[demo]'" in result.stderr
+    assert "Traceback" not in result.stderr and "ModuleNotFoundError" not in result.stderr
+
+
+def test_the_trajectory_without_matplotlib_says_what_to_install(tmp_path):
+    result = without("matplotlib", "import sys\nfrom dimple_tools.demos.trajectory import main\nsys.exit(main())\n",
+                     "--out", str(tmp_path / "t.png"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "dimple-trajectory needs matplotlib" in result.stderr and "pip install -e '.[demo]'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "t.png").exists()
+
+
+def test_the_lmms_eval_model_without_lmms_eval_says_what_to_install():
+    result = without("lmms_eval", "import dimple_tools.evaluation.model\n")
+    assert result.returncode == 1
+    assert "needs lmms-eval 0.7, the `eval` extra: pip install -e '.[eval]'" in result.stderr, result.stderr[-3000:]
+    assert "ModuleNotFoundError" not in result.stderr

@@ -195,6 +195,11 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--use-cache", action="store_true", help="prefilling")
     args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401  (the picture; checked before the model loads)
+    except ImportError as error:
+        raise SystemExit(f"dimple-trajectory needs matplotlib, the `demo` extra: pip install -e '.[demo]' "
+                         f"(or pip install matplotlib); {error}") from None
 
     from dimple_tools.demos import cli as demo
 

@@ -36,7 +36,19 @@ import traceback
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo phones nobody
 
-import gradio as gr  # noqa: E402  (pip install -r requirements-demo.txt)
+try:
+    import gradio as gr  # noqa: E402
+except ImportError as _error:  # the `demo` extra is missing: main() says what to install (no traceback)
+    GRADIO_MISSING = (f"dimple-web-demo needs gradio, the `demo` extra: make web-demo, or pip install -e '.[demo]' "
+                      f"(or pip install -r requirements-demo.txt); {_error}")
+
+    class _Missing:
+        def __getattr__(self, name):
+            raise ImportError(GRADIO_MISSING)
+
+    gr = _Missing()
+else:
+    GRADIO_MISSING = None
 from PIL import Image  # noqa: E402
 
 from dimple_tools.paths import REPOSITORY_ROOT  # noqa: E402
@@ -411,6 +423,8 @@ def _warn_if_unreadable(image):
 
 
 def main(argv=None):
+    if GRADIO_MISSING is not None:
+        sys.exit(GRADIO_MISSING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "tiny-dimple"), help="checkpoint folder or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -47,8 +47,14 @@ import time
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
+try:
+    from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+    from lmms_eval.api.model import lmms
+except ImportError as _error:  # imported outside lmms-eval, without the `eval` extra
+    raise ImportError(
+        "dimple_tools.evaluation.model (lmms-eval's `--model dimple`) needs lmms-eval 0.7, the `eval` extra: "
+        f"pip install -e '.[eval]' (or make eval-deps); {_error}"
+    ) from None
 from PIL import Image
 from tqdm import tqdm
 

@@ -59,8 +59,9 @@ def test_settings_are_cut_off_skipped_and_saved_one_by_one(tmp_path, monkeypatch
 
     settings = {"quick": (quick, 9, 1), "saved": (saved_so_far, 9, 1), "slow": (slow, 9, 0.5), "big": (quick, 9, 60)}
     monkeypatch.setattr(bench, "SETTINGS", settings)
-    report = bench.main(["--device", "cpu", "--tiny", "--settings", "quick,saved,slow,big", "--deadline", "30",
-                         "--out", str(out), "--plot", "none"])
+    assert bench.main(["--device", "cpu", "--tiny", "--settings", "quick,saved,slow,big", "--deadline", "30",
+                       "--out", str(out), "--plot", "none"]) is None  # the report is the JSON (exit status 0)
+    report = json.loads(out.read_text())
     s = report["settings"]
     assert s["quick"]["status"] == "ok" and s["saved"]["saved"] == ["quick"]
     assert s["slow"]["status"] == "timeout" and s["slow"]["before_cut"] and s["slow"]["seconds"] < 3

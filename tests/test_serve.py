@@ -6,11 +6,18 @@ answers come from `diffusion_generate` alone in this process. Every call has a t
 process group is killed at the end.
 """
 
+import ast
 import base64
 import concurrent.futures
+import importlib.metadata
 import io
+import json
 import pathlib
+import sys
 import time
+import tomllib
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -92,6 +99,24 @@ def stream_text(client, **kwargs):
     return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+def post_raw(server, body: bytes, path="/v1/chat/completions", timeout=TIMEOUT) -> tuple:
+    """(status, JSON body) of a POST with exactly these bytes (what the openai client would not send)."""
+    request = urllib.request.Request(server.base_url + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def assert_public(body: dict) -> None:
+    """An error body in OpenAI's format whose message shows nothing of the server's insides."""
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, body
+    for internal in ("object at 0x", "<class ", "Traceback", "could not prepare", "TextEncodeInput", "Error(", "<_"):
+        assert internal not in error["message"], body
+
+
 def test_models_and_a_data_url_image(server, client, tiny):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     image = sample_image()
@@ -116,14 +141,18 @@ def test_streamed_chunks_are_the_answer(client, tiny, settings):
     image, question = sample_image(), "Describe the image."
     messages = [user(data_url(image), question)]
     whole = client.chat.completions.create(model=MODEL_ID, messages=messages, extra_body=settings)
-    chunks, text = stream_text(client, messages=messages, extra_body=settings)
+    chunks, text = stream_text(client, messages=messages, extra_body=settings, stream_options={"include_usage": True})
     assert text == whole.choices[0].message.content == alone(tiny, pil_messages(image, question), **settings)
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert contents and not any("<|mask|>" in piece or "\ufffd" in piece for piece in contents)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1
-    last = chunks[-1]
-    assert last.choices[0].finish_reason == "stop" and last.usage.completion_tokens == whole.usage.completion_tokens
+    # as OpenAI's: the finish chunk, then (include_usage) one more chunk with no choices and the usage
+    finish, last = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "stop" and finish.usage is None
+    assert last.choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
     assert last.usage.model_extra["forward_passes"] == whole.usage.model_extra["forward_passes"]
     if settings.get("alg") == "autoregressive":  # one token per step: the text arrives in several chunks
         assert len(contents) >= 2
@@ -228,6 +257,177 @@ def test_bad_requests_get_400_naming_the_field(server, client):
         ok = pool.submit(client.chat.completions.create, model=MODEL_ID, messages=good)
         bad.result(timeout=TIMEOUT)
         assert ok.result(timeout=TIMEOUT).choices[0].message.content == "red"
+
+
+def test_client_mistakes_are_4xx_without_internal_text(server, client):
+    """Issue 37 item 5: text that is not Unicode (a lone surrogate), a NUL in an image path, an image that does not
+    decode: 400s naming the field, whose messages show no repr, class or traceback of the server."""
+    image_part = {"type": "image_url", "image_url": {"url": "red_circle.png"}}
+    # json.dumps writes a lone surrogate as the JSON escape \\ud800, which the server's JSON reader accepts
+    for content, param in (("hi \ud800", "messages[0].content"),
+                           ([image_part, {"type": "text", "text": "hi \ud800 there"}], "messages[0].content[1].text")):
+        body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": content}]})
+        status, error = post_raw(server, body.encode())
+        assert status == 400 and error["error"]["param"] == param, error
+        assert param in error["error"]["message"] and "surrogate" in error["error"]["message"], error
+        assert_public(error)
+    good = [user(data_url(sample_image()), "What color is the shape?")]
+    status, error = post_raw(server, json.dumps({"model": MODEL_ID, "messages": good, "stop": ["\ud800"]}).encode())
+    assert status == 400 and error["error"]["param"] == "stop", error
+    for url in ("red\x00circle.png", "file://red_circle.png\x00", "red\ud800.png"):
+        body = {"model": MODEL_ID, "messages": [user(url, "Hi")]}
+        status, error = post_raw(server, json.dumps(body).encode())
+        assert status == 400 and error["error"]["param"] == "messages[0].content[0].image_url", error
+        assert_public(error)
+    for url in ("data:image/png;base64," + base64.b64encode(b"junk").decode(), "broken.png"):
+        assert_public({"error": _bad(client, "image_url", messages=[user(url, "Hi")])})
+    # the schema's own checks name the field as OpenAI does (messages[0].content, not messages.0.content.str)
+    for content, param in ((5, "messages[0].content"), ([{"type": "text"}], "messages[0].content[0].text")):
+        status, error = post_raw(server, json.dumps({"model": MODEL_ID, "messages": [
+            {"role": "user", "content": content}]}).encode())
+        assert status == 400 and error["error"]["param"] == param, error
+        assert_public(error)
+    status, error = post_raw(server, b'{"model": "tiny-dimple", "messages": [')
+    assert status == 400 and "JSON" in error["error"]["message"], error
+    assert_public(error)
+    assert client.chat.completions.create(model=MODEL_ID, messages=good).choices[0].finish_reason == "stop"
+
+
+def test_unsupported_fields_and_out_of_range_numbers_are_refused(client):
+    """Issue 37 item 6: tool_choice and top_logprobs are refused as tools and logprobs are; a boolean is not an
+    integer (max_tokens: true is not 1); temperature and top_p have OpenAI's ranges."""
+    good = [user(data_url(sample_image()), "What color is the shape?")]
+    assert "not supported" in _bad(client, "tool_choice", messages=good, tool_choice="auto")["message"]
+    _bad(client, "tool_choice", messages=good, tool_choice={"type": "function", "function": {"name": "f"}})
+    assert "log-probabilities" in _bad(client, "top_logprobs", messages=good, top_logprobs=2)["message"]
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        body = _bad(client, name, messages=good, extra_body={name: True})
+        assert "integer" in body["message"] and "True" in body["message"], body
+    _bad(client, "temperature", messages=good, extra_body={"temperature": True})
+    for value in (1e308, 2.5):
+        body = _bad(client, "temperature", messages=good, temperature=value)
+        assert "0 to 2" in body["message"], body
+    assert "0 to 1" in _bad(client, "top_p", messages=good, top_p=1.5)["message"]
+    # what asks for nothing the server lacks is still served: no tool calls, and the ends of the ranges
+    answer = client.chat.completions.create(model=MODEL_ID, messages=good).choices[0].message.content
+    for kwargs in ({"tool_choice": "none"}, {"temperature": 0}, {"top_p": 1}):
+        assert client.chat.completions.create(model=MODEL_ID, messages=good, **kwargs).choices[0].message.content == answer
+    sampled = client.chat.completions.create(model=MODEL_ID, messages=good, temperature=2, seed=0)
+    assert sampled.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_usage_only_when_asked_and_model_is_required(server, client):
+    """Issue 37 item 10: a stream carries usage only with stream_options.include_usage (then in a last chunk with
+    no choices); stream_options without a stream, or a request without `model`, is refused as OpenAI does."""
+    messages = [user(data_url(sample_image()), "What color is the shape?")]
+    answer = client.chat.completions.create(model=MODEL_ID, messages=messages).choices[0].message.content
+    chunks, text = stream_text(client, messages=messages)
+    assert text == answer
+    assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    chunks, text = stream_text(client, messages=messages, stream_options={"include_usage": False})
+    assert text == answer and all(c.usage is None for c in chunks)
+    _bad(client, "stream_options", messages=messages, stream_options={"include_usage": True})
+    for body in ({"messages": messages}, {"model": "", "messages": messages}, {"model": None, "messages": messages}):
+        status, error = post_raw(server, json.dumps(body).encode())
+        assert status == 400 and error["error"]["param"] == "model" and "model" in error["error"]["message"], error
+
+
+def test_completion_tokens_count_only_the_returned_text(client, tiny):
+    """Issue 37 item 10: a stop string cuts the answer, and `completion_tokens` counts the tokens returned (those
+    with at least one character in the returned text), not those decoded past the cut (streamed or not)."""
+    tokenizer = tiny[1].tokenizer
+    messages = [user(data_url(sample_image()), "Describe the image.")]
+    settings = {"alg": "autoregressive", "alg_p_threshold": 0}
+    full = client.chat.completions.create(model=MODEL_ID, messages=messages, extra_body=settings)
+    text = full.choices[0].message.content
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    assert len(tokens) >= 3 and full.usage.completion_tokens == len(tokens), (text, tokens)
+    starts = [len(tokenizer.decode(tokens[:i])) for i in range(len(tokens))]  # each token's first character
+    word = max((tokenizer.decode(tokens[i:i + 1]) for i in range(1, len(tokens) - 1)), key=len)  # a middle one
+    assert len(word) >= 3, tokens
+    # a whole token as the stop (the cut at a token boundary), and two characters inside it (a token partly returned)
+    for stop, inside in ((word, False), (word[1:3], True)):
+        cut = text.find(stop)
+        assert 0 < cut < len(text) and (cut not in starts) == inside, (stop, cut, starts)
+        expected = sum(start < cut for start in starts)
+        reply = client.chat.completions.create(model=MODEL_ID, messages=messages, stop=[stop], extra_body=settings)
+        assert reply.choices[0].message.content == text[:cut] and reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens == expected < len(tokens), (stop, reply.usage)
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + expected
+        chunks, streamed = stream_text(client, messages=messages, stop=[stop], extra_body=settings,
+                                       stream_options={"include_usage": True})
+        assert streamed == text[:cut] and chunks[-1].usage.completion_tokens == expected
+
+
+@pytest.fixture(scope="module")
+def queue_server(tmp_path_factory):
+    """One row at a time and a 1 s queue: a request sent while another decodes waits past it."""
+    log = tmp_path_factory.mktemp("serve_queue") / "server.log"
+    with ServerProcess("--model", str(TINY), "--device", "cpu", "--max-batch-size", "1", "--queue-timeout", "1",
+                       "--threads", "1", log_path=str(log), startup_timeout=240) as process:
+        yield process
+
+
+def test_a_queue_timeout_is_a_504_saying_what_timed_out(queue_server):
+    """Issue 37 item 5: a request that waited longer than --queue-timeout gets a 504 of type `timeout` naming the
+    option, not `server_error / internal_error`."""
+    client = openai.OpenAI(base_url=queue_server.base_url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    question = [user(data_url(sample_image()), "What color is the shape?")]
+    # 256 steps committing one position each (several seconds): the worker is busy while the second one waits
+    long = dict(model=MODEL_ID, messages=question, max_tokens=256, seed=0,
+                extra_body={"steps": 256, "alg": "origin", "alg_p_threshold": 0})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.chat.completions.create, **long)
+        deadline = time.monotonic() + TIMEOUT
+        while queue_server.metric("decoding_steps") < 5:
+            assert time.monotonic() < deadline, "decoding did not start"
+            time.sleep(0.05)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model=MODEL_ID, messages=question)
+        assert first.result(timeout=TIMEOUT).choices[0].finish_reason in ("stop", "length")
+    error = caught.value
+    assert error.status_code == 504, error.body
+    assert error.body["type"] == "timeout" and error.body["code"] == "queue_timeout", error.body
+    assert error.body["message"] == "the request waited longer than --queue-timeout (1 s) in the queue"
+
+
+def test_serve_extra_declares_what_the_load_tool_imports():
+    """Issue 37 item 7: every third-party module dimple_tools/serving/load.py imports (at the top or in a
+    function) comes from a distribution the `serve` extra (or the project itself) declares."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_distribution_name(spec) for spec in project["dependencies"] + project["optional-dependencies"]["serve"]}
+    tree = ast.parse((ROOT / "dimple_tools" / "serving" / "load.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    third_party = modules - set(sys.stdlib_module_names) - {"dimple_tools", "dimple"}
+    assert third_party, "load.py imports an HTTP client"
+    providers = importlib.metadata.packages_distributions()
+    for module in sorted(third_party):
+        assert module in providers, f"load.py imports {module!r}, which no installed distribution provides"
+        names = {_distribution_name(name) for name in providers[module]}
+        assert names & declared, f"load.py imports {module!r} ({sorted(names)}), not in the serve extra {sorted(declared)}"
+
+
+def _distribution_name(spec: str) -> str:
+    name = spec
+    for mark in "<>=!~[; ":
+        name = name.split(mark)[0]
+    return name.strip().lower().replace("_", "-")
+
+
+def test_the_load_tool_runs(tmp_path):
+    """Issue 37 item 7: `dimple-serve-load` (its own server, batched mode) on a few requests, as `make serve-load`
+    runs it."""
+    from dimple_tools.serving import load
+
+    results = tmp_path / "load.json"
+    load.main(["--model", str(TINY), "--device", "cpu", "--threads", "1", "--requests", "4", "--concurrency", "2",
+               "--modes", "batched", "--startup-timeout", "240", "--timeout", str(TIMEOUT), "--json", str(results),
+               "--log", str(tmp_path / "server.log")])
+    (result,) = json.loads(results.read_text())
+    assert result["mode"] == "batched" and result["requests"] == 4 and result["requests_per_second"] > 0
+    assert result["decodes"] >= 1 and result["rows_per_decode"] >= 1 and 0 <= result["correct"] <= 4
 
 
 def test_a_cancelled_stream_stops_decoding(server, client):

@@ -5,7 +5,7 @@
 
 For each mode the script starts the server in a subprocess (127.0.0.1, a free port), warms it up, then sends
 `--requests` chat completions (questions about generated shape images, as base64 data: URLs) from
-`--concurrency` concurrent clients (asyncio + httpx), and reports requests per second, latency, the
+`--concurrency` concurrent clients (asyncio + httpx2), and reports requests per second, latency, the
 mean rows per decode (from /metrics) and, on the tiny model, how many answers are right. Modes:
 
 * `batched`: `--max-batch-size` (default: the concurrency) and `--batch-timeout`;
@@ -34,9 +34,10 @@ def data_url(image) -> str:
 
 
 def run_load(base_url: str, model_id: str, samples: list, concurrency: int, settings: dict, timeout: float) -> dict:
-    """`len(samples)` chat completions from `concurrency` clients (asyncio + httpx, the HTTP client the openai
-    package uses, without its response models: the load generator shares the machine and should cost little)."""
-    import httpx
+    """`len(samples)` chat completions from `concurrency` clients (asyncio + httpx2, the HTTP client the openai
+    package uses, without its response models: the load generator shares the machine and should cost little;
+    the `serve` extra installs it)."""
+    import httpx2 as httpx
 
     async def client_loop(client, queue_, results):
         while True:

@@ -18,15 +18,29 @@ from dimple_tools.serving.errors import RequestError
 
 
 def _open_image_bytes(data: bytes, param: str):
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
             return image.copy() if image is opened else image
-    except Exception as error:  # noqa: BLE001 (PIL raises many kinds)
+    except UnidentifiedImageError as error:  # its message holds the repr of our buffer
+        raise RequestError(f"{param}: the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, "
+                           "BMP, ...)", param, "invalid_image") from error
+    except Exception as error:  # noqa: BLE001 (PIL raises many kinds; errors.public_text drops any repr)
         raise RequestError(f"{param}: the image does not decode ({error})", param, "invalid_image") from error
+
+
+def plain_text(text: str, param: str, what: str = "text") -> str:
+    """`text`, refused unless it encodes as UTF-8: JSON may carry a lone surrogate (\\ud800), which the
+    tokenizer (or the file system) cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(f"{param}: the {what} is not valid Unicode: a lone surrogate "
+                           f"{text[error.start]!r} at character {error.start}", param, "invalid_value") from error
+    return text
 
 
 def load_image_url(url: str, param: str, image_folder: Optional[str]):
@@ -34,6 +48,9 @@ def load_image_url(url: str, param: str, image_folder: Optional[str]):
     `file://` URL). Remote URLs are refused: the server fetches nothing."""
     if not isinstance(url, str) or not url:
         raise RequestError(f"{param}: expected a data: URL or a file path", param, "invalid_image_url")
+    if "\x00" in url:  # os.path raises on it
+        raise RequestError(f"{param}: an image URL or path cannot contain a NUL character", param, "invalid_image_url")
+    plain_text(url, param, "URL")
     lowered = url[:16].lower()
     if lowered.startswith(("http://", "https://", "ftp://")):
         raise RequestError(
@@ -88,13 +105,14 @@ def to_conversation(messages, image_folder: Optional[str]) -> list:
         if content is None:
             raise RequestError(f"{where}.content: is required", f"{where}.content", "invalid_value")
         if isinstance(content, str):
-            conversation.append({"role": role, "content": [{"type": "text", "text": content}]})
+            conversation.append({"role": role, "content": [{"type": "text",
+                                                        "text": plain_text(content, f"{where}.content")}]})
             continue
         items = []
         for j, part in enumerate(content):
             param = f"{where}.content[{j}]"
             if isinstance(part, TextContent) and part.type == "text":
-                items.append({"type": "text", "text": part.text})
+                items.append({"type": "text", "text": plain_text(part.text, f"{param}.text")})
             elif isinstance(part, ImageContent) and part.type == "image_url":
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
                 items.append({"type": "image", "image": load_image_url(url, f"{param}.image_url", image_folder)})

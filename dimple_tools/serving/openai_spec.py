@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import time
 import uuid
 from typing import Optional
@@ -28,6 +29,8 @@ from litserve.utils import LitAPIStatus
 from dimple_tools.serving.request import DimpleChatRequest
 from dimple_tools.serving.errors import RequestError, error_body
 from dimple_tools.serving.state import SharedState
+
+logger = logging.getLogger("dimple.serve")
 
 
 class DimpleUsage(UsageInfo):
@@ -81,12 +84,20 @@ class _Pipe:
         self.spec.response_buffer.pop(self.uid, None)
 
 
-def _item(data, status) -> dict:
-    """A worker item (JSON) as a dict; a worker failure as a 500 error item."""
+def _item(data, status, queue_timeout: Optional[float] = None) -> dict:
+    """A worker item (JSON) as a dict; a failure of LitServe's loop as an error item: its 504 (the request
+    waited in the queue past the server's timeout) says so, anything else is a 500 without internals."""
     if status == LitAPIStatus.ERROR:
-        detail = getattr(data, "detail", None) or "internal server error"
-        return {"content": "", "dimple_error": {"message": str(detail), "code": "internal_error",
-                                                 "status": getattr(data, "status_code", 500) or 500}}
+        code = getattr(data, "status_code", None)
+        if code == 504:
+            waited = f" ({queue_timeout:g} s)" if queue_timeout is not None else ""
+            error = RequestError(f"the request waited longer than --queue-timeout{waited} in the queue", None,
+                                 "queue_timeout", 504, "timeout")
+        else:
+            logger.error("the worker loop failed: %r", data)
+            error = RequestError("internal server error (the server's log has the cause)", None, "internal_error",
+                                 code if isinstance(code, int) and code >= 500 else 500)
+        return {"content": "", "dimple_error": error.as_dict()}
     return json.loads(data)
 
 
@@ -95,9 +106,11 @@ class DimpleOpenAISpec(OpenAISpec):
     `usage.forward_passes` and `finish_reason`, client disconnects passed on to the worker, `/v1/models` and
     `/metrics`."""
 
-    def __init__(self, model_id: str, shared: SharedState, model_info: Optional[dict] = None):
+    def __init__(self, model_id: str, shared: SharedState, model_info: Optional[dict] = None,
+                 queue_timeout: Optional[float] = None):
         super().__init__()
         self.model_id, self.shared, self.model_info = model_id, shared, dict(model_info or {})
+        self.queue_timeout = queue_timeout  # LitServer's timeout, named in its 504
         self.created = int(time.time())
 
     def pre_setup(self, lit_api):
@@ -123,11 +136,17 @@ class DimpleOpenAISpec(OpenAISpec):
 
     async def chat_completion(self, request: DimpleChatRequest, background_tasks: BackgroundTasks,
                               http_request: Request):
-        if request.model and request.model != self.model_id:
+        if not request.model:  # OpenAI refuses it too: a client that forgot it would otherwise not notice
+            raise RequestError(f"model: is required (this server serves {self.model_id!r})", "model",
+                               "missing_required_parameter")
+        if request.model != self.model_id:
             raise RequestError(f"model: this server serves {self.model_id!r}, not {request.model!r}", "model",
                                "model_not_found")
         if request.n not in (None, 1):
             raise RequestError(f"n: only 1 choice per request is supported, got {request.n}", "n", "invalid_value")
+        if request.stream_options is not None and not request.stream:
+            raise RequestError("stream_options: only allowed when stream is true", "stream_options",
+                               "invalid_value")
         request.model = self.model_id
         request.dimple_request_id = uuid.uuid4().hex
         _HTTP_REQUEST.set((http_request, request.dimple_request_id))
@@ -148,7 +167,7 @@ class DimpleOpenAISpec(OpenAISpec):
                 self._cancel(request_id)
                 raise RequestError("client disconnected", None, "client_disconnected", 499)
             if first is not None:
-                item = _item(*first)
+                item = _item(*first, self.queue_timeout)
                 if "dimple_error" in item:
                     for p in pipes:
                         p.close()
@@ -157,18 +176,22 @@ class DimpleOpenAISpec(OpenAISpec):
         return pipes
 
     async def streaming_completion(self, request: DimpleChatRequest, pipes: list):
+        """OpenAI's chunks: the first with the role, the text as it settles, one with the finish_reason, and,
+        only with `stream_options.include_usage`, a last one with no choices and the usage."""
         pipe, completed, first = pipes[0], False, True
         stream_id = f"chatcmpl-{request.dimple_request_id}"  # one id for all chunks, as OpenAI's
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
         try:
             while True:
                 got = await pipe.next()
                 if got is None:
                     break
-                item = _item(*got)
+                item = _item(*got, self.queue_timeout)
                 if "dimple_error" in item:
                     error = item["dimple_error"]
                     yield "data: " + json.dumps(error_body(error["message"], error.get("status", 500),
-                                                           error.get("param"), error.get("code"))) + "\n\n"
+                                                           error.get("param"), error.get("code"),
+                                                           error.get("kind"))) + "\n\n"
                     completed = True
                     return
                 content = item.get("content") or ""
@@ -180,15 +203,18 @@ class DimpleOpenAISpec(OpenAISpec):
                     yield f"data: {chunk.model_dump_json(by_alias=True)}\n\n"
                     first = False
                 if "dimple" in item:
-                    usage = DimpleUsage(prompt_tokens=item["prompt_tokens"],
-                                        completion_tokens=item["completion_tokens"],
-                                        total_tokens=item["total_tokens"],
-                                        forward_passes=item["dimple"]["forward_passes"])
-                    last = DimpleChatCompletionChunk(
-                        id=stream_id, model=self.model_id, usage=usage,
+                    finish = DimpleChatCompletionChunk(
+                        id=stream_id, model=self.model_id, usage=None,
                         choices=[ChatCompletionStreamingChoice(index=0, delta=ChoiceDelta(),
                                                                finish_reason=item["dimple"]["finish_reason"])])
-                    yield f"data: {last.model_dump_json(by_alias=True)}\n\n"
+                    yield f"data: {finish.model_dump_json(by_alias=True)}\n\n"
+                    if include_usage:
+                        usage = DimpleUsage(prompt_tokens=item["prompt_tokens"],
+                                            completion_tokens=item["completion_tokens"],
+                                            total_tokens=item["total_tokens"],
+                                            forward_passes=item["dimple"]["forward_passes"])
+                        last = DimpleChatCompletionChunk(id=stream_id, model=self.model_id, usage=usage, choices=[])
+                        yield f"data: {last.model_dump_json(by_alias=True)}\n\n"
                     yield "data: [DONE]\n\n"
                     completed = True
                     return
@@ -207,7 +233,7 @@ class DimpleOpenAISpec(OpenAISpec):
                 got = await pipe.next(http_request)
                 if got is None:
                     break
-                item = _item(*got)
+                item = _item(*got, self.queue_timeout)
                 if "dimple_error" in item:
                     raise RequestError.from_dict(item["dimple_error"])
                 parts.append(item.get("content") or "")

@@ -86,6 +86,8 @@ def check_args(parser, args) -> None:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if not (math.isfinite(args.batch_timeout) and args.batch_timeout >= 0):
         parser.error(f"--batch-timeout must be a number >= 0, got {args.batch_timeout}")
+    if not (math.isfinite(args.queue_timeout) and args.queue_timeout > 0):
+        parser.error(f"--queue-timeout must be a number of seconds > 0, got {args.queue_timeout}")
     if args.workers_per_device < 1:
         parser.error(f"--workers-per-device must be >= 1, got {args.workers_per_device}")
     if args.threads is not None and args.threads < 1:
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
 
     manager = multiprocessing.Manager()
     shared = SharedState(manager)
-    spec = DimpleOpenAISpec(model_id, shared, model_info(args.model))
+    spec = DimpleOpenAISpec(model_id, shared, model_info(args.model), queue_timeout=args.queue_timeout)
     api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
                     max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, spec=spec)
     # fast_queue: LitServe's ZeroMQ transport from the workers to the HTTP servers (the default goes through a

@@ -16,10 +16,11 @@ import torch
 
 import litserve as ls
 
-from dimple_tools.serving.request import DIMPLE_SETTINGS, MAX_STOP_STRINGS, RANDOM_ALGORITHMS, REFUSED_FIELDS
+from dimple_tools.serving.request import (DIMPLE_SETTINGS, MAX_STOP_STRINGS, RANDOM_ALGORITHMS, REFUSED_FIELDS,
+                                          asks_for_unsupported)
 from dimple_tools.serving.errors import RequestError
 from dimple_tools.serving.state import SharedState
-from dimple_tools.serving.messages import to_conversation
+from dimple_tools.serving.messages import plain_text, to_conversation
 
 logger = logging.getLogger("dimple.serve")
 
@@ -50,6 +51,7 @@ class Row:
     # the answer
     settled: int = 0  # tokens settled (left of the first mask, before the end-of-text)
     text: str = ""  # the settled text (cut at a stop string)
+    completion_tokens: int = 0  # the tokens of `text` (a stop string's cut drops those after it)
     sent: int = 0  # characters of `text` sent
     finished: bool = False
     finish_reason: Optional[str] = None
@@ -118,9 +120,10 @@ class DimpleAPI(ls.LitAPI):
             self._prepare(row, request)
         except RequestError as error:
             row.error = error
-        except Exception as error:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 (the client sees no internals: the log has them, by request id)
             logger.exception("could not prepare request %s", row.request_id)
-            row.error = RequestError(f"could not prepare the request: {error}", None, "internal_error", 500)
+            row.error = RequestError(f"the server failed to prepare the request (request id {row.request_id}; "
+                                     "the server's log has the cause)", None, "internal_error", 500)
         return row
 
     def _settings(self, request) -> tuple[dict, bool]:
@@ -161,8 +164,7 @@ class DimpleAPI(ls.LitAPI):
         if request.n not in (None, 1):
             raise RequestError(f"n: only 1 choice per request is supported, got {request.n}", "n", "invalid_value")
         for name, reason in REFUSED_FIELDS.items():
-            value = getattr(request, name, None)
-            if value and not (name == "response_format" and getattr(value, "type", None) == "text"):
+            if asks_for_unsupported(name, getattr(request, name, None)):
                 raise RequestError(f"{name}: {reason}", name, "unsupported")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(request, name, None)
@@ -176,6 +178,8 @@ class DimpleAPI(ls.LitAPI):
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise RequestError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings, got {list(stops)!r}", "stop",
                                "invalid_value")
+        for stop in stops:
+            plain_text(stop, "stop", "stop string")
         row.settings, row.random = self._settings(request)
         row.seed, row.stops = seed, stops
         conversation = to_conversation(request.messages, self.image_folder)
@@ -262,8 +266,8 @@ class DimpleAPI(ls.LitAPI):
             return {"role": "assistant", "content": delta, "dimple_error": row.error_info}
         return {
             "role": "assistant", "content": delta,
-            "prompt_tokens": row.prompt_tokens, "completion_tokens": row.settled,
-            "total_tokens": row.prompt_tokens + row.settled,
+            "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+            "total_tokens": row.prompt_tokens + row.completion_tokens,
             "dimple": {"forward_passes": row.forward_passes, "finish_reason": row.finish_reason},
         }
 
@@ -334,12 +338,14 @@ class DimpleAPI(ls.LitAPI):
             for row in group:  # cannot happen with `dim` (it decodes until no mask is left): a safeguard
                 if not row.finished:
                     row.finished, row.finish_reason, row.forward_passes = True, "length", passes
-        except Exception as error:  # noqa: BLE001
-            logger.exception("decoding failed")
+        except Exception:  # noqa: BLE001
+            logger.exception("decoding failed (requests %s)", ", ".join(row.request_id for row in group))
             for row in group:
                 if not row.finished:
                     row.finished, row.finish_reason = True, "error"
-                    row.error_info = RequestError(f"decoding failed: {error}", None, "internal_error", 500).as_dict()
+                    row.error_info = RequestError(
+                        f"decoding failed (request id {row.request_id}; the server's log has the cause)", None,
+                        "internal_error", 500).as_dict()
         finally:
             try:
                 send()
@@ -358,13 +364,28 @@ class DimpleAPI(ls.LitAPI):
             hits = [text.find(stop) for stop in row.stops if stop in text]
             if hits:
                 row.text = text[: min(hits)]
+                row.completion_tokens = self._tokens_up_to(canvas[:first], min(hits))
                 row.finished, row.finish_reason, row.forward_passes = True, "stop", passes
                 self._count(rows_stopped=1)
                 return
-            row.text = text
+            row.text, row.completion_tokens = text, first
         if complete:
             row.finished, row.forward_passes = True, passes
             row.finish_reason = "stop" if first < len(canvas) else "length"
+
+    def _tokens_up_to(self, tokens: list, length: int) -> int:
+        """How many of `tokens` have text within the first `length` characters of their decoded text (a token cut
+        by a stop string counts): the fewest whose text reaches `length`. A binary search, since the decoded
+        length grows with the tokens (a trailing half UTF-8 character, one replacement mark, is not counted)."""
+        low, high = 0, len(tokens)
+        while low < high:
+            middle = (low + high) // 2
+            text = self.tokenizer.decode(tokens[:middle], skip_special_tokens=True)
+            if len(text.rstrip("\ufffd")) >= length:
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     def encode_response(self, output):
         yield from output  # items are dicts already; the HTTP side (DimpleOpenAISpec) reads them

@@ -118,9 +118,9 @@ eval-deps: venv
 	@$(MAKE) --no-print-directory $(EVAL_VENV)/.installed || \
 		echo "eval-deps: could not install requirements-eval.txt into $(EVAL_VENV) (tests/test_lmms_eval.py skips)"
 
-# lmms-eval's command line on the shipped tiny model and the local task `dimple_shapes` (120 generated questions,
-# exact match; dimple_tools/evaluation/shapes.py), with the model's default settings (the release's: 8 tokens,
-# 8 steps, maskgit_plus, dream). `EVAL_PROCESSES=2`: two processes on the CPU through `accelerate launch`
+# lmms-eval's command line on the shipped tiny model and the local task `dimple_shapes` (200 generated questions,
+# exact match; dimple_tools/evaluation/shapes.py), with the task's settings (the tiny model's: a 48-token canvas,
+# confident decoding at 0.9). `EVAL_PROCESSES=2`: two processes on the CPU through `accelerate launch`
 # (its `--cpu` launcher starts one process unless through mpirun; `--multi_gpu` with ACCELERATE_USE_CPU=true
 # starts N CPU processes). Offline: the task is read from local files and nothing is downloaded.
 EVAL_TASKS_DIR ?= .cache/lmms-eval-tasks

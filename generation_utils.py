@@ -985,7 +985,12 @@ class DimpleGenerationMixin(GenerationMixin):
         if config.max_length is not None and not _is_int(config.max_length):
             raise ValueError(f"`max_length` must be an integer, got {config.max_length!r}")
         if config.max_new_tokens is None:
-            if config.max_length is None or config.max_length - prompt_len < 1:
+            if config.max_length is None:  # e.g. `max_new_tokens=None` passed to mean "as long as needed"
+                raise ValueError(
+                    "`max_new_tokens` must be an integer >= 1 (the answer canvas: Dimple denoises a canvas of that "
+                    "many positions, the answer and its end-of-text padding), got None and no `max_length`"
+                )
+            if config.max_length - prompt_len < 1:
                 raise ValueError(
                     f"`max_new_tokens` must be >= 1: the prompt ({prompt_len} tokens) is already at "
                     f"`max_length` ({config.max_length}); set `max_new_tokens` or a larger `max_length`"

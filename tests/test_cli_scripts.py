@@ -89,10 +89,10 @@ SHAPES_BAD = [
     (["--n", "-5"], "--n", "integer >= 1"),
     (["--n", "0"], "--n", "integer >= 1"),
     (["--n", "1e3"], "--n", "integer >= 1"),
-    (["--image-size", "50"], "--image-size", "multiple of 28 from 28 to 980"),
-    (["--image-size", "0"], "--image-size", "multiple of 28 from 28 to 980"),
-    (["--image-size", "-56"], "--image-size", "multiple of 28 from 28 to 980"),
-    (["--image-size", "1008"], "--image-size", "multiple of 28 from 28 to 980"),
+    (["--image-size", "27"], "--image-size", "an integer from 28 to 980"),
+    (["--image-size", "0"], "--image-size", "an integer from 28 to 980"),
+    (["--image-size", "-56"], "--image-size", "an integer from 28 to 980"),
+    (["--image-size", "1008"], "--image-size", "an integer from 28 to 980"),
 ]
 
 
@@ -185,7 +185,10 @@ def test_main_returns_none_or_an_exit_status(script):
     """The installed wrapper runs `sys.exit(main())`: anything but None or an int (a metrics dict, a report) is
     printed to stderr and exits with status 1 after a success. Read from the source: no module is imported."""
     module, function = SCRIPTS[script].split(":")
-    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    path = ROOT / (module.replace(".", "/") + ".py")
+    if not path.is_file():  # a package's main (dimple-bench's dispatcher)
+        path = ROOT / module.replace(".", "/") / "__init__.py"
+    tree = ast.parse(path.read_text())
     main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
     if main.returns is not None:
         assert ast.unparse(main.returns) in ("None", "int", "int | None", "Optional[int]"), ast.unparse(main.returns)

@@ -121,6 +121,17 @@ def test_the_canvas_must_fit_the_models_positions(monkeypatch):
     assert model.diffusion_generate(prompt, max_new_tokens=58, steps=2).shape == (1, 64)
 
 
+def test_max_new_tokens_none_says_what_it_must_be(model, monkeypatch):
+    """A new user's `max_new_tokens=None` ("as long as it needs") was refused with "already at `max_length`
+    (None)"; it now says what the argument is."""
+    passes = count_passes(model, monkeypatch)
+    with pytest.raises(ValueError, match=r"^`max_new_tokens` must be an integer >= 1 \(the answer canvas.*got None and no `max_length`$"):
+        model.diffusion_generate(text_inputs(), max_new_tokens=None, steps=4)
+    with pytest.raises(ValueError, match=r"already at `max_length` \(6\)"):
+        model.diffusion_generate(text_inputs(), max_new_tokens=None, max_length=6, steps=4)
+    assert passes == []
+
+
 @pytest.mark.parametrize("settings, match", [
     (dict(steps=10**6), r"`steps` must be an integer from 1 to 16384, got 1000000"),
     (dict(num_return_sequences=5000), r"`num_return_sequences` must be an integer from 1 to 1024, got 5000"),

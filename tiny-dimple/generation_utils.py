@@ -436,6 +436,9 @@ class DimPipeline:
 
     original_confidence_allowed = True
 
+    def commits_nothing(self, step: int, is_mask: torch.Tensor) -> bool:
+        return False  # the schedule takes the first point that commits at least one position (`schedule`)
+
     def __init__(self, config, steps: int, device=None, chooser: Optional[PositionChooser] = None):
         self.config, self.steps = config, steps
         self.taus = schedule_points(config.eps, steps, device)
@@ -489,6 +492,18 @@ class DreamPipeline:
         # Dream's `origin` commits each masked position independently with probability 1 − s/t
         alg = "origin-ratio" if config.alg in ("origin", "origin-ratio") else config.alg
         return PositionChooser(alg, config.alg_temp)
+
+    def commits_nothing(self, step: int, is_mask: torch.Tensor) -> bool:
+        """Whether the step's schedule commits no position in any row, whatever the logits: floor(masks × (1 −
+        s/t)) is 0 in every row of a deterministic decode (the count-based confidence choosers; not `origin`,
+        `autoregressive`, nor the last step, which takes every mask). The loop then skips its forward pass, as the Dim pipeline's schedule skips such
+        points: the tokens are those of running it. Sampled decodes run it (their random draws stay in step)."""
+        config = self.config
+        if step == self.steps - 1 or self.chooser.independent or self.chooser.one_per_step or config.temperature \
+                or config.alg_temp or self.chooser.priority is random_priority:
+            return False
+        ratio = 1 - self.taus[step + 1] / self.taus[step]
+        return not bool((torch.floor(is_mask.sum(-1).double() * ratio) >= 1).any())
 
     def commit(self, step, is_mask, masks_start, confidence, generator):
         t, s = self.taus[step], self.taus[step + 1]
@@ -970,7 +985,12 @@ class DimpleGenerationMixin(GenerationMixin):
         if config.max_length is not None and not _is_int(config.max_length):
             raise ValueError(f"`max_length` must be an integer, got {config.max_length!r}")
         if config.max_new_tokens is None:
-            if config.max_length is None or config.max_length - prompt_len < 1:
+            if config.max_length is None:  # e.g. `max_new_tokens=None` passed to mean "as long as needed"
+                raise ValueError(
+                    "`max_new_tokens` must be an integer >= 1 (the answer canvas: Dimple denoises a canvas of that "
+                    "many positions, the answer and its end-of-text padding), got None and no `max_length`"
+                )
+            if config.max_length - prompt_len < 1:
                 raise ValueError(
                     f"`max_new_tokens` must be >= 1: the prompt ({prompt_len} tokens) is already at "
                     f"`max_length` ({config.max_length}); set `max_new_tokens` or a larger `max_length`"
@@ -1131,6 +1151,7 @@ class DimpleGenerationMixin(GenerationMixin):
                     pipeline = prepared.pipeline_class(config, block_steps, x.device, chooser=prepared.chooser)
                     block = slice(prompt_len + lo, prompt_len + hi)
                     masks_start = (x[:, block] == mask_id).sum(-1)
+                    first_pass_of_block = True  # its pass refreshes the cache (a skipped step runs none)
                     for step in range(block_steps):
                         is_mask = (x[:, block] == mask_id) & active[:, None]
                         masked, failed = masked_positions(is_mask, problem)
@@ -1138,7 +1159,10 @@ class DimpleGenerationMixin(GenerationMixin):
                             self._raise_step_problem(passes, x, vocab_size)
                         if masked.numel() == 0:  # nothing left to decode in this block (or every row stopped)
                             break
-                        hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=step == 0)
+                        if tokens_hook is None and logits_hook is None and pipeline.commits_nothing(step, is_mask):
+                            continue  # a pass whose result no row would use
+                        hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=first_pass_of_block)
+                        first_pass_of_block = False
                         passes += 1
                         if tokens_hook is None and logits_hook is None:  # the head only where a token is scored
                             logits = None

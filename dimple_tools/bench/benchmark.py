@@ -21,6 +21,7 @@ the CPU), median of `--repeats` after a first call timed alone (`first_call_ms`)
 
     python -m dimple_tools.bench.benchmark --out bench.json   # CUDA, 7B; --device cpu --tiny: the dry run; device check:
     bash scripts/device_check.sh                    # CUDA tests, then this, in 8 minutes (docs/performance.md)
+`dimple-bench quality-speed` is the tiny model's accuracy against passes and time instead (bench/quality_speed.py).
 """
 
 import argparse

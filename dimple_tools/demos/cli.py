@@ -22,7 +22,8 @@ from dimple_tools.compat import dtype_argument
 from dimple_tools.paths import REPOSITORY_ROOT
 
 ROOT = REPOSITORY_ROOT  # the repository (tiny-dimple/ and the assets)
-DEFAULT_QUESTIONS = ("What color is the shape?", "What shape is this?", "Describe the image.")
+# About the tiny model's sample scene (four shapes on a 3 x 3 grid): a long answer, a count and a position.
+DEFAULT_QUESTIONS = ("Describe the image.", "How many shapes are there?", "What is at the center?")
 
 
 def sample_image():
@@ -84,7 +85,7 @@ def check_args(parser, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "tiny-dimple"), help="checkpoint folder or hub id")
-    parser.add_argument("--image", default=None, help="image file (default: a generated red circle)")
+    parser.add_argument("--image", default=None, help="image file (default: the tiny task's sample scene)")
     parser.add_argument("--question", action="append", help="question (repeatable)")
     parser.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="prefilling on / off (default: the checkpoint's setting)")
@@ -104,7 +105,7 @@ def main(argv=None):
             generate_kwargs[name] = getattr(args, name)
 
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.device})")
-    print(f"image: {args.image or 'generated sample (a red circle)'}")
+    print(f"image: {args.image or 'generated sample scene (four shapes on a 3 x 3 grid)'}")
     for question in args.question or DEFAULT_QUESTIONS:
         text, passes, seconds = answer(model, processor, image, question, **generate_kwargs)
         print(f"Q: {question}\nA: {text}    [{passes} forward passes, {seconds * 1000:.0f} ms]")

@@ -186,7 +186,7 @@ def load(model_path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "tiny-dimple"), help="checkpoint folder or hub id")
-    parser.add_argument("--image", default=None, help="image file (default: the generated sample, a red circle)")
+    parser.add_argument("--image", default=None, help="image file (default: the generated sample scene of four shapes)")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--out", default="trajectory.png", help="PNG to write")
     parser.add_argument("--alg", default=None)

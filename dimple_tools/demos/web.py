@@ -63,7 +63,7 @@ MAX_STEPS = 512
 MAX_QUESTION_LENGTH = 1000
 MASK_GLYPH = "░"
 END_GLYPH = "·"
-QUESTION_PLACEHOLDER = "What color is the shape?"
+QUESTION_PLACEHOLDER = "Describe the image."
 
 CSS = """
 #canvas .canvas {font-family: ui-monospace, monospace; font-size: 1.15em; line-height: 1.9; white-space: pre-wrap;}
@@ -402,7 +402,7 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
         gr.Examples(
             examples=[[demo.sample_image(), q] for q in demo.DEFAULT_QUESTIONS],
             inputs=[image, question],
-            label="Example: the sample image (a red circle)",
+            label="Example: the sample scene (four shapes on a 3 x 3 grid)",
         )
         inputs = [image, question, alg, threshold, steps, length, use_cache]
         outputs = [message, canvas, answer, stats, trajectory]

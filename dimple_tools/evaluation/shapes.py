@@ -1,4 +1,4 @@
-"""Build the local lmms-eval task `dimple_shapes`: generated shape questions for the tiny Dimple.
+"""Build the local lmms-eval task `dimple_shapes`: generated shape-scene questions for the tiny Dimple.
 
     python -m dimple_tools.evaluation.shapes --out .cache/lmms-eval-tasks [--n 120 --seed 1]
     lmms-eval --model dimple --model_args pretrained=tiny-dimple --include_path .cache/lmms-eval-tasks \\
@@ -6,8 +6,8 @@
 
 Writes OUT/dimple_shapes/: the task YAML and its document functions (copied from
 dimple_tools/evaluation/tasks/dimple_shapes/) and the data, `data/test.jsonl` (one question per line: id, image,
-question, answer, question_type) and `data/images/NNNNNN.png`. The questions are `shapes_task`'s held-out ones
-(seed 1; the tiny model trains on seed 0), at the tiny model's image size. lmms-eval reads the JSON through
+question, answer, question_type) and `data/images/NNNNNN.png`. The questions are the tiny task's held-out ones
+(seed 1; the tiny model trains on seed 0): scene descriptions, counts, positions, colours and shapes. lmms-eval reads the JSON through
 `datasets`' json builder: nothing is downloaded.
 """
 
@@ -21,7 +21,7 @@ from dimple_tools.tiny.task import DEFAULT_IMAGE_SIZE, generate_samples
 
 TASK_NAME = "dimple_shapes"
 TEMPLATE_DIR = pathlib.Path(__file__).resolve().parent / "tasks" / TASK_NAME
-DEFAULT_N = 120
+DEFAULT_N = 200
 DEFAULT_SEED = 1
 
 

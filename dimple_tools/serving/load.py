@@ -24,8 +24,6 @@ import time
 from dimple_tools.serving.process import ServerProcess
 from dimple_tools.tiny.task import answer_is_correct, generate_samples
 
-IMAGE_SIZE = 56
-
 
 def data_url(image) -> str:
     buffer = io.BytesIO()
@@ -123,7 +121,7 @@ def main(argv=None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     samples = [(data_url(image), question, answer)
-               for image, question, answer, _ in generate_samples(args.requests, seed=args.seed, image_size=IMAGE_SIZE)]
+               for image, question, answer, _ in generate_samples(args.requests, seed=args.seed)]
     results = []
     for mode in args.modes.split(","):
         if mode not in ("batched", "sequential"):

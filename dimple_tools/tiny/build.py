@@ -1,12 +1,18 @@
-"""Build `tiny-dimple/`: a small Dimple trained here, on the CPU, on the generated shapes task.
+"""Build `tiny-dimple/`: a small Dimple trained here, on the CPU, on the generated shapes-scene task.
 
     python -m dimple_tools.tiny.build            # writes tiny-dimple/ (+ training log, loss plot, eval)
 
-Steps: generate training data (seed 0) and a tokenizer trained on its text; initialise a small Dimple;
-pretrain its vision tower to classify colour and shape (the release starts from Qwen2.5-VL's pretrained
-tower; ours starts random); then `dimple-train` stage `instruct` (autoregressive, causal) and stage
-`diffusion` (bidirectional, masked-diffusion loss, dual masking), each with the release's freezing; then
-evaluate on held-out images (seed 1) with `diffusion_generate`.
+Steps: generate training data (seed 0: scenes of 1-5 shapes on a 3 x 3 grid and their questions, see
+dimple_tools/tiny/task.py) and a tokenizer trained on its text; initialise a small Dimple; pretrain its
+vision tower to name what is in each grid cell (the release starts from Qwen2.5-VL's pretrained tower; ours
+starts random); then `dimple-train` stage `instruct` (autoregressive, causal) and stage `diffusion`
+(bidirectional, masked-diffusion loss, dual masking), each with the release's freezing; then evaluate on
+held-out questions (seed 1) with `diffusion_generate`, per question type and answer length.
+
+Every image is resized to 84 x 84 pixels: 3 x 3 merged vision tokens, one per grid cell.
+
+The diffusion stage also keeps an early checkpoint (`--work`/diffusion/checkpoint-N, N = --early-steps): an
+undertrained model for the reinforcement-learning demo.
 
 The script deletes and rewrites its --work and --out folders only when they are missing, empty, or made by
 it: those it creates carry a marker file (`.built-by-build_tiny_dimple`), and the default folders
@@ -18,6 +24,7 @@ import argparse
 import json
 import pathlib
 import shutil
+import sys
 import time
 
 import torch
@@ -32,11 +39,14 @@ from dimple_tools.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402
 from dimple.configuration_dimple import DimpleConfig, DimpleVisionConfig  # noqa: E402
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
-from dimple_tools.tiny.task import COLORS, SHAPES, answer_is_correct, generate_samples, write_dataset  # noqa: E402
+from dimple_tools.tiny.task import COLORS, POSITIONS, SHAPES, answer_is_correct, generate_samples, write_dataset  # noqa: E402
 from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
 
-IMAGE_SIZE = 56
+# The model's input side: 84 x 84 pixels are 6 x 6 patches of 14, merged 2 x 2 into 3 x 3 tokens (one per cell).
+IMAGE_SIZE = 84
+# The canvas the tiny model is evaluated and served with: the longest description (5 shapes) is 38 tokens.
+CANVAS = 48
 # Written into the --work and --out folders this script creates: it may delete and rewrite only those
 # (besides empty folders and the default folders below).
 MARKER = ".built-by-build_tiny_dimple"
@@ -50,40 +60,69 @@ BUILT_ENTRIES = {
         "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
         "chat_template.json", "preprocessor_config.json", "processor_config.json", "configuration_dimple.py",
         "modeling_dimple.py", "generation_utils.py", "processing_dimple.py", "trainer_state.json",
-        "training_log.json", "loss_curves.png", "eval_results.json", "build_log.txt", "__pycache__",
+        "training_log.json", "loss_curves.png", "eval_results.json", "build_log.txt", "README.md", "__pycache__",
     }),
     DEFAULT_WORK.resolve(): frozenset({MARKER, "data", "tokenizer", "init", "instruct", "diffusion"}),
 }
-# Decoding defaults of the tiny model: greedy confident decoding over an 8-token canvas.
-GENERATION = dict(max_new_tokens=8, steps=8, alg="maskgit_plus", alg_p_threshold=0.9,
-                  decoding_pipeline="dim", use_original_confidence=True, use_cache=False)
+# Decoding defaults of the tiny model: greedy confident decoding over a 48-token canvas, with prefilling.
+GENERATION = dict(max_new_tokens=CANVAS, steps=CANVAS, alg="maskgit_plus", alg_p_threshold=0.9,
+                  decoding_pipeline="dim", use_original_confidence=True, use_cache=True)
+
+
+# Sizes of the tiny model (docs/training.md says why): a vision tower that tells 13 things apart in each cell
+# and a language model deep enough to turn 9 cell tokens into a description of up to 38 tokens in parallel.
+MODEL_SIZES = dict(hidden_size=160, intermediate_size=448, num_hidden_layers=5, num_attention_heads=5,
+                   num_key_value_heads=1)
+VISION_SIZES = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4)
+# M-RoPE of the tiny language model. The vision tower cannot tell where a cell is (its attention is relative
+# and a blank cell looks like every other), so a cell's place reaches the language model only through its
+# image token's (h, w) rotary position. M-RoPE gives t the fastest of a head's 16 frequencies, h the next and
+# w the slowest; text tokens have t = h = w, so the split changes image tokens only. The release's [4, 6, 6]
+# at base 1e6 turns rows by <= 0.03 rad and columns by < 0.001 rad: the grid is invisible (a first build
+# answered "What is at ...?" at chance). [1, 1, 14] at base 1e4 (Llama's) turns rows by 0.56 rad and columns
+# by 0.32, 0.18, 0.1 ... rad, and keeps slow frequencies that match content at any distance (a base of 4,
+# all frequencies fast, trained the instruct stage to a higher loss).
+MROPE_SECTION, ROPE_THETA = [1, 1, 14], 1e4
 
 
 def tiny_config(ids: dict) -> DimpleConfig:
     vision = DimpleVisionConfig(
-        depth=3, hidden_size=96, intermediate_size=192, num_heads=4, out_hidden_size=128,
-        fullatt_block_indexes=[2], window_size=112,
+        **VISION_SIZES, out_hidden_size=MODEL_SIZES["hidden_size"], fullatt_block_indexes=[VISION_SIZES["depth"] - 1],
+        window_size=112,
     )
     return DimpleConfig(
-        vocab_size=ids["vocab_size"], hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6], max_position_embeddings=1024,
+        vocab_size=ids["vocab_size"], **MODEL_SIZES, mrope_section=MROPE_SECTION, rope_theta=ROPE_THETA,
+        max_position_embeddings=1024,
         vision_config=vision, full_attn_mask=False,
         **{k: v for k, v in ids.items() if k.endswith("_token_id")},
     )
 
 
+CELL_CLASSES = ["empty"] + [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+
+
+def cell_labels(meta: dict) -> list:
+    """What each of the 9 cells holds, as an index into CELL_CLASSES (reading order)."""
+    labels = [0] * len(POSITIONS)
+    for shape in meta["shapes"]:
+        labels[shape["cell"]] = CELL_CLASSES.index(f"{shape['color']} {shape['shape']}")
+    return labels
+
+
 def pretrain_vision(model, processor, n_samples: int, steps: int, batch_size: int = 64, lr: float = 2e-3) -> list:
-    """Train the vision tower (with a throw-away linear head on its mean feature) to classify colour and
-    shape. This stands in for the pretrained Qwen2.5-VL tower the release starts from; returns the losses."""
-    samples = generate_samples(n_samples, seed=0, image_size=IMAGE_SIZE)
-    pixels = processor.image_processor(images=[s[0] for s in samples], return_tensors="pt")
+    """Train the vision tower (with a throw-away linear head on each merged token) to name what each grid cell
+    holds: empty or one of the 12 colour-shape pairs; an 84 x 84 image's 3 x 3 merged tokens are its 9 cells.
+    This stands in for the pretrained Qwen2.5-VL tower the release starts from; returns the losses."""
+    samples = generate_samples(n_samples, seed=0)  # the training images' scenes (the same seed)
+    pixels = processor(images=[s[0] for s in samples], return_tensors="pt")
+    tokens = len(POSITIONS)
     patches = pixels["pixel_values"].view(n_samples, -1, pixels["pixel_values"].shape[-1])
     grid = pixels["image_grid_thw"]
-    colors, shapes = list(COLORS), list(SHAPES)
-    color_labels = torch.tensor([colors.index(s[3]["color"]) for s in samples])
-    shape_labels = torch.tensor([shapes.index(s[3]["shape"]) for s in samples])
+    if not (grid == torch.tensor([1, 6, 6])).all():
+        raise RuntimeError(f"expected every image as 6 x 6 patches (84 x 84 pixels), got {grid.unique(dim=0).tolist()}")
+    labels = torch.tensor([cell_labels(s[3]) for s in samples])
     width = model.config.vision_config.out_hidden_size
-    head = torch.nn.Linear(width, len(colors) + len(shapes))
+    head = torch.nn.Linear(width, len(CELL_CLASSES))
     optimizer = torch.optim.AdamW([*model.visual.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
     # Constant, then a linear decay over the last 30%: a from-scratch ViT learns shapes late and needs the
     # high rate to get there, and the decay settles it.
@@ -96,24 +135,23 @@ def pretrain_vision(model, processor, n_samples: int, steps: int, batch_size: in
     model.train()
     for step in range(steps):
         index = torch.randint(n_samples, (batch_size,), generator=generator)
-        features = model.visual(patches[index].flatten(0, 1), grid[index]).view(batch_size, -1, width).mean(1)
+        features = model.visual(patches[index].flatten(0, 1), grid[index]).view(batch_size, tokens, width)
         logits = head(features)
-        loss = F.cross_entropy(logits[:, : len(colors)], color_labels[index]) + F.cross_entropy(
-            logits[:, len(colors) :], shape_labels[index]
-        )
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         schedule.step()
         if step % 10 == 0:
-            history.append({"step": step, "loss": loss.item()})
+            accuracy = (logits.argmax(-1) == labels[index]).float().mean().item()
+            history.append({"step": step, "loss": loss.item(), "cell_accuracy": accuracy})
         if step % 100 == 0:
             print(f"vision pretraining step {step}/{steps}: loss {loss.item():.3f}", flush=True)
     return history
 
 
 def build_processor(tokenizer_dir: pathlib.Path) -> DimpleProcessor:
-    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_SIZE**2, max_pixels=IMAGE_SIZE**2)
+    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_SIZE**2, max_pixels=IMAGE_SIZE**2)  # 84 x 84
     return DimpleProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
@@ -129,49 +167,74 @@ def ask(model, processor, image, question: str, **generate_kwargs):
     return answer, out.num_forward_passes
 
 
-def evaluate(model, processor, n: int, seed: int, **generate_kwargs) -> dict:
-    """Exact-answer accuracy on freshly generated images, and forward passes per answer by answer length."""
-    correct, passes_by_length, answers, start = 0, {}, [], time.perf_counter()
-    for image, question, expected, _ in generate_samples(n, seed=seed, image_size=IMAGE_SIZE):
-        answer, passes = ask(model, processor, image, question, **generate_kwargs)
-        answers.append(answer)
-        correct += answer_is_correct(answer, expected)
-        length = len(processor.tokenizer(expected, add_special_tokens=False)["input_ids"])
-        passes_by_length.setdefault(length, []).append(passes)
-    all_passes = [p for v in passes_by_length.values() for p in v]
+# Answer-length buckets (tokens) of the evaluation: short answers, phrases, descriptions of 1-2 and 3-5 shapes.
+LENGTH_BUCKETS = ((1, 4), (5, 16), (17, 32), (33, CANVAS))
+
+
+def length_bucket(tokens: int) -> str:
+    low, high = next(b for b in LENGTH_BUCKETS if b[0] <= tokens <= b[1] or b == LENGTH_BUCKETS[-1])
+    return f"{low}-{high}"
+
+
+def summarise(records: list) -> dict:
+    n = len(records)
     return {
-        "n": n, "seed": seed, "accuracy": correct / n,
-        "mean_forward_passes": sum(all_passes) / n,
-        "forward_passes_by_answer_tokens": {k: sum(v) / len(v) for k, v in sorted(passes_by_length.items())},
-        "seconds": round(time.perf_counter() - start, 2),
-        "generate_kwargs": generate_kwargs,
-        "answers": answers,
+        "n": n,
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "mean_forward_passes": sum(r["passes"] for r in records) / n,
+        "answer_tokens_per_pass": sum(r["tokens"] for r in records) / max(1, sum(r["passes"] for r in records)),
     }
 
 
-# Decoding settings evaluated on the held-out questions (eval_results.json): the release's decoding with and
-# without prefilling, then our options (stop_at_eos, block-wise decoding, Fast-dLLM's dual cache).
+def evaluate(model, processor, samples: list, **generate_kwargs) -> dict:
+    """Exact-answer accuracy and forward passes per answer on `samples`, overall, per question type and per
+    answer-length bucket (the expected answer's tokens); answer tokens per pass counts the expected answer's
+    tokens over the passes of its decode."""
+    records, start = [], time.perf_counter()
+    for image, question, expected, meta in samples:
+        answer, passes = ask(model, processor, image, question, **generate_kwargs)
+        tokens = len(processor.tokenizer(expected, add_special_tokens=False)["input_ids"])
+        records.append({"type": meta["question_type"], "tokens": tokens, "passes": passes, "answer": answer,
+                        "correct": answer_is_correct(answer, expected)})
+    seconds = time.perf_counter() - start
+    result = summarise(records)
+    result["ms_per_answer"] = round(1000 * seconds / len(records), 2)
+    result["by_question_type"] = {kind: summarise([r for r in records if r["type"] == kind])
+                                  for kind in sorted({r["type"] for r in records})}
+    result["by_answer_tokens"] = {bucket: summarise([r for r in records if length_bucket(r["tokens"]) == bucket])
+                                  for bucket in sorted({length_bucket(r["tokens"]) for r in records},
+                                                       key=lambda b: int(b.split("-")[0]))}
+    result["generate_kwargs"] = generate_kwargs
+    result["answers"] = [r["answer"] for r in records]
+    return result
+
+
+# Decoding settings evaluated on the held-out questions (eval_results.json), on top of the checkpoint's
+# generation config (greedy maskgit_plus, confident decoding at 0.9, prefilling, a 48-token canvas): one token
+# per pass (the baseline of parallel decoding), confident decoding at 0.9 and 0.95, Fast-dLLM's block-wise dual
+# cache, and stopping at the end-of-text.
 EVAL_SETTINGS = {
-    "eval_prefill_off": dict(use_cache=False),
-    "eval_prefill_on": dict(use_cache=True),
-    "eval_stop_at_eos": dict(use_cache=False, stop_at_eos=True),
-    "eval_blocks_4": dict(block_length=4),
-    "eval_dual_cache_blocks_4": dict(block_length=4, dual_cache=True),
-    "eval_dual_cache_prefill_blocks_4": dict(block_length=4, dual_cache=True, use_cache=True),
-    "eval_dual_cache_blocks_2": dict(block_length=2, dual_cache=True),
-    "eval_dual_cache_blocks_4_stop_at_eos": dict(block_length=4, dual_cache=True, stop_at_eos=True),
+    "one_token_per_pass": dict(alg_p_threshold=0.0),
+    "confident_0.9": dict(),
+    "confident_0.95": dict(alg_p_threshold=0.95),
+    "dual_cache_blocks_8": dict(block_length=8, dual_cache=True),
+    "stop_at_eos": dict(stop_at_eos=True),
 }
+REFERENCE_SETTING = "confident_0.9"
+HELD_OUT_SEED = 1
 
 
 def evaluate_settings(model, processor, n: int) -> dict:
     """Every setting of EVAL_SETTINGS on the same n held-out questions (seed 1), with how many answers equal
-    those of the reference decoding (prefilling off)."""
-    results = {name: evaluate(model, processor, n, seed=1, **kwargs) for name, kwargs in EVAL_SETTINGS.items()}
-    reference = results["eval_prefill_off"]["answers"]
+    those of the reference setting (confident decoding at 0.9)."""
+    samples = generate_samples(n, seed=HELD_OUT_SEED)
+    results = {name: evaluate(model, processor, samples, **kwargs) for name, kwargs in EVAL_SETTINGS.items()}
+    reference = results[REFERENCE_SETTING]["answers"]
     for result in results.values():
         answers = result.pop("answers")
-        result["same_answers_as_prefill_off"] = sum(a == b for a, b in zip(answers, reference))
-    return results
+        result["same_answers_as_reference"] = sum(a == b for a, b in zip(answers, reference))
+    return {"held_out": {"seed": HELD_OUT_SEED, "n": n, "reference": REFERENCE_SETTING,
+                         "decoding_defaults": GENERATION}, "settings": results}
 
 
 def plot_losses(histories: dict, path: pathlib.Path) -> None:
@@ -193,15 +256,18 @@ def plot_losses(histories: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_stage(stage: str, model_dir, data: pathlib.Path, out: pathlib.Path, steps: int, lr: float, extra=()):
+def run_stage(stage: str, model_dir, data: pathlib.Path, out: pathlib.Path, steps: int, lr: float, batch_size: int,
+              extra=()):
     argv = [
         "--model_name_or_path", str(model_dir), "--data_path", str(data), "--stage", stage,
         "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(lr),
-        "--per_device_train_batch_size", "16", "--lr_scheduler_type", "cosine", "--warmup_steps", "50",
-        "--weight_decay", "0.0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+        "--per_device_train_batch_size", str(batch_size), "--lr_scheduler_type", "cosine", "--warmup_steps", "50",
+        "--weight_decay", "0.0", "--logging_steps", "10", "--report_to", "none",
         "--seed", "0", "--dataloader_num_workers", "0", "--use_cpu", "true", "--max_grad_norm", "1.0",
-        *extra,
+        "--answer_padding_to", str(CANVAS), *extra,
     ]
+    if "--save_strategy" not in extra:
+        argv += ["--save_strategy", "no"]
     train_dimple.main(argv)
     state = json.loads((out / "trainer_state.json").read_text())
     return state["log_history"]
@@ -248,10 +314,13 @@ def check_args(parser, args) -> None:
     """Every argument, before anything is deleted or run (exit code 2 on a bad one)."""
     counts = (("--train-samples", args.train_samples), ("--vision-steps", args.vision_steps),
               ("--ar-steps", args.ar_steps), ("--diffusion-steps", args.diffusion_steps),
-              ("--eval-samples", args.eval_samples))
+              ("--eval-samples", args.eval_samples), ("--batch-size", args.batch_size))
     for flag, value in counts:
         if value < 1:
             parser.error(f"{flag} must be an integer >= 1, got {value}")
+    if not 1 <= args.early_steps < args.diffusion_steps:
+        parser.error(f"--early-steps must be from 1 to --diffusion-steps - 1 ({args.diffusion_steps - 1}), "
+                     f"got {args.early_steps}")
     out = pathlib.Path(args.out)
     if args.evaluate_only:
         if not (out / "eval_results.json").is_file() or not (out / "config.json").is_file():
@@ -272,11 +341,14 @@ def main(argv=None):
                         help="the built model (replaced: must be new, empty, or made by this script)")
     parser.add_argument("--work", default=str(DEFAULT_WORK),
                         help="data and stage checkpoints (replaced: must be new, empty, or made by this script)")
-    parser.add_argument("--train-samples", type=int, default=3000, help=">= 1")
-    parser.add_argument("--vision-steps", type=int, default=2000, help=">= 1")
-    parser.add_argument("--ar-steps", type=int, default=400, help=">= 1")
-    parser.add_argument("--diffusion-steps", type=int, default=500, help=">= 1")
-    parser.add_argument("--eval-samples", type=int, default=300, help=">= 1")
+    parser.add_argument("--train-samples", type=int, default=12000, help=">= 1")
+    parser.add_argument("--vision-steps", type=int, default=1000, help=">= 1")
+    parser.add_argument("--ar-steps", type=int, default=600, help=">= 1")
+    parser.add_argument("--diffusion-steps", type=int, default=2600, help=">= 1")
+    parser.add_argument("--early-steps", type=int, default=300,
+                        help="the diffusion step of the undertrained checkpoint kept in --work (RL's start)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per step of both language stages, >= 1")
+    parser.add_argument("--eval-samples", type=int, default=600, help="held-out questions per setting, >= 1")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-run the held-out evaluation of the built folder (--out) and update eval_results.json")
     args = parser.parse_args(argv)
@@ -296,7 +368,7 @@ def main(argv=None):
     make_folder(work)
     start = time.perf_counter()
 
-    data = write_dataset(work / "data", n=args.train_samples, seed=0, image_size=IMAGE_SIZE)
+    data = write_dataset(work / "data", n=args.train_samples, seed=0)
     ids = build_tiny_tokenizer(work / "tokenizer")
     processor = build_processor(work / "tokenizer")
     model = DimpleModel(tiny_config(ids))
@@ -305,25 +377,38 @@ def main(argv=None):
         mask_token_id=ids["mask_token_id"], **GENERATION,
     )
     n_params = sum(p.numel() for p in model.parameters())
-    histories = {"vision": pretrain_vision(model, processor, args.train_samples, args.vision_steps)}
+    histories = {"vision": pretrain_vision(model, processor, min(args.train_samples, 6000), args.vision_steps)}
+    phases = {"data_and_vision": round(time.perf_counter() - start, 1)}
     save_checkpoint(model, processor, str(work / "init"))
-    histories["instruct"] = run_stage("instruct", work / "init", data, work / "instruct", args.ar_steps, 2e-3)
+    histories["instruct"] = run_stage("instruct", work / "init", data, work / "instruct", args.ar_steps, 2e-3,
+                                      args.batch_size)
+    phases["instruct"] = round(time.perf_counter() - start - sum(phases.values()), 1)
     histories["diffusion"] = run_stage(
-        "diffusion", work / "instruct", data, work / "diffusion", args.diffusion_steps, 1e-3,
-        extra=("--masking", "dual"),
+        "diffusion", work / "instruct", data, work / "diffusion", args.diffusion_steps, 1e-3, args.batch_size,
+        extra=("--masking", "dual", "--save_strategy", "steps", "--save_steps", str(args.early_steps),
+               "--save_only_model", "true"),
     )
+    for checkpoint in (work / "diffusion").glob("checkpoint-*"):  # keep only the undertrained one
+        if checkpoint.name != f"checkpoint-{args.early_steps}":
+            shutil.rmtree(checkpoint)
     train_seconds = time.perf_counter() - start
+    phases["diffusion"] = round(train_seconds - sum(phases.values()), 1)
 
     # Checked at the start too; this catches a change since then.
+    card = out / "README.md"  # the model card is written by hand: kept across rebuilds
+    card_text = card.read_text() if card.is_file() else None
     remove_folder(parser, "--out", out, note=f" (the trained model is in {work / 'diffusion'})")
     shutil.copytree(work / "diffusion", out, ignore=shutil.ignore_patterns("checkpoint-*", "training_args.bin", "README.md"))
     make_folder(out)
+    if card_text is not None:
+        card.write_text(card_text)
     (out / "training_log.json").write_text(json.dumps(histories, indent=1) + "\n")
     plot_losses(histories, out / "loss_curves.png")
 
     model = DimpleModel.from_pretrained(out).eval()
     processor = DimpleProcessor.from_pretrained(out, trust_remote_code=True)
-    results = {"parameters": n_params, "train_seconds": round(train_seconds, 1)}
+    results = {"parameters": n_params, "train_seconds": round(train_seconds, 1), "phase_seconds": phases,
+               "build_command": "python -m dimple_tools.tiny.build " + " ".join(argv if argv is not None else sys.argv[1:])}
     results.update(evaluate_settings(model, processor, args.eval_samples))
     (out / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))

@@ -1,0 +1,114 @@
+"""The quality-speed curve of decoding settings on the tiny model's held-out scene descriptions.
+
+    dimple-bench quality-speed                                  # tiny-dimple/, 300 descriptions, every setting
+    python -m dimple_tools.bench.quality_speed --n 600 --out benchmarks/quality_speed_tiny.json
+
+Every setting decodes the same held-out questions (seed 1, never used in training; descriptions, the long
+answers where parallel decoding matters) one at a time, side by side in one run, on top of the checkpoint's
+generation config. A row per setting: its name, the keyword arguments exactly as passed to
+`diffusion_generate`, exact-match accuracy, forward passes and CPU milliseconds per answer, answer tokens per
+pass, how many answers equal the reference's, and `"reference": true` on today's confident decoding at
+threshold 0.9. The PNG plots accuracy against passes and against milliseconds, the reference marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+from dimple_tools.paths import REPOSITORY_ROOT, TINY_MODEL_DIR
+from dimple_tools.tiny.build import HELD_OUT_SEED, evaluate
+from dimple_tools.tiny.task import generate_samples
+
+DEFAULT_OUT = REPOSITORY_ROOT / "benchmarks" / "quality_speed_tiny.json"
+REFERENCE = "confident_0.9"
+#: name -> diffusion_generate keyword arguments (on top of the checkpoint's generation config).
+SETTINGS = {
+    "one_token_per_pass": dict(alg_p_threshold=0.0),
+    "confident_0.5": dict(alg_p_threshold=0.5),
+    "confident_0.7": dict(alg_p_threshold=0.7),
+    "confident_0.8": dict(alg_p_threshold=0.8),
+    REFERENCE: dict(alg_p_threshold=0.9),
+    "confident_0.95": dict(alg_p_threshold=0.95),
+    "confident_0.99": dict(alg_p_threshold=0.99),
+    "confident_0.9_dual_cache_blocks_8": dict(alg_p_threshold=0.9, block_length=8, dual_cache=True),
+    "confident_0.9_stop_at_eos": dict(alg_p_threshold=0.9, stop_at_eos=True),
+}
+
+
+def measure(model, processor, samples: list, settings: dict) -> list:
+    """One row per setting (see the module docstring), in the order of `settings`."""
+    rows, answers = [], {}
+    for name, kwargs in settings.items():
+        result = evaluate(model, processor, samples, **kwargs)
+        answers[name] = result.pop("answers")
+        rows.append({"setting": name, "kwargs": kwargs, "accuracy": result["accuracy"],
+                     "passes_per_answer": result["mean_forward_passes"], "ms_per_answer": result["ms_per_answer"],
+                     "answer_tokens_per_pass": result["answer_tokens_per_pass"], "reference": name == REFERENCE})
+        print(f"{name:40s} accuracy {result['accuracy']:.3f}  passes {result['mean_forward_passes']:6.2f}  "
+              f"ms {result['ms_per_answer']:7.1f}", flush=True)
+    if REFERENCE in answers:
+        for row in rows:
+            row["same_answers_as_reference"] = sum(a == b for a, b in zip(answers[row["setting"]], answers[REFERENCE]))
+    return rows
+
+
+def plot(rows: list, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, label in ((axes[0], "passes_per_answer", "forward passes per answer"),
+                           (axes[1], "ms_per_answer", "CPU milliseconds per answer")):
+        for row in rows:
+            marker, size = ("*", 220) if row["reference"] else ("o", 40)
+            ax.scatter(row[key], 100 * row["accuracy"], marker=marker, s=size, zorder=3)
+            ax.annotate(row["setting"], (row[key], 100 * row["accuracy"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact-match accuracy (%)")
+    fig.suptitle(title + "  (star: the reference, confident decoding at 0.9)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="dimple-bench quality-speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(TINY_MODEL_DIR), help="checkpoint folder (default: tiny-dimple/)")
+    parser.add_argument("--n", type=int, default=300, help="held-out descriptions (default 300)")
+    parser.add_argument("--settings", default=None,
+                        help=f"comma-separated names among {', '.join(SETTINGS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the PNG is written next to it")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be an integer >= 1, got {args.n}")
+    if args.threads < 1:
+        parser.error(f"--threads must be an integer >= 1, got {args.threads}")
+    names = list(SETTINGS) if args.settings is None else [name.strip() for name in args.settings.split(",")]
+    unknown = [name for name in names if name not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; choose among {list(SETTINGS)}")
+    from transformers import AutoModel, AutoProcessor
+
+    torch.set_num_threads(args.threads)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    samples = generate_samples(args.n, seed=HELD_OUT_SEED, question_type="describe")
+    rows = measure(model, processor, samples, {name: SETTINGS[name] for name in names})
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, out.with_suffix(".png"), f"{pathlib.Path(args.model).name}: {args.n} held-out descriptions")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -67,7 +67,7 @@ test-transformers: venv
 	$(OVERLAY_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(OVERLAY_VENV)/bin/python -m pytest -q tests
 
-# Retrain the shipped tiny model (6.3 minutes on two CPU cores, tiny-dimple/build_log.txt).
+# Retrain the shipped tiny model (about 30 minutes of training and 4 of evaluation on two CPU cores, tiny-dimple/build_log.txt).
 tiny-dimple: venv
 	$(PY) -m dimple_tools.tiny.build
 

@@ -28,14 +28,15 @@ import torch  # noqa: E402
 
 from dimple.modeling_dimple import DimpleModel  # noqa: E402
 from dimple.processing_dimple import DimpleProcessor  # noqa: E402
-from dimple_tools.tiny.build import IMAGE_SIZE  # noqa: E402
 from dimple_tools.serving.process import ServerProcess  # noqa: E402
-from dimple_tools.tiny.task import answer_is_correct, generate_samples, sample_image  # noqa: E402
+from dimple_tools.tiny.task import answer_is_correct, generate_samples, sample_description, sample_image  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "tiny-dimple"
 MODEL_ID = "tiny-dimple"
 TIMEOUT = 120  # seconds for any one request (a busy 2-core machine)
+# A short question about the sample scene (four shapes; a blue square in the center cell) and its answer.
+QUESTION, ANSWER = "What is at the center?", "a blue square"
 
 
 def data_url(image) -> str:
@@ -52,7 +53,7 @@ def user(image_url: str, question: str) -> dict:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    sample_image().save(folder / "red_circle.png")
+    sample_image().save(folder / "scene.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     return folder
 
@@ -120,20 +121,21 @@ def assert_public(body: dict) -> None:
 def test_models_and_a_data_url_image(server, client, tiny):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     image = sample_image()
-    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), "What color is the shape?")])
-    assert reply.choices[0].message.content == "red"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), QUESTION)])
+    assert reply.choices[0].message.content == ANSWER
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 10
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert 1 <= reply.usage.model_extra["forward_passes"] <= 8
 
     # a system prompt, and a local file under the server's image folder (path or file:// URL)
-    messages = [{"role": "system", "content": "You are a careful assistant."}, user("red_circle.png", "What shape is this?")]
+    question = "How many shapes are there?"
+    messages = [{"role": "system", "content": "You are a careful assistant."}, user("scene.png", question)]
     reply = client.chat.completions.create(model=MODEL_ID, messages=messages)
-    assert reply.choices[0].message.content == alone(tiny, pil_messages(image, "What shape is this?",
-                                                                         "You are a careful assistant.")) == "circle"
-    reply = client.chat.completions.create(model=MODEL_ID, messages=[user("file://red_circle.png", "Describe the image.")])
-    assert answer_is_correct(reply.choices[0].message.content, "a red circle")
+    assert reply.choices[0].message.content == alone(tiny, pil_messages(image, question,
+                                                                         "You are a careful assistant.")) == "four"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user("file://scene.png", "Describe the image.")])
+    assert answer_is_correct(reply.choices[0].message.content, sample_description())
 
 
 @pytest.mark.parametrize("settings", [{}, {"alg": "autoregressive", "alg_p_threshold": 0}, {"block_length": 4, "dual_cache": True}])
@@ -160,23 +162,27 @@ def test_streamed_chunks_are_the_answer(client, tiny, settings):
 
 def test_stop_strings_and_max_tokens(client, tiny):
     image = sample_image()
-    messages = [user(data_url(image), "Describe the image.")]
-    full = alone(tiny, pil_messages(image, "Describe the image."))
-    assert full == "a red circle"
+    messages = [user(data_url(image), QUESTION)]
+    assert alone(tiny, pil_messages(image, QUESTION)) == ANSWER
+    # one token per step (the text settles left to right): the answer ends where the stop string begins
+    one_by_one = {"alg": "autoregressive", "alg_p_threshold": 0}
+    describe = "Describe the image."
+    full = alone(tiny, pil_messages(image, describe), **one_by_one)
+    assert " at " in full, full
     for stream in (False, True):
-        kwargs = dict(messages=messages, stop=[" circle"], extra_body={"alg": "autoregressive", "alg_p_threshold": 0})
+        kwargs = dict(messages=[user(data_url(image), describe)], stop=[" at "], extra_body=one_by_one)
         if stream:
             _, text = stream_text(client, **kwargs)
         else:
             text = client.chat.completions.create(model=MODEL_ID, **kwargs).choices[0].message.content
-        assert text == "a red"
-    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=2)
-    assert reply.choices[0].message.content == alone(tiny, pil_messages(image, "Describe the image."), max_new_tokens=2)
+        assert text == full[: full.index(" at ")]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), describe)], max_tokens=2)
+    assert reply.choices[0].message.content == alone(tiny, pil_messages(image, describe), max_new_tokens=2)
     assert reply.choices[0].finish_reason == "length"
 
 
 def test_32_concurrent_requests_decode_as_a_batch(server, client, tiny):
-    samples = generate_samples(32, seed=5, image_size=IMAGE_SIZE)
+    samples = generate_samples(32, seed=5)
     expected = [alone(tiny, pil_messages(image, question)) for image, question, _, _ in samples]
     batches_before = server.metric("batches")
 
@@ -188,7 +194,8 @@ def test_32_concurrent_requests_decode_as_a_batch(server, client, tiny):
         replies = list(pool.map(ask, samples, timeout=TIMEOUT * 2))
     answers = [reply.choices[0].message.content for reply in replies]
     assert answers == expected
-    assert all(answer_is_correct(answer, truth) for answer, (_, _, truth, _) in zip(answers, samples))
+    # the tiny model answers ~88 % of held-out questions (63 % of "What is at ...?"): the batch keeps that
+    assert sum(answer_is_correct(answer, truth) for answer, (_, _, truth, _) in zip(answers, samples)) >= 26
     batches = server.metric("batches") - batches_before
     assert batches <= 8, f"32 concurrent requests took {batches} decodes: no batching"
 
@@ -224,7 +231,7 @@ def _bad(client, field, stream=False, **kwargs):
 
 
 def test_bad_requests_get_400_naming_the_field(server, client):
-    good = [user(data_url(sample_image()), "What color is the shape?")]
+    good = [user(data_url(sample_image()), QUESTION)]
     _bad(client, "model", model="gpt-4o", messages=good)
     _bad(client, "messages", messages=[])
     _bad(client, "messages", messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}])
@@ -240,7 +247,7 @@ def test_bad_requests_get_400_naming_the_field(server, client):
     _bad(client, "steps", messages=good, extra_body={"steps": "many"})
     _bad(client, "alg", messages=good, extra_body={"alg": "beam"})
     _bad(client, "alg_p_threshold", messages=good, extra_body={"alg_p_threshold": 1.5})
-    _bad(client, "block_length", messages=good, extra_body={"block_length": 3})
+    _bad(client, "block_length", messages=good, extra_body={"block_length": 5})  # not a divisor of 48
     _bad(client, "dual_cache", messages=good, extra_body={"dual_cache": "yes"})
     _bad(client, "temperature", messages=good, temperature=-1)
     _bad(client, "top_p", messages=good, top_p=0)
@@ -256,13 +263,13 @@ def test_bad_requests_get_400_naming_the_field(server, client):
         bad = pool.submit(_bad, client, "steps", messages=good, extra_body={"steps": 0})
         ok = pool.submit(client.chat.completions.create, model=MODEL_ID, messages=good)
         bad.result(timeout=TIMEOUT)
-        assert ok.result(timeout=TIMEOUT).choices[0].message.content == "red"
+        assert ok.result(timeout=TIMEOUT).choices[0].message.content == ANSWER
 
 
 def test_client_mistakes_are_4xx_without_internal_text(server, client):
     """Issue 37 item 5: text that is not Unicode (a lone surrogate), a NUL in an image path, an image that does not
     decode: 400s naming the field, whose messages show no repr, class or traceback of the server."""
-    image_part = {"type": "image_url", "image_url": {"url": "red_circle.png"}}
+    image_part = {"type": "image_url", "image_url": {"url": "scene.png"}}
     # json.dumps writes a lone surrogate as the JSON escape \\ud800, which the server's JSON reader accepts
     for content, param in (("hi \ud800", "messages[0].content"),
                            ([image_part, {"type": "text", "text": "hi \ud800 there"}], "messages[0].content[1].text")):
@@ -271,10 +278,10 @@ def test_client_mistakes_are_4xx_without_internal_text(server, client):
         assert status == 400 and error["error"]["param"] == param, error
         assert param in error["error"]["message"] and "surrogate" in error["error"]["message"], error
         assert_public(error)
-    good = [user(data_url(sample_image()), "What color is the shape?")]
+    good = [user(data_url(sample_image()), QUESTION)]
     status, error = post_raw(server, json.dumps({"model": MODEL_ID, "messages": good, "stop": ["\ud800"]}).encode())
     assert status == 400 and error["error"]["param"] == "stop", error
-    for url in ("red\x00circle.png", "file://red_circle.png\x00", "red\ud800.png"):
+    for url in ("scene\x00.png", "file://scene.png\x00", "scene\ud800.png"):
         body = {"model": MODEL_ID, "messages": [user(url, "Hi")]}
         status, error = post_raw(server, json.dumps(body).encode())
         assert status == 400 and error["error"]["param"] == "messages[0].content[0].image_url", error
@@ -296,7 +303,7 @@ def test_client_mistakes_are_4xx_without_internal_text(server, client):
 def test_unsupported_fields_and_out_of_range_numbers_are_refused(client):
     """Issue 37 item 6: tool_choice and top_logprobs are refused as tools and logprobs are; a boolean is not an
     integer (max_tokens: true is not 1); temperature and top_p have OpenAI's ranges."""
-    good = [user(data_url(sample_image()), "What color is the shape?")]
+    good = [user(data_url(sample_image()), QUESTION)]
     assert "not supported" in _bad(client, "tool_choice", messages=good, tool_choice="auto")["message"]
     _bad(client, "tool_choice", messages=good, tool_choice={"type": "function", "function": {"name": "f"}})
     assert "log-probabilities" in _bad(client, "top_logprobs", messages=good, top_logprobs=2)["message"]
@@ -319,7 +326,7 @@ def test_unsupported_fields_and_out_of_range_numbers_are_refused(client):
 def test_stream_usage_only_when_asked_and_model_is_required(server, client):
     """Issue 37 item 10: a stream carries usage only with stream_options.include_usage (then in a last chunk with
     no choices); stream_options without a stream, or a request without `model`, is refused as OpenAI does."""
-    messages = [user(data_url(sample_image()), "What color is the shape?")]
+    messages = [user(data_url(sample_image()), QUESTION)]
     answer = client.chat.completions.create(model=MODEL_ID, messages=messages).choices[0].message.content
     chunks, text = stream_text(client, messages=messages)
     assert text == answer
@@ -373,7 +380,7 @@ def test_a_queue_timeout_is_a_504_saying_what_timed_out(queue_server):
     """Issue 37 item 5: a request that waited longer than --queue-timeout gets a 504 of type `timeout` naming the
     option, not `server_error / internal_error`."""
     client = openai.OpenAI(base_url=queue_server.base_url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
-    question = [user(data_url(sample_image()), "What color is the shape?")]
+    question = [user(data_url(sample_image()), QUESTION)]
     # 256 steps committing one position each (several seconds): the worker is busy while the second one waits
     long = dict(model=MODEL_ID, messages=question, max_tokens=256, seed=0,
                 extra_body={"steps": 256, "alg": "origin", "alg_p_threshold": 0})
@@ -435,7 +442,7 @@ def test_a_cancelled_stream_stops_decoding(server, client):
     is streamed, then its client closes the stream: the server's decoded-step count stops growing."""
     start = server.metric("decoding_steps")
     stream = client.chat.completions.create(
-        model=MODEL_ID, stream=True, messages=[user(data_url(sample_image()), "What color is the shape?")],
+        model=MODEL_ID, stream=True, messages=[user(data_url(sample_image()), QUESTION)],
         max_tokens=256, seed=0, extra_body={"steps": 256, "alg": "origin", "alg_p_threshold": 0},
     )
     first = next(iter(stream))
@@ -452,5 +459,5 @@ def test_a_cancelled_stream_stops_decoding(server, client):
     assert stopped_at - start < 200, "the row decoded (almost) to its end"
     assert server.metric("rows_cancelled") >= 1
     # and the next request is served
-    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(sample_image()), "What color is the shape?")])
-    assert reply.choices[0].message.content == "red"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(sample_image()), QUESTION)])
+    assert reply.choices[0].message.content == ANSWER

@@ -7,7 +7,7 @@
   pass, starting from all masks; bad requests give readable messages.
 * The app in a real browser: `app.py` starts in a subprocess on 127.0.0.1, headless Chromium (Debian's
   `chromium` + `chromium-driver`, driven by selenium; never a browser download) uploads the sample image,
-  asks "What color is the shape?" and finds the tiny model's answer "red" on the page, with a screenshot;
+  asks "What is at the center?" and finds the tiny model's answer "a blue square" on the page, with a screenshot;
   an empty question, a missing image and a file that is not an image give readable messages, and the
   server answers afterwards. Skipped, with the reason, only where Chromium / chromedriver or the demo
   requirements (requirements-demo.txt) are not installed: `scripts/install_browser.sh` installs them.
@@ -36,8 +36,8 @@ from dimple_tools.demos import trajectory
 from dimple_tools.tiny.configs import MASK_ID, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTION = "What color is the shape?"
-EXPECTED = "red"  # the sample image is a red circle
+QUESTION = "What is at the center?"
+EXPECTED = "a blue square"  # the sample scene has a blue square in its center cell
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@
 * With lmms-eval 0.7.3 in `.venv-eval` (`make eval-deps`, run by `make test`): the entry point resolves
   `--model dimple` through lmms-eval's registry (registry_v2); log-likelihood requests, multi-round requests and
   video inputs raise the clear errors; `make eval-tiny` (lmms-eval's command line on the shipped tiny model and
-  the local task of 120 generated questions) prints the results table with accuracy >= 0.95, answers equal to
+  the local task of 200 generated questions) prints the results table with accuracy >= 0.85, answers equal to
   `diffusion_generate`'s called directly, and the throughput block; `make eval-tiny EVAL_PROCESSES=2` (two CPU
   processes through `accelerate launch`) gives the same answers and score.
 
@@ -37,6 +37,7 @@ from dimple_tools.evaluation.settings import (
     is_open_ended,
     visual_kind,
 )
+from dimple_tools.evaluation.shapes import DEFAULT_N as N  # questions of the local task
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PY = REPO / ".venv-eval" / "bin" / "python"
@@ -266,36 +267,41 @@ def tiny_model():
     return model, processor
 
 
+# The decoding of the local task (dimple_shapes.yaml's generation_kwargs, as Dimple's lmms-eval class passes them).
+TASK_SETTINGS = dict(max_new_tokens=48, steps=48, alg="maskgit_plus", alg_p_threshold=0.9, decoding_pipeline="dim",
+                     use_original_confidence=True, temperature=0.0)
+
+
 def test_eval_tiny_scores_the_tiny_model_as_diffusion_generate_does(one_process, tiny_model):
-    from dimple_tools.tiny.build import IMAGE_SIZE, ask
-    from dimple_tools.evaluation.shapes import DEFAULT_N, read_task
-    from dimple_tools.tiny.task import DEFAULT_IMAGE_SIZE, answer_is_correct
+    from dimple_tools.tiny.build import ask
+    from dimple_tools.evaluation.shapes import read_task
+    from dimple_tools.tiny.task import answer_is_correct
 
     tmp, output, results, samples = one_process
-    assert IMAGE_SIZE == DEFAULT_IMAGE_SIZE and DEFAULT_N == 120
     # lmms-eval's results table is printed, with the throughput Dimple reports.
     assert "|dimple_shapes|" in output and "exact_match" in output and "Throughput Summary" in output
     accuracy = results["results"]["dimple_shapes"]["exact_match,none"]
-    assert results["n-samples"]["dimple_shapes"]["effective"] == 120
-    assert accuracy >= 0.95
+    assert results["n-samples"]["dimple_shapes"]["effective"] == N
+    assert accuracy >= 0.85  # the shipped model: 0.865 (63 % of "What is at ...?", docs/training.md)
     throughput = results["throughput"]
     assert throughput["total_gen_tokens"] > 0 and throughput["avg_latency"] > 0
-    assert throughput["avg_speed"] > 0 and throughput["avg_forward_passes_per_question"] == RELEASE_SETTINGS["steps"]
-    assert results["efficiency"]["overall"]["docs_with_token_counts"] == 120
+    # confident decoding: far fewer passes than the task's 48 steps
+    assert throughput["avg_speed"] > 0 and 1 <= throughput["avg_forward_passes_per_question"] < 8
+    assert results["efficiency"]["overall"]["docs_with_token_counts"] == N
 
-    # diffusion_generate called directly, one question at a time, with the release's settings.
+    # diffusion_generate called directly, one question at a time, with the task's settings (dimple_shapes.yaml).
     model, processor = tiny_model
     rows = read_task(str(tmp / "tasks"))
-    assert len(rows) == len(samples) == 120
+    assert len(rows) == len(samples) == N
     direct = []
     for row in rows:
         with Image.open(tmp / "tasks" / "dimple_shapes" / "data" / row["image"]) as image:
-            answer, passes = ask(model, processor, image.convert("RGB"), row["question"], **RELEASE_SETTINGS)
+            answer, passes = ask(model, processor, image.convert("RGB"), row["question"], **TASK_SETTINGS)
         direct.append(answer)
-        assert passes == RELEASE_SETTINGS["steps"]  # Dream's pipeline runs every step
-    assert [samples[i]["filtered_resps"] for i in range(120)] == direct
-    assert sum(answer_is_correct(a, row["answer"]) for a, row in zip(direct, rows)) / 120 == accuracy
-    assert [samples[i]["token_counts"][0]["output_tokens"] for i in range(120)] == [
+        assert passes <= TASK_SETTINGS["steps"]
+    assert [samples[i]["filtered_resps"] for i in range(N)] == direct
+    assert sum(answer_is_correct(a, row["answer"]) for a, row in zip(direct, rows)) / N == accuracy
+    assert [samples[i]["token_counts"][0]["output_tokens"] for i in range(N)] == [
         len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in direct]
 
 
@@ -305,21 +311,21 @@ def test_neutral_values_decode_through_diffusion_generate(tiny_model):
 
     settings, *_ = decoding_settings("t", NEUTRAL)
     messages = [{"role": "user", "content": [{"type": "image", "image": sample_image()},
-                                             {"type": "text", "text": "What color is the shape?"}]}]
+                                             {"type": "text", "text": "What is at the top left?"}]}]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors="pt")
     out = model.diffusion_generate(**inputs, return_dict_in_generate=True, **settings)
-    assert processor.decode_answers(out.sequences[0], prompt_length=inputs["input_ids"].shape[1]) == "red"
+    assert processor.decode_answers(out.sequences[0], prompt_length=inputs["input_ids"].shape[1]) == "a red circle"
 
 
 def test_two_processes_under_accelerate_give_the_same_score(one_process, tmp_path_factory):
     _, _, results, samples = one_process
     tmp = tmp_path_factory.mktemp("eval_tiny_2")
     output, results_2, samples_2 = _eval_tiny(tmp, processes=2)
-    assert "accelerate.commands.launch --multi_gpu" in output and "60/60" in output  # each process: 60 questions
+    assert "accelerate.commands.launch --multi_gpu" in output and f"{N // 2}/{N // 2}" in output  # each process: half the questions
     assert results["throughput"]["avg_processes"] == 1 and results_2["throughput"]["avg_processes"] == 2
     one, two = results["results"]["dimple_shapes"], results_2["results"]["dimple_shapes"]
-    assert two["exact_match,none"] == one["exact_match,none"] >= 0.95
+    assert two["exact_match,none"] == one["exact_match,none"] >= 0.85
     assert two["exact_match_stderr,none"] == pytest.approx(one["exact_match_stderr,none"])
-    assert results_2["n-samples"]["dimple_shapes"]["effective"] == 120
+    assert results_2["n-samples"]["dimple_shapes"]["effective"] == N
     assert {i: s["filtered_resps"] for i, s in samples_2.items()} == {i: s["filtered_resps"] for i, s in samples.items()}
     assert results_2["throughput"]["total_gen_tokens"] == results["throughput"]["total_gen_tokens"]

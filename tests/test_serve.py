@@ -162,7 +162,6 @@ def test_streamed_chunks_are_the_answer(client, tiny, settings):
 
 def test_stop_strings_and_max_tokens(client, tiny):
     image = sample_image()
-    messages = [user(data_url(image), QUESTION)]
     assert alone(tiny, pil_messages(image, QUESTION)) == ANSWER
     # one token per step (the text settles left to right): the answer ends where the stop string begins
     one_by_one = {"alg": "autoregressive", "alg_p_threshold": 0}

@@ -275,3 +275,32 @@ def test_the_default_arguments_and_evaluate_only_pass_the_checks(monkeypatch):
     monkeypatch.setattr(build_tiny_dimple, "DimpleModel", type("Stub", (), {"from_pretrained": started}))
     with pytest.raises(Started):
         build_tiny_dimple.main(["--evaluate-only"])
+
+
+def test_the_quality_speed_curve_compares_settings_side_by_side(tmp_path):
+    """`dimple-bench quality-speed`: a row per setting on the same held-out descriptions, the reference marked,
+    answers compared with the reference's (stop_at_eos changes no answer of this model), JSON and PNG written."""
+    from dimple_tools.bench import main as bench_main
+
+    out = tmp_path / "curve.json"
+    bench_main(["quality-speed", "--n", "3", "--settings", "one_token_per_pass,confident_0.9,confident_0.9_stop_at_eos",
+                "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["setting"] for row in rows] == ["one_token_per_pass", "confident_0.9", "confident_0.9_stop_at_eos"]
+    assert [row["reference"] for row in rows] == [False, True, False]
+    one_by_one, reference, stop = rows
+    assert reference["same_answers_as_reference"] == stop["same_answers_as_reference"] == 3
+    assert one_by_one["passes_per_answer"] == build_tiny_dimple.CANVAS - 1  # one pass per canvas position but the last
+    assert reference["passes_per_answer"] < one_by_one["passes_per_answer"] / 4
+    assert one_by_one["kwargs"] == {"alg_p_threshold": 0.0}
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_the_quality_speed_curve_refuses_an_unknown_setting(tmp_path, capsys):
+    from dimple_tools.bench import main as bench_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["quality-speed", "--settings", "confident_0.9,fastest", "--out", str(tmp_path / "c.json")])
+    assert exit_info.value.code == 2
+    assert "--settings: unknown ['fastest']" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -20,11 +20,11 @@ import pathlib
 import torch
 
 from dimple_tools.paths import REPOSITORY_ROOT, TINY_MODEL_DIR
-from dimple_tools.tiny.build import HELD_OUT_SEED, evaluate
+from dimple_tools.tiny.build import HELD_OUT_SEED, REFERENCE_SETTING, compare_settings
 from dimple_tools.tiny.task import generate_samples
 
 DEFAULT_OUT = REPOSITORY_ROOT / "benchmarks" / "quality_speed_tiny.json"
-REFERENCE = "confident_0.9"
+REFERENCE = REFERENCE_SETTING  # confident decoding at 0.9, the checkpoint's
 #: name -> diffusion_generate keyword arguments (on top of the checkpoint's generation config).
 SETTINGS = {
     "one_token_per_pass": dict(alg_p_threshold=0.0),
@@ -41,18 +41,19 @@ SETTINGS = {
 
 def measure(model, processor, samples: list, settings: dict) -> list:
     """One row per setting (see the module docstring), in the order of `settings`."""
-    rows, answers = [], {}
-    for name, kwargs in settings.items():
-        result = evaluate(model, processor, samples, **kwargs)
-        answers[name] = result.pop("answers")
-        rows.append({"setting": name, "kwargs": kwargs, "accuracy": result["accuracy"],
-                     "passes_per_answer": result["mean_forward_passes"], "ms_per_answer": result["ms_per_answer"],
-                     "answer_tokens_per_pass": result["answer_tokens_per_pass"], "reference": name == REFERENCE})
+    def report(name, result):
         print(f"{name:40s} accuracy {result['accuracy']:.3f}  passes {result['mean_forward_passes']:6.2f}  "
               f"ms {result['ms_per_answer']:7.1f}", flush=True)
-    if REFERENCE in answers:
-        for row in rows:
-            row["same_answers_as_reference"] = sum(a == b for a, b in zip(answers[row["setting"]], answers[REFERENCE]))
+
+    results = compare_settings(model, processor, samples, settings, REFERENCE, report)
+    rows = []
+    for name, result in results.items():
+        row = {"setting": name, "kwargs": settings[name], "accuracy": result["accuracy"],
+               "passes_per_answer": result["mean_forward_passes"], "ms_per_answer": result["ms_per_answer"],
+               "answer_tokens_per_pass": result["answer_tokens_per_pass"], "reference": name == REFERENCE}
+        if "same_answers_as_reference" in result:
+            row["same_answers_as_reference"] = result["same_answers_as_reference"]
+        rows.append(row)
     return rows
 
 

@@ -224,15 +224,28 @@ REFERENCE_SETTING = "confident_0.9"
 HELD_OUT_SEED = 1
 
 
+def compare_settings(model, processor, samples: list, settings: dict, reference: str, report=None) -> dict:
+    """`evaluate` of every setting (name -> generate kwargs) on the same samples, side by side, each with how
+    many answers equal those of the `reference` setting (when it is among them); `report(name, result)` is
+    called after each setting."""
+    results = {}
+    for name, kwargs in settings.items():
+        results[name] = evaluate(model, processor, samples, **kwargs)
+        if report is not None:
+            report(name, results[name])
+    reference_answers = results[reference]["answers"] if reference in results else None
+    for result in results.values():
+        answers = result.pop("answers")
+        if reference_answers is not None:
+            result["same_answers_as_reference"] = sum(a == b for a, b in zip(answers, reference_answers))
+    return results
+
+
 def evaluate_settings(model, processor, n: int) -> dict:
     """Every setting of EVAL_SETTINGS on the same n held-out questions (seed 1), with how many answers equal
     those of the reference setting (confident decoding at 0.9)."""
     samples = generate_samples(n, seed=HELD_OUT_SEED)
-    results = {name: evaluate(model, processor, samples, **kwargs) for name, kwargs in EVAL_SETTINGS.items()}
-    reference = results[REFERENCE_SETTING]["answers"]
-    for result in results.values():
-        answers = result.pop("answers")
-        result["same_answers_as_reference"] = sum(a == b for a, b in zip(answers, reference))
+    results = compare_settings(model, processor, samples, EVAL_SETTINGS, REFERENCE_SETTING)
     return {"held_out": {"seed": HELD_OUT_SEED, "n": n, "reference": REFERENCE_SETTING,
                          "decoding_defaults": GENERATION}, "settings": results}
 

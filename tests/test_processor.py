@@ -250,9 +250,12 @@ def test_a_tokenizer_without_the_special_tokens_is_refused_at_load_time(tmp_path
 
 
 def test_special_token_ids_must_be_the_configs(tmp_path):
-    folder = tiny_folder_copy(tmp_path, config_changes={"mask_token_id": 383, "eos_token_id": [371, 369]})
-    with pytest.raises(ValueError, match=r"do not have the ids of .*config.json: mask_token_id 383 \(the tokenizer "
-                                         r"gives 384\)\. The model reads"):
+    ids = json.loads((TINY / "config.json").read_text())
+    mask, eos = ids["mask_token_id"], ids["eos_token_id"]  # the tiny tokenizer's
+    # a wrong mask id is named; an end-of-text list that starts with the tokenizer's is fine
+    folder = tiny_folder_copy(tmp_path, config_changes={"mask_token_id": mask - 1, "eos_token_id": [eos, eos - 2]})
+    with pytest.raises(ValueError, match=rf"do not have the ids of .*config.json: mask_token_id {mask - 1} \(the "
+                                         rf"tokenizer gives {mask}\)\. The model reads"):
         AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
 
 

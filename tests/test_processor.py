@@ -552,19 +552,21 @@ def test_fit_size_hand_computed_cases():
 @pytest.mark.parametrize("size", [(239, 239), (246, 246), (260, 260), (274, 274), (288, 288), (680, 680),
                                   (751, 751), (827, 827), (38, 38), (300, 200), (90, 2000), (20, 20)])
 def test_the_tiny_processor_keeps_images_within_its_pixel_bounds(size):
-    """tiny-dimple/ has min_pixels = max_pixels = 56²: every image is 2 x 2 merged patches' worth of pixels."""
+    """tiny-dimple/ has min_pixels = max_pixels = 84²: every image is 3 x 3 merged patches' worth of pixels."""
     processor = AutoProcessor.from_pretrained(str(TINY), trust_remote_code=True)
+    bounds = json.loads((TINY / "preprocessor_config.json").read_text())
+    assert bounds["min_pixels"] == bounds["max_pixels"] == 84 * 84
     width, height = size
     grid = processor(images=random_image(width, height), return_tensors="pt")["image_grid_thw"].tolist()
     (t, h, w), = grid
-    assert t == 1 and h * w * 14 * 14 == 3136, (size, grid)
+    assert t == 1 and h * w * 14 * 14 == 84 * 84, (size, grid)
 
 
 def test_images_resized_by_the_processor_agree_across_input_types():
     processor = AutoProcessor.from_pretrained(str(TINY), trust_remote_code=True)
     image = random_image(260, 260, seed=9)
     as_pil = processor(images=image, return_tensors="pt")
-    assert as_pil["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert as_pil["image_grid_thw"].tolist() == [[1, 6, 6]]
     for source in (np.array(image), torch.from_numpy(np.array(image)).permute(2, 0, 1)):
         assert_same_outputs(processor(images=source, return_tensors="pt"), as_pil)
 

@@ -393,9 +393,9 @@ def test_ask_streams_the_canvas(loaded, app_module, tmp_path):
     dimple = app_module.DimpleDemo(model, processor, save_trajectory_to=tmp_path / "t-{n}.png", step_timeout=60)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gr.Warning outside a request
-        updates = list(dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, False))
+        updates = list(dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 48, 48, False))  # the model's canvas
     message, first, *_ = updates[0]
-    assert message == "" and first.count(app_module.MASK_GLYPH) == 8  # all masks before the first pass
+    assert message == "" and first.count(app_module.MASK_GLYPH) == 48  # all masks before the first pass
     message, _, text, stats, picture = updates[-1]
     passes = int(stats.split("**")[1].split()[0])
     # the blank canvas, one per forward pass the page kept up with (newer canvases replace waiting ones), the result
@@ -608,12 +608,12 @@ def test_demo_in_a_browser(browser, server, model_dir, tmp_path):
     # 5. still serving after the errors: the next question gets its answer
     upload(sample)
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#image img"))
-    set_question("What shape is this?")
+    set_question("How many shapes are there?")
     set_number("#threshold", 0.9)  # confident decoding again
     find("#ask").click()
     wait.until(lambda _: (work / "trajectory-2.png").is_file())  # written just before the last page update
     wait.until(lambda _: "forward pass" in find("#stats").text and answer().strip())
     assert message() == "" and "threshold 0.9," in find("#stats").text
     if correct:
-        assert answer().strip() == "circle"
+        assert answer().strip() == "four"
         assert passes() < 8  # confident decoding commits several tokens per pass

@@ -32,7 +32,7 @@ ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_
 PIPELINES = ("dim", "dream")
 BOOLEAN_FLAGS = (
     "use_original_confidence", "stop_at_eos", "use_cache", "output_history", "dual_cache", "use_cuda_graph",
-    "use_torch_compile", "return_dict_in_generate",
+    "use_torch_compile", "return_dict_in_generate", "open_ended",
 )
 # The settings `diffusion_generate` takes as keyword arguments (besides the inputs, hooks, streamer, generator,
 # stopping criteria, response prior and tokenizer). Other `GenerationConfig` fields (num_beams,
@@ -41,8 +41,12 @@ SETTINGS = (
     "max_new_tokens", "max_length", "steps", "eps", "temperature", "top_p", "top_k", "alg", "alg_temp",
     "alg_p_threshold", "use_original_confidence", "decoding_pipeline", "use_cache", "block_length", "dual_cache",
     "stop_at_eos", "use_cuda_graph", "use_torch_compile", "output_history", "return_dict_in_generate",
-    "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample",
+    "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample", "open_ended",
 )
+# Open-ended decoding without `block_length`: blocks of this many positions (Fast-dLLM's and LLaDA's 32). With one
+# block of masks in view past it, the tiny model sees a 64-position canvas at first, close to the 48 it was
+# trained on; two blocks in view (96) or a fixed 256 canvas make it write wrong descriptions (docs/decoding.md).
+OPEN_ENDED_BLOCK_LENGTH = 32
 MIN_TEMPERATURE = 1e-6
 # What generic callers (pipelines, evaluation harnesses written for `generate`) pass that changes nothing here:
 # accepted and dropped. Other values of these arguments would change an autoregressive result and are refused.
@@ -101,6 +105,12 @@ class DimpleGenerationConfig(GenerationConfig):
         use_torch_compile (`bool`, defaults to `False`): run the cached steps (prefilled, dual-cache window)
             through `torch.compile`, which fuses the small element-wise kernels (rotary, residual adds, casts).
             The first decodes pay the compilation.
+        open_ended (`bool`, defaults to `False`): `max_new_tokens` is an upper bound, not the canvas: the canvas
+            grows a block of `block_length` masks at a time (`OPEN_ENDED_BLOCK_LENGTH` when unset, the last
+            block shorter when it does not divide the bound), each block denoised with the settled text before it
+            and one block of masks after it in view, the settled blocks' keys/values read from the cache
+            (`use_cache`); a row ends at its first end-of-text (`stop_at_eos` is implied) and decoding ends when
+            every row has. Each block takes its share of `steps` as in block-wise decoding of the bound.
     """
 
     def __init__(self, **kwargs):
@@ -118,6 +128,7 @@ class DimpleGenerationConfig(GenerationConfig):
         self.dual_cache = kwargs.pop("dual_cache", False)
         self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
         self.use_torch_compile = kwargs.pop("use_torch_compile", False)
+        self.open_ended = kwargs.pop("open_ended", False)
         kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
         # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
         temperature = kwargs.pop("temperature", 0.0)
@@ -182,13 +193,14 @@ class DimpleGenerationConfig(GenerationConfig):
         if self.block_length is not None:
             if not _is_int(self.block_length) or self.block_length < 1:
                 fail("block_length", "an integer >= 1 (or None)", self.block_length)
-            if self.max_new_tokens is not None:
-                if self.max_new_tokens % self.block_length:
-                    fail("block_length", f"a divisor of max_new_tokens ({self.max_new_tokens})", self.block_length)
-                n_blocks = self.max_new_tokens // self.block_length
-                if self.steps < n_blocks:
-                    fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {self.block_length})",
-                         self.steps)
+        if self.max_new_tokens is not None and (self.block_length is not None or self.open_ended):
+            block_length = self.block_length or OPEN_ENDED_BLOCK_LENGTH
+            if self.max_new_tokens % block_length and not self.open_ended:
+                fail("block_length", f"a divisor of max_new_tokens ({self.max_new_tokens})", self.block_length)
+            n_blocks = -(-self.max_new_tokens // block_length)
+            if self.steps < n_blocks:
+                fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {block_length} in "
+                     f"max_new_tokens {self.max_new_tokens})", self.steps)
         if self.dual_cache and self.block_length is None:
             fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
                  self.dual_cache)
@@ -243,11 +255,15 @@ class DimpleGenerationOutput(ModelOutput):
         sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt + max_new_tokens)`).
         history (`tuple[torch.LongTensor]`, *optional*): the sequences after every step (`output_history`).
         num_forward_passes (`int`): model forward passes taken.
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch * num_return_sequences,)`): per row, its answer
+            tokens (up to its end-of-text, which is not counted) over the passes in which it had masks to decode,
+            as transformers' diffusion generation outputs report it.
     """
 
     sequences: torch.LongTensor = None
     history: Optional[tuple] = None
     num_forward_passes: Optional[int] = None
+    tokens_per_forward: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,13 +436,19 @@ def schedule_points(eps: float, steps: int, device=None) -> torch.Tensor:
     return torch.linspace(1, eps, steps + 1, dtype=torch.float64, device=device)
 
 
+def open_ended_lookahead(config) -> int:
+    """Masks kept in view past the block being decoded, in open-ended decoding: one block's worth."""
+    return config.block_length or OPEN_ENDED_BLOCK_LENGTH
+
+
 def plan_blocks(canvas_len: int, block_length: Optional[int], steps: int) -> list:
     """(start, end, steps) of each block, decoded left to right; `steps` is shared out evenly (the first
-    blocks take the remainder). Without `block_length` the whole canvas is one block."""
-    block_length = block_length or canvas_len
-    n_blocks = canvas_len // block_length
+    blocks take the remainder). Without `block_length` the whole canvas is one block; a `block_length` that does
+    not divide the canvas (open-ended decoding) leaves a shorter last block."""
+    block_length = min(block_length or canvas_len, canvas_len)
+    n_blocks = -(-canvas_len // block_length)
     return [
-        (i * block_length, (i + 1) * block_length, steps // n_blocks + (i < steps % n_blocks))
+        (i * block_length, min(canvas_len, (i + 1) * block_length), steps // n_blocks + (i < steps % n_blocks))
         for i in range(n_blocks)
     ]
 
@@ -535,10 +557,13 @@ class DenoisingForward:
 
     Tail and window passes have fixed shapes: on CUDA each is captured once as a CUDA graph and replayed; their
     positions are device tensors, rewritten in place when a new block starts.
+
+    Open-ended decoding (`lookahead` not None) attends only over what exists of the growing canvas: the prompt,
+    the settled blocks, the block and `lookahead` masks after it (`open_pass`).
     """
 
     def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, block_length,
-                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False):
+                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False, lookahead=None):
         batch, prompt_len, hidden = prompt_embeds.shape
         device = prompt_embeds.device
         total, block = prompt_len + canvas_len, block_length or canvas_len
@@ -547,6 +572,9 @@ class DenoisingForward:
         self.embeds[:, :prompt_len] = prompt_embeds
         self.canvas = torch.empty(batch, canvas_len, dtype=torch.long, device=device)
         self.position_ids, self.attn_mask = position_ids, attn_mask
+        self.open_ended, self.lookahead, self.canvas_len = lookahead is not None, lookahead, canvas_len
+        use_cuda_graph = use_cuda_graph and not self.open_ended  # its passes change shape block by block
+        self.stale_from = 0  # open-ended: the canvas position from which the cached keys/values are not final
         self.cache = model.new_prefix_cache(total) if use_cache or dual_cache else None
         self.cache_filled = False
         self.freeze_prompt, self.dual_cache = use_cache, dual_cache
@@ -569,6 +597,8 @@ class DenoisingForward:
         self.cached_forward = compiled_decoder(model) if use_torch_compile else model.decoder_forward
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
+        if self.open_ended:
+            return self.open_pass(canvas, lo, hi, first_step_of_block)
         self.canvas.copy_(canvas)
         if lo != self.block_start:
             self.block_start = lo
@@ -583,6 +613,37 @@ class DenoisingForward:
             return self._pass("full", slice(first + lo, first + hi))
         kind = "window" if self.dual_cache and not first_step_of_block else "tail"
         return self._replay(kind)
+
+    def open_pass(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
+        """A pass of open-ended decoding: keys over the prompt and the canvas up to `lookahead` masks past the
+        block; queries from the block's predecessor (whose query predicts the block's first position) to the end
+        of what is in view. With a cache, a block's first pass also reruns the block before it, settled since its
+        last pass (its keys/values become final), and the prompt stays that of the first pass (`use_cache`); the
+        dual cache's later passes stop at the block's end, reading the lookahead from the cache."""
+        prompt_len, device = self.prompt_len, canvas.device
+        visible = prompt_len + min(self.canvas_len, hi + self.lookahead)
+        first = prompt_len - 1 + lo
+        if self.cache is None or not self.cache_filled:
+            start = 0
+        elif first_step_of_block:
+            start = prompt_len + self.stale_from if self.freeze_prompt else 0
+        else:
+            start = first
+        end = prompt_len + hi if self.dual_cache and start == first else visible
+        self.cache_filled, self.stale_from = self.cache is not None, lo
+        embed_from = max(start, prompt_len)
+        self.embeds[:, embed_from:end] = self.model.get_input_embeddings()(canvas[:, embed_from - prompt_len : end - prompt_len])
+        if self.cache is not None:
+            self.cache.set_length(visible)
+        inputs = dict(
+            inputs_embeds=self.embeds[:, start:end],
+            attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, start:end, :visible],
+            position_ids=self.position_ids[:, :, start:end],
+            past_key_values=self.cache,
+            cache_position=None if self.cache is None else torch.arange(start, end, device=device),
+        )
+        forward = self.model.decoder_forward if start == 0 else self.cached_forward
+        return forward(**inputs)[0][:, first - start : first - start + hi - lo]
 
     def _pass(self, kind: str, keep) -> torch.Tensor:
         """Embed the current canvas and run the query positions of `kind`; the outputs that predict the block."""
@@ -915,7 +976,7 @@ class DimpleGenerationMixin(GenerationMixin):
             attention_mask, pixel_values, image_grid_thw: the processor outputs.
             max_new_tokens / max_length, steps, eps, temperature, top_p, top_k, alg, alg_temp,
             alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, block_length, dual_cache,
-            stop_at_eos, use_cuda_graph, use_torch_compile, output_history, return_dict_in_generate,
+            stop_at_eos, open_ended, use_cuda_graph, use_torch_compile, output_history, return_dict_in_generate,
             num_return_sequences, mask_token_id, pad_token_id, eos_token_id: see `DimpleGenerationConfig` and the
             model card.
             response_prior (`str`, `list[int]`, 1-D or `(batch, length)` tensor, *optional*): the start of the
@@ -965,7 +1026,13 @@ class DimpleGenerationMixin(GenerationMixin):
             "attention_mask", "pixel_values", "image_grid_thw", "generation_tokens_hook_func",
             "generation_logits_hook_func", "streamer", "generator", "response_prior", "tokenizer", "stopping_criteria",
         )}
+        stop_at_eos_given = kwargs.get("stop_at_eos")
         config = self._dimple_generation_config(generation_config, kwargs)
+        if config.open_ended is True and stop_at_eos_given is False:
+            raise ValueError(
+                "`stop_at_eos=False` cannot hold with `open_ended=True`: open-ended decoding ends a row at its first "
+                "end-of-text (leave `stop_at_eos` out, or decode a fixed canvas with `open_ended=False`)"
+            )
         for name, neutral in NEUTRAL_ARGUMENTS.items():
             if name in kwargs and (kwargs[name] is None or kwargs[name] == neutral):
                 del kwargs[name]
@@ -988,7 +1055,8 @@ class DimpleGenerationMixin(GenerationMixin):
             if config.max_length is None:  # e.g. `max_new_tokens=None` passed to mean "as long as needed"
                 raise ValueError(
                     "`max_new_tokens` must be an integer >= 1 (the answer canvas: Dimple denoises a canvas of that "
-                    "many positions, the answer and its end-of-text padding), got None and no `max_length`"
+                    "many positions, the answer and its end-of-text padding; with `open_ended=True`, the longest "
+                    "answer), got None and no `max_length`"
                 )
             if config.max_length - prompt_len < 1:
                 raise ValueError(
@@ -1119,6 +1187,7 @@ class DimpleGenerationMixin(GenerationMixin):
             use_cache=config.use_cache, dual_cache=config.dual_cache,
             use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self.is_split_across_devices(),
             use_torch_compile=config.use_torch_compile,
+            lookahead=open_ended_lookahead(config) if config.open_ended else None,
         )
         pipeline_class = PIPELINE_CLASSES[config.decoding_pipeline]
         scorer = PositionScorer(config, config.use_original_confidence and pipeline_class.original_confidence_allowed)
@@ -1139,6 +1208,7 @@ class DimpleGenerationMixin(GenerationMixin):
         problem = torch.zeros((), dtype=torch.bool, device=x.device)  # a check failed at the previous step
         history = [] if config.output_history else None
         passes, streamer = 0, prepared.streamer
+        row_passes = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # passes in which a row had masks
         try:
             # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
             with self.stacked_qkv_projections():
@@ -1147,7 +1217,12 @@ class DimpleGenerationMixin(GenerationMixin):
                     # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
                     x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                     problem = ((x < 0) | (x >= vocab_size)).any()
-                for lo, hi, block_steps in plan_blocks(config.max_new_tokens, config.block_length, config.steps):
+                block_length = config.block_length or (OPEN_ENDED_BLOCK_LENGTH if config.open_ended else None)
+                decoded_end = config.max_new_tokens
+                for lo, hi, block_steps in plan_blocks(config.max_new_tokens, block_length, config.steps):
+                    if config.open_ended and not bool(((x[:, prompt_len + lo :] == mask_id) & active[:, None]).any()):
+                        decoded_end = lo  # every row has ended (or stopped): no block after this one is run
+                        break
                     pipeline = prepared.pipeline_class(config, block_steps, x.device, chooser=prepared.chooser)
                     block = slice(prompt_len + lo, prompt_len + hi)
                     masks_start = (x[:, block] == mask_id).sum(-1)
@@ -1164,6 +1239,7 @@ class DimpleGenerationMixin(GenerationMixin):
                         hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=first_pass_of_block)
                         first_pass_of_block = False
                         passes += 1
+                        row_passes += is_mask.any(-1)
                         if tokens_hook is None and logits_hook is None:  # the head only where a token is scored
                             logits = None
                             masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
@@ -1176,11 +1252,13 @@ class DimpleGenerationMixin(GenerationMixin):
                         tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, request.generator), masked, x[:, block])
                         chosen = pipeline.commit(step, is_mask, masks_start, confidence, request.generator)
                         x[:, block] = torch.where(chosen, tokens, x[:, block])
-                        if config.stop_at_eos:
+                        if config.stop_at_eos or config.open_ended:
                             x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                         if tokens_hook is not None:
                             x = hook_result("generation_tokens_hook_func", tokens_hook(passes - 1, x, logits), x)
                             problem = problem | ((x < 0) | (x >= vocab_size)).any()
+                            if config.stop_at_eos or config.open_ended:  # an end-of-text it wrote ends the answer
+                                x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                         done = stopped_rows(request.stopping_criteria, x)
                         if done is not None:
                             active = active & ~done
@@ -1193,9 +1271,15 @@ class DimpleGenerationMixin(GenerationMixin):
         finally:  # also on an error, so that a consumer of TextIteratorStreamer is not left waiting
             if streamer is not None:
                 streamer.end()
+        if config.open_ended:  # up to the end of the last block decoded (later positions are padding)
+            x = x[:, : prompt_len + decoded_end]
         if config.return_dict_in_generate:
+            answer = x[:, prompt_len:]
+            ended = torch.isin(answer, prepared.end_ids).cummax(dim=-1).values
+            answer_tokens = (~ended & (answer != mask_id)).sum(-1)
             return DimpleGenerationOutput(
-                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=passes
+                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=passes,
+                tokens_per_forward=answer_tokens / row_passes.clamp_min(1),
             )
         return x
 

@@ -18,6 +18,7 @@ non-finite logits and out-of-vocabulary ids), which ends decoding once nothing i
 
 import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -32,7 +33,7 @@ ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_
 PIPELINES = ("dim", "dream")
 BOOLEAN_FLAGS = (
     "use_original_confidence", "stop_at_eos", "use_cache", "output_history", "dual_cache", "use_cuda_graph",
-    "use_torch_compile", "return_dict_in_generate", "open_ended",
+    "use_torch_compile", "return_dict_in_generate", "open_ended", "output_scores", "output_logits",
 )
 # The settings `diffusion_generate` takes as keyword arguments (besides the inputs, hooks, streamer, generator,
 # stopping criteria, response prior and tokenizer). Other `GenerationConfig` fields (num_beams,
@@ -42,6 +43,7 @@ SETTINGS = (
     "alg_p_threshold", "use_original_confidence", "decoding_pipeline", "use_cache", "block_length", "dual_cache",
     "stop_at_eos", "use_cuda_graph", "use_torch_compile", "output_history", "return_dict_in_generate",
     "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample", "open_ended",
+    "output_scores", "output_logits",
 )
 # Open-ended decoding without `block_length`: blocks of this many positions (Fast-dLLM's and LLaDA's 32). With one
 # block of masks in view past it, the tiny model sees a 64-position canvas at first, close to the 48 it was
@@ -142,6 +144,7 @@ class DimpleGenerationConfig(GenerationConfig):
         # transformers 5 leaves these None by default.
         self.num_return_sequences = 1 if self.num_return_sequences is None else self.num_return_sequences
         self.return_dict_in_generate = bool(self.return_dict_in_generate)
+        self.output_scores, self.output_logits = bool(self.output_scores), bool(self.output_logits)
 
     def validate(self, *args, **kwargs):
         """Raise a `ValueError` naming the setting and its allowed values for anything out of range. Token ids
@@ -154,8 +157,9 @@ class DimpleGenerationConfig(GenerationConfig):
 
         for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
             value = getattr(self, flag, False)
-            # transformers leaves return_dict_in_generate None while the config is built
-            if not isinstance(value, bool) and not (value is None and flag == "return_dict_in_generate"):
+            # transformers leaves these None while the config is built
+            if not isinstance(value, bool) and not (value is None and flag in (
+                    "return_dict_in_generate", "output_scores", "output_logits")):
                 fail(flag, "True or False", value)
         if self.alg not in ALGORITHMS:
             fail("alg", f"one of {ALGORITHMS}", self.alg)
@@ -253,17 +257,28 @@ class DimpleGenerationOutput(ModelOutput):
 
     Args:
         sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt + max_new_tokens)`).
+        past_key_values (`DimpleConversationCache`): the conversation so far (this turn's prompt and answer after
+            the earlier turns'), to pass with the next turn's tokens as `past_key_values`.
         history (`tuple[torch.LongTensor]`, *optional*): the sequences after every step (`output_history`).
         num_forward_passes (`int`): model forward passes taken.
         tokens_per_forward (`torch.FloatTensor` of shape `(batch * num_return_sequences,)`): per row, its answer
             tokens (up to its end-of-text, which is not counted) over the passes in which it had masks to decode,
             as transformers' diffusion generation outputs report it.
+        scores (`tuple[torch.FloatTensor]`, *optional*): with `output_scores=True`, per forward pass the logits of
+            the positions it scored, `(batch, block, vocab)` (`[:, j]` predicts block position j; the whole canvas
+            without blocks) after `logits_processor` and `generation_logits_hook_func`, before the temperature and
+            top-p / top-k filters. Positions already committed are in it too: only masked ones are scored.
+        logits (`tuple[torch.FloatTensor]`, *optional*): with `output_logits=True`, the same of the head's
+            unprocessed logits.
     """
 
     sequences: torch.LongTensor = None
     history: Optional[tuple] = None
     num_forward_passes: Optional[int] = None
     tokens_per_forward: Optional[torch.Tensor] = None
+    scores: Optional[tuple] = None
+    logits: Optional[tuple] = None
+    past_key_values: Optional["DimpleConversationCache"] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,27 +575,36 @@ class DenoisingForward:
 
     Open-ended decoding (`lookahead` not None) attends only over what exists of the growing canvas: the prompt,
     the settled blocks, the block and `lookahead` masks after it (`open_pass`).
+
+    A later turn of a conversation (`past`: the earlier turns' keys/values, `past.length` positions) runs only
+    its own positions: every query position here is one of the whole conversation, from `past.length` on, and
+    `position_ids` and `attn_mask` span the whole conversation.
     """
 
     def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, block_length,
-                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False, lookahead=None):
-        batch, prompt_len, hidden = prompt_embeds.shape
+                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False, lookahead=None, past=None):
+        batch, new_len, hidden = prompt_embeds.shape
         device = prompt_embeds.device
+        self.offset = 0 if past is None else past.length  # positions already in the cache (earlier turns)
+        prompt_len = self.offset + new_len
         total, block = prompt_len + canvas_len, block_length or canvas_len
         self.model, self.prompt_len, self.block = model, prompt_len, block
-        self.embeds = prompt_embeds.new_empty(batch, total, hidden)
-        self.embeds[:, :prompt_len] = prompt_embeds
+        self.embeds = prompt_embeds.new_empty(batch, total - self.offset, hidden)  # from the offset on
+        self.embeds[:, :new_len] = prompt_embeds
         self.canvas = torch.empty(batch, canvas_len, dtype=torch.long, device=device)
         self.position_ids, self.attn_mask = position_ids, attn_mask
         self.open_ended, self.lookahead, self.canvas_len = lookahead is not None, lookahead, canvas_len
         use_cuda_graph = use_cuda_graph and not self.open_ended  # its passes change shape block by block
         self.stale_from = 0  # open-ended: the canvas position from which the cached keys/values are not final
-        self.cache = model.new_prefix_cache(total) if use_cache or dual_cache else None
+        if past is not None:
+            self.cache = past.extended(total)
+        else:
+            self.cache = model.new_prefix_cache(total) if use_cache or dual_cache else None
         self.cache_filled = False
         self.freeze_prompt, self.dual_cache = use_cache, dual_cache
         first = prompt_len - 1  # the last prompt token's query predicts the first canvas position
         self.queries = {
-            "full": torch.arange(total, device=device),
+            "full": torch.arange(self.offset, total, device=device),
             "tail": torch.arange(first, total, device=device),
             "window": torch.arange(first, first + block + 1, device=device),
         }
@@ -609,7 +633,7 @@ class DenoisingForward:
             self.dual_cache and first_step_of_block and not self.freeze_prompt
         ):
             self.cache_filled = self.cache is not None
-            first = self.prompt_len - 1
+            first = self.prompt_len - 1 - self.offset
             return self._pass("full", slice(first + lo, first + hi))
         kind = "window" if self.dual_cache and not first_step_of_block else "tail"
         return self._replay(kind)
@@ -624,33 +648,35 @@ class DenoisingForward:
         visible = prompt_len + min(self.canvas_len, hi + self.lookahead)
         first = prompt_len - 1 + lo
         if self.cache is None or not self.cache_filled:
-            start = 0
+            start = self.offset
         elif first_step_of_block:
-            start = prompt_len + self.stale_from if self.freeze_prompt else 0
+            start = prompt_len + self.stale_from if self.freeze_prompt else self.offset
         else:
             start = first
         end = prompt_len + hi if self.dual_cache and start == first else visible
         self.cache_filled, self.stale_from = self.cache is not None, lo
-        embed_from = max(start, prompt_len)
-        self.embeds[:, embed_from:end] = self.model.get_input_embeddings()(canvas[:, embed_from - prompt_len : end - prompt_len])
+        embed_from, offset = max(start, prompt_len), self.offset
+        self.embeds[:, embed_from - offset : end - offset] = self.model.get_input_embeddings()(
+            canvas[:, embed_from - prompt_len : end - prompt_len]
+        )
         if self.cache is not None:
             self.cache.set_length(visible)
         inputs = dict(
-            inputs_embeds=self.embeds[:, start:end],
+            inputs_embeds=self.embeds[:, start - offset : end - offset],
             attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, start:end, :visible],
             position_ids=self.position_ids[:, :, start:end],
             past_key_values=self.cache,
             cache_position=None if self.cache is None else torch.arange(start, end, device=device),
         )
-        forward = self.model.decoder_forward if start == 0 else self.cached_forward
+        forward = self.model.decoder_forward if start == offset else self.cached_forward
         return forward(**inputs)[0][:, first - start : first - start + hi - lo]
 
     def _pass(self, kind: str, keep) -> torch.Tensor:
         """Embed the current canvas and run the query positions of `kind`; the outputs that predict the block."""
         queries = self.queries[kind]
-        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)
+        self.embeds[:, self.prompt_len - self.offset :] = self.model.get_input_embeddings()(self.canvas)
         inputs = dict(
-            inputs_embeds=self.embeds.index_select(1, queries),
+            inputs_embeds=self.embeds.index_select(1, queries - self.offset if self.offset else queries),
             attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, queries),
             position_ids=self.position_ids.index_select(2, queries),
             past_key_values=self.cache,
@@ -776,8 +802,32 @@ class SettledTokenStream:
         elif new[0].numel():
             self.streamer.put(new[0])
 
+    def put_draft(self, draft: torch.Tensor) -> None:
+        """The draft after the settled tokens: from each row's first unsettled position up to its first
+        end-of-text or undecoded mask of `draft` (the canvas with this pass's predictions at its masks), as
+        `put_draft(value, canvas=draft)`, `value` a 1-D tensor (text streamers) or one per row."""
+        stop = F.pad((draft == self.mask_id) | torch.isin(draft, self.end_ids), (0, 1), value=True)
+        ends = stop.int().argmax(dim=-1).tolist()
+        tails = [row[sent:max(sent, end)].cpu() for row, sent, end in zip(draft, self.sent, ends)]
+        self.streamer.put_draft(tails if self.per_row else tails[0], canvas=draft.cpu())
+
     def end(self) -> None:
         self.streamer.end()
+
+
+class ProgressDisplay:
+    """`show_progress=True`: one status line on stderr, rewritten after every pass (passes done, masks left)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def update(self, passes: int, masks_left: int) -> None:
+        self.stream.write(f"\rdiffusion decoding: {passes} forward passes, {masks_left} masks left ")
+        self.stream.flush()
+
+    def end(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def streams_settled_tokens(streamer) -> bool:
@@ -840,6 +890,57 @@ def stopped_rows(criteria: list, sequences: torch.Tensor) -> Optional[torch.Tens
     return done
 
 
+class DimpleConversationCache:
+    """The conversation so far, for the next turn: `diffusion_generate(new_turn_ids, past_key_values=cache)` runs
+    only the new turn's tokens (and encodes only its images), attending over the earlier turns' keys and values.
+    Returned as `past_key_values` by `diffusion_generate(..., return_dict_in_generate=True)`.
+
+    Its keys/values are those of one bidirectional pass over this turn's prompt and answer (after the earlier
+    turns' cached ones), as a fresh prefill of the conversation would compute them; that pass runs when the cache
+    is first used (`key_values`), so a decode that is not continued costs no pass. Until then it holds this turn's
+    input embeddings (images encoded), their rotary positions and the padding of the conversation.
+
+    Args:
+        past (`DimpleConversationCache`, *optional*): the earlier turns.
+        embeds (`(batch, n, hidden)`): this turn's prompt and answer embeddings.
+        position_ids (`(3, batch, n)`): their M-RoPE positions.
+        attention_mask (`(batch, past + n)`): 1 for a token, 0 for padding (left padding, and the positions after a
+            row's end-of-text when its answer is shorter than another row's).
+        token_ids (`(batch, n)`): this turn's tokens (prompt and answer).
+    """
+
+    def __init__(self, past, embeds, position_ids, attention_mask, token_ids):
+        self.past, self.embeds, self.position_ids = past, embeds, position_ids
+        self.attention_mask, self.token_ids = attention_mask, token_ids
+        self.length = attention_mask.shape[1]
+        self.batch_size = attention_mask.shape[0]
+        # The next token's rotary position: one past the largest position of a token (padding aside).
+        real = attention_mask[:, -position_ids.shape[2] :].bool()
+        last = position_ids.masked_fill(~real[None], -1).amax(dim=(0, 2))
+        self.next_position = last + 1
+        self._key_values = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def key_values(self, model):
+        """The `DimplePrefixCache` of the conversation: the earlier turns' keys/values and, computed at the first
+        call, this turn's."""
+        if self._key_values is None:
+            past = None if self.past is None else self.past.key_values(model)
+            start = 0 if past is None else past.length
+            cache = model.new_prefix_cache(self.length) if past is None else past.extended(self.length)
+            padding = None if bool(self.attention_mask.all()) else self.attention_mask
+            with torch.no_grad():
+                model.decoder_forward(
+                    inputs_embeds=self.embeds, attention_mask=padding, position_ids=self.position_ids,
+                    past_key_values=cache, cache_position=torch.arange(start, self.length, device=self.embeds.device),
+                )
+            # what the keys/values were computed from is not needed any more
+            self._key_values, self.embeds, self.past = cache, None, None
+        return self._key_values
+
+
 @dataclass
 class DecodeRequest:
     """A validated call of `diffusion_generate`: the settings and the inputs."""
@@ -855,6 +956,9 @@ class DecodeRequest:
     streamer: Optional[object]
     generator: Optional[torch.Generator]
     stopping_criteria: list
+    logits_processor: Optional[Callable] = None
+    show_progress: bool = False
+    past: Optional[DimpleConversationCache] = None
 
 
 @dataclass
@@ -869,6 +973,9 @@ class PreparedDecode:
     chooser: PositionChooser
     end_ids: torch.Tensor
     streamer: Optional[object]
+    # The conversation's padding mask up to the answer, (batch, past + prompt), 1 = token: for the returned cache.
+    conversation_mask: Optional[torch.Tensor] = None
+    past: Optional[DimpleConversationCache] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -976,7 +1083,8 @@ class DimpleGenerationMixin(GenerationMixin):
             attention_mask, pixel_values, image_grid_thw: the processor outputs.
             max_new_tokens / max_length, steps, eps, temperature, top_p, top_k, alg, alg_temp,
             alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, block_length, dual_cache,
-            stop_at_eos, open_ended, use_cuda_graph, use_torch_compile, output_history, return_dict_in_generate,
+            stop_at_eos, open_ended, use_cuda_graph, use_torch_compile, output_history, output_scores,
+            output_logits, return_dict_in_generate,
             num_return_sequences, mask_token_id, pad_token_id, eos_token_id: see `DimpleGenerationConfig` and the
             model card.
             response_prior (`str`, `list[int]`, 1-D or `(batch, length)` tensor, *optional*): the start of the
@@ -999,7 +1107,19 @@ class DimpleGenerationMixin(GenerationMixin):
                 after every step, `end` is called at the end (also on an error). transformers' text streamers
                 (batch 1) and any streamer with `settled_tokens = True` receive the prompt, then the answer's
                 tokens as they settle (those left of the first mask, up to the end-of-text), each once
-                (`SettledTokenStream`).
+                (`SettledTokenStream`). A streamer with `put_draft` (transformers' `TextDiffusionStreamer`) also
+                receives the draft after every pass: the canvas with that pass's predictions at the masks it
+                left, as `put_draft(value, canvas=...)`, `value` the part after the settled tokens (up to the first
+                end-of-text or undecoded mask) for settled-token streamers, the whole canvas otherwise.
+            logits_processor (`LogitsProcessorList`, *optional*): transformers' logits processors, applied at every
+                pass to the block's logits as `logits_processor(sequences, logits)` with logits `(batch, block,
+                vocab)`, before `generation_logits_hook_func` (processors that work on the last dimension, such as
+                temperature, top-k, top-p or `SuppressTokensLogitsProcessor`, apply as they are).
+            show_progress (`bool`, *optional*, defaults to `False`): a status line on stderr after every pass
+                (passes done, masks left), for long decodes.
+            past_key_values (`DimpleConversationCache`, *optional*): the `past_key_values` of the previous turn's
+                output: `inputs` (and `pixel_values`) are then only the new turn's tokens (and images), which
+                attend over the earlier turns' keys/values instead of re-encoding them.
             generator (`torch.Generator`, *optional*): random source for sampling. One generator serves the whole
                 batch: with random position choices (`origin`) or sampling, a row's draws depend on its place in
                 the batch (the answers of greedy decoding do not).
@@ -1025,6 +1145,7 @@ class DimpleGenerationMixin(GenerationMixin):
         arguments = {name: kwargs.pop(name, None) for name in (
             "attention_mask", "pixel_values", "image_grid_thw", "generation_tokens_hook_func",
             "generation_logits_hook_func", "streamer", "generator", "response_prior", "tokenizer", "stopping_criteria",
+            "logits_processor", "show_progress", "past_key_values",
         )}
         stop_at_eos_given = kwargs.get("stop_at_eos")
         config = self._dimple_generation_config(generation_config, kwargs)
@@ -1089,6 +1210,33 @@ class DimpleGenerationMixin(GenerationMixin):
         for name in ("generation_tokens_hook_func", "generation_logits_hook_func"):
             if arguments[name] is not None and not callable(arguments[name]):
                 raise ValueError(f"`{name}` must be a callable (step, x, logits), got {type(arguments[name]).__name__}")
+        processors = arguments["logits_processor"]
+        if processors is not None and not callable(processors):
+            raise ValueError(
+                "`logits_processor` must be a `LogitsProcessorList` (or a callable (input_ids, scores) -> scores), got "
+                f"{type(processors).__name__}"
+            )
+        past = arguments["past_key_values"]
+        if past is not None:
+            if not isinstance(past, DimpleConversationCache):
+                raise ValueError(
+                    "`past_key_values` must be the `past_key_values` of an earlier `diffusion_generate(..., "
+                    f"return_dict_in_generate=True)` (a DimpleConversationCache), got {type(past).__name__}"
+                )
+            if past.batch_size != batch or config.num_return_sequences != 1:
+                raise ValueError(
+                    f"`past_key_values` holds {past.batch_size} conversations: continue them with as many rows of new "
+                    f"tokens and num_return_sequences 1, got {batch} rows and num_return_sequences "
+                    f"{config.num_return_sequences}"
+                )
+            if longest is not None and int(past.next_position.max()) + prompt_len + config.max_new_tokens > longest:
+                raise ValueError(
+                    f"`max_new_tokens` must be at most {longest - int(past.next_position.max()) - prompt_len}: the "
+                    f"conversation so far takes {int(past.next_position.max())} positions and the new tokens "
+                    f"{prompt_len}, and the model's positions end at max_position_embeddings ({longest})"
+                )
+        if arguments["show_progress"] not in (None, True, False):
+            raise ValueError(f"`show_progress` must be True or False, got {arguments['show_progress']!r}")
         stopping = arguments["stopping_criteria"]
         stopping = [] if stopping is None else list(stopping) if isinstance(stopping, (list, tuple)) else [stopping]
         if not all(callable(c) for c in stopping):
@@ -1104,7 +1252,7 @@ class DimpleGenerationMixin(GenerationMixin):
         return DecodeRequest(
             config, input_ids, attention_mask, pixel_values, arguments["image_grid_thw"], prior,
             arguments["generation_tokens_hook_func"], arguments["generation_logits_hook_func"], streamer,
-            arguments["generator"], stopping,
+            arguments["generator"], stopping, processors, bool(arguments["show_progress"]), past,
         )
 
     @staticmethod
@@ -1178,16 +1326,24 @@ class DimpleGenerationMixin(GenerationMixin):
         position_ids, _ = self.get_rope_index(
             F.pad(input_ids, (0, canvas_len), value=mask_id), request.image_grid_thw, attention_mask=full_mask,
         )
-        embeds = self.embed_inputs(input_ids, request.pixel_values, request.image_grid_thw)
+        embeds = self.embed_inputs(input_ids, request.pixel_values, request.image_grid_thw)  # this turn's images only
         if full_mask is not None:
             full_mask = full_mask.repeat_interleave(n_rep, 0)
+        past, past_len = request.past, 0
+        conversation_mask = full_mask if full_mask is not None else torch.ones(batch * n_rep, total_len, dtype=torch.long, device=device)
+        if past is not None:  # positions continue the conversation's; the earlier turns are keys only
+            past_len = past.length
+            position_ids = F.pad(position_ids + past.next_position.to(device)[None, :, None], (past_len, 0))
+            conversation_mask = torch.cat([past.attention_mask.to(device).long(), conversation_mask], 1)
+            full_mask = None if bool(conversation_mask.all()) else conversation_mask
         denoise = DenoisingForward(
             self, embeds.repeat_interleave(n_rep, 0), position_ids.repeat_interleave(n_rep, 1),
-            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
+            self.prepare_attention_mask(full_mask, past_len + total_len, past_len + total_len), canvas_len, config.block_length,
             use_cache=config.use_cache, dual_cache=config.dual_cache,
             use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self.is_split_across_devices(),
             use_torch_compile=config.use_torch_compile,
             lookahead=open_ended_lookahead(config) if config.open_ended else None,
+            past=None if past is None else past.key_values(self),
         )
         pipeline_class = PIPELINE_CLASSES[config.decoding_pipeline]
         scorer = PositionScorer(config, config.use_original_confidence and pipeline_class.original_confidence_allowed)
@@ -1196,6 +1352,7 @@ class DimpleGenerationMixin(GenerationMixin):
             streamer = SettledTokenStream(streamer, input_ids.repeat_interleave(n_rep, 0), mask_id, end_ids)
         return PreparedDecode(
             x, prompt_len, denoise, scorer, pipeline_class, pipeline_class.make_chooser(config), end_ids, streamer,
+            conversation_mask[:, : past_len + prompt_len], past,
         )
 
     # ---------------------------------------------------------------- 3. the loop
@@ -1207,7 +1364,15 @@ class DimpleGenerationMixin(GenerationMixin):
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # rows not stopped
         problem = torch.zeros((), dtype=torch.bool, device=x.device)  # a check failed at the previous step
         history = [] if config.output_history else None
+        scores = [] if config.output_scores else None
+        raw_logits = [] if config.output_logits else None
+        processors = request.logits_processor
+        # The head at every position of the block (not only the scored ones): for what sees the block's logits.
+        block_logits = tokens_hook is not None or logits_hook is not None or processors is not None \
+            or scores is not None or raw_logits is not None
+        progress = ProgressDisplay() if request.show_progress else None
         passes, streamer = 0, prepared.streamer
+        drafts = streamer is not None and callable(getattr(getattr(streamer, "streamer", streamer), "put_draft", None))
         row_passes = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # passes in which a row had masks
         try:
             # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
@@ -1234,19 +1399,25 @@ class DimpleGenerationMixin(GenerationMixin):
                             self._raise_step_problem(passes, x, vocab_size)
                         if masked.numel() == 0:  # nothing left to decode in this block (or every row stopped)
                             break
-                        if tokens_hook is None and logits_hook is None and pipeline.commits_nothing(step, is_mask):
+                        if not block_logits and pipeline.commits_nothing(step, is_mask):
                             continue  # a pass whose result no row would use
                         hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=first_pass_of_block)
                         first_pass_of_block = False
                         passes += 1
                         row_passes += is_mask.any(-1)
-                        if tokens_hook is None and logits_hook is None:  # the head only where a token is scored
+                        if not block_logits:  # the head only where a token is scored
                             logits = None
                             masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
-                        else:  # hooks see the whole block's logits
+                        else:  # hooks, processors and outputs see the whole block's logits
                             logits = self.lm_head(hidden)
+                            if raw_logits is not None:
+                                raw_logits.append(logits)
+                            if processors is not None:  # transformers' (input_ids, scores): (batch, block, vocab)
+                                logits = hook_result("logits_processor", processors(x, logits), logits)
                             if logits_hook is not None:
                                 logits = hook_result("generation_logits_hook_func", logits_hook(passes - 1, x, logits), logits)
+                            if scores is not None:
+                                scores.append(logits)
                             masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
                         problem = non_finite_logits(masked_logits).to(x.device)
                         tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, request.generator), masked, x[:, block])
@@ -1266,11 +1437,19 @@ class DimpleGenerationMixin(GenerationMixin):
                             history.append(x.clone())
                         if streamer is not None:
                             streamer.put(x[:, prompt_len:].clone())
+                            if drafts:  # the canvas with this pass's predictions at the masks it left
+                                draft = x[:, prompt_len:].clone()
+                                draft[:, lo:hi] = torch.where(active[:, None], tokens, draft[:, lo:hi])
+                                streamer.put_draft(draft)
+                        if progress is not None:
+                            progress.update(passes, int((x[:, prompt_len:] == mask_id).logical_and(active[:, None]).sum()))
                 if bool(problem):  # the last step's checks (one host sync per decode)
                     self._raise_step_problem(passes, x, vocab_size)
         finally:  # also on an error, so that a consumer of TextIteratorStreamer is not left waiting
             if streamer is not None:
                 streamer.end()
+            if progress is not None:
+                progress.end()
         if config.open_ended:  # up to the end of the last block decoded (later positions are padding)
             x = x[:, : prompt_len + decoded_end]
         if config.return_dict_in_generate:
@@ -1278,10 +1457,27 @@ class DimpleGenerationMixin(GenerationMixin):
             ended = torch.isin(answer, prepared.end_ids).cummax(dim=-1).values
             answer_tokens = (~ended & (answer != mask_id)).sum(-1)
             return DimpleGenerationOutput(
+                past_key_values=self._conversation_cache(prepared, x, mask_id),
                 sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=passes,
                 tokens_per_forward=answer_tokens / row_passes.clamp_min(1),
+                scores=tuple(scores) if scores is not None else None,
+                logits=tuple(raw_logits) if raw_logits is not None else None,
             )
         return x
+
+    def _conversation_cache(self, prepared: PreparedDecode, x: torch.Tensor, mask_id: int) -> DimpleConversationCache:
+        """The conversation after this decode: the earlier turns, this turn's prompt and its answer canvas, whose
+        positions after a row's end-of-text (and any mask left) are padding."""
+        prompt_len, denoise = prepared.prompt_len, prepared.denoise
+        answer = x[:, prompt_len:]
+        end = torch.isin(answer, prepared.end_ids)
+        after_end = F.pad(end.cummax(dim=-1).values[:, :-1], (1, 0))
+        real = ~after_end & (answer != mask_id)  # the positions after it are padding (no host sync to cut them)
+        kept, offset = answer.shape[1], denoise.offset
+        embeds = torch.cat([denoise.embeds[:, : prompt_len], self.get_input_embeddings()(answer)], 1)
+        positions = denoise.position_ids[:, :, offset : offset + prompt_len + kept]
+        mask = torch.cat([prepared.conversation_mask, real.long()], 1)
+        return DimpleConversationCache(prepared.past, embeds, positions, mask, x[:, : prompt_len + kept])
 
     @staticmethod
     def _raise_step_problem(passes: int, x: torch.Tensor, vocab_size: int):

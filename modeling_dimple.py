@@ -456,6 +456,18 @@ class DimplePrefixCache:
         self.length = length
         self.partial = length < self.capacity
 
+    def extended(self, length: int, capacity: Optional[int] = None) -> "DimplePrefixCache":
+        """A new cache of `length` positions (room for `capacity`) whose first positions hold this one's keys and
+        values (a copy: this cache is left as it is, e.g. for another continuation of the same conversation)."""
+        if length < self.length:
+            raise ValueError(f"`length` must be at least this cache's length {self.length}, got {length}")
+        cache = DimplePrefixCache(length, capacity)
+        for cached in self.key_values:
+            storage = cached.new_zeros(cached.shape[0], cache.capacity, *cached.shape[2:])
+            storage[:, : self.length] = cached[:, : self.length]
+            cache.key_values.append(storage)
+        return cache
+
     def update(self, layer_idx: int, key_value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Write the `(batch, q_len, 2 * kv_heads, head_dim)` keys and values of `positions` (a `(q_len,)`
         tensor) into layer `layer_idx`'s cache and return the layer's cached sequence (its first `length`)."""

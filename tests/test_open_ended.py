@@ -6,6 +6,8 @@ of a padded batch decodes as alone and ends on its own; the trained tiny model a
 with its 48-token canvas, where a fixed 256 canvas does not; bad combinations raise before the first pass.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -149,3 +151,122 @@ def test_a_forced_end_of_text_ends_the_answer_in_the_first_block():
               generation_logits_hook_func=force_token_logits(EOS_ID, positions=[2]))
     assert out.sequences.shape == (1, 11 + 8)
     assert out.sequences[0, 13] == EOS_ID and bool((out.sequences[0, 14:] == PAD_ID).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' generation conventions: logits processors, stopping criteria lists, drafts, scores, progress
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_logits_processor_list_applies_to_every_pass():
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    model = tiny_model(0.2)
+    plain = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus").sequences[0, 11:]
+    banned = sorted(set(plain.tolist()))[:3]
+    suppress = LogitsProcessorList([SuppressTokensLogitsProcessor(banned, device="cpu")])
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", logits_processor=suppress)
+    assert not set(out.sequences[0, 11:].tolist()) & set(banned)
+    # the same as a logits hook that does it by hand
+    hook = lambda step, x, logits: logits.index_fill(-1, torch.tensor(banned), float("-inf"))  # noqa: E731
+    by_hand = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", generation_logits_hook_func=hook)
+    assert torch.equal(out.sequences, by_hand.sequences)
+
+
+def test_a_stopping_criteria_list_stops_the_decode():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AfterPasses(StoppingCriteria):
+        def __init__(self, n):
+            self.calls = 0
+            self.n = n
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            return torch.full((input_ids.shape[0],), self.calls >= self.n, dtype=torch.bool)
+
+    model = tiny_model(0.2)
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus",
+              stopping_criteria=StoppingCriteriaList([AfterPasses(3)]))
+    assert out.num_forward_passes == 3 and int((out.sequences[0, 11:] == MASK_ID).sum()) == 5
+
+
+def test_scores_and_logits_per_pass():
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    model = tiny_model(0.2)
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, block_length=4, alg="maskgit_plus",
+              output_scores=True, output_logits=True, logits_processor=LogitsProcessorList([TemperatureLogitsWarper(0.5)]))
+    assert len(out.scores) == len(out.logits) == out.num_forward_passes
+    assert all(s.shape == (1, 4, model.config.vocab_size) for s in out.scores)
+    assert torch.allclose(out.scores[0], out.logits[0] / 0.5)
+    # the first pass's raw logits are the model's at the first block's positions
+    with torch.no_grad():
+        inputs = image_inputs()
+        x = torch.cat([inputs["input_ids"], torch.full((1, 8), MASK_ID)], 1)
+        reference = model(input_ids=x, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+    assert torch.allclose(out.logits[0][0], reference[0, 10:14], atol=1e-5)
+
+
+def test_drafts_and_settled_tokens_are_consistent():
+    """A streamer with `put_draft` and `settled_tokens = True`: every pass, the settled tokens so far followed by the
+    draft are the canvas with the pass's predictions; the settled tokens at the end are the answer."""
+
+    class Recorder:
+        settled_tokens = True
+
+        def __init__(self):
+            self.settled, self.drafts, self.ended = [], [], False
+
+        def put(self, value):
+            if not self.settled and not self.drafts and torch.is_tensor(value):  # the prompt
+                return
+            self.settled.extend(value[0].tolist())
+
+        def put_draft(self, value, canvas):
+            self.drafts.append((list(self.settled), value[0].tolist(), canvas[0].tolist()))
+
+        def end(self):
+            self.ended = True
+
+    model = tiny_model(0.2)
+    recorder = Recorder()
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", stop_at_eos=True, streamer=recorder)
+    assert recorder.ended and len(recorder.drafts) == out.num_forward_passes
+    for settled, tail, canvas in recorder.drafts:
+        assert canvas[: len(settled) + len(tail)] == settled + tail
+        assert MASK_ID not in tail and EOS_ID not in tail
+    answer = out.sequences[0, 11:].tolist()
+    end = next((i for i, t in enumerate(answer) if t in (EOS_ID, PAD_ID)), len(answer))
+    assert recorder.settled == answer[:end]
+
+
+def test_transformers_text_diffusion_streamer_runs_where_it_exists(capsys):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "TextDiffusionStreamer"):
+        pytest.skip("this transformers has no TextDiffusionStreamer")
+
+    class Tokenizer:  # decode ids as numbers: the random model's tokens have no text
+        def decode(self, ids, **kwargs):
+            return " ".join(str(int(i)) for i in ids) + " "
+
+    model = tiny_model(0.2)
+    streamer = transformers.TextDiffusionStreamer(Tokenizer(), skip_prompt=True)
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", stop_at_eos=True, streamer=streamer)
+    printed = capsys.readouterr().out
+    drafts = re.findall("\0337\033\\[33m(.*?)\033\\[0m", printed)
+    settled = re.sub("\0337\033\\[33m.*?\033\\[0m(\0338\033\\[J)?", "", printed)  # what stays on screen
+    assert len(drafts) == out.num_forward_passes
+    answer = out.sequences[0, 11:].tolist()
+    end = next((i for i, t in enumerate(answer) if t in (EOS_ID, PAD_ID)), len(answer))
+    assert settled.split() == [str(t) for t in answer[:end]]
+
+
+def test_progress_is_shown_on_request_only(capsys):
+    model = tiny_model(0.2)
+    run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus")
+    assert capsys.readouterr().err == ""
+    out = run(model, image_inputs(), max_new_tokens=8, steps=8, alg="maskgit_plus", show_progress=True)
+    lines = capsys.readouterr().err.split("\r")
+    assert f"{out.num_forward_passes} forward passes, 0 masks left" in lines[-1]
+    assert "1 forward passes, 7 masks left" in lines[1]

@@ -103,8 +103,19 @@ def test_bad_values_stop_before_loading_and_name_the_flag(args, flag, tmp_path, 
                                             (["--no-use-cache"], {"use_cache": False})])
 def test_use_cache_is_passed_only_when_given(args, expected, fake_model, capsys):
     demo.main(args + ["--question", "What color is the shape?"])
-    assert [settings(call) for call in fake_model] == [{"return_dict_in_generate": True, **expected}]
+    assert [settings(call) for call in fake_model] == [{"return_dict_in_generate": True, **OPEN_ENDED, **expected}]
     assert "A: red    [3 forward passes" in capsys.readouterr().out
+
+
+# What the demo passes by default: open-ended answers up to 256 tokens, a progress line (the stand-in model has no
+# generation config, so no steps are derived from it).
+OPEN_ENDED = {"open_ended": True, "max_new_tokens": 256, "show_progress": True}
+
+
+def test_no_open_ended_and_no_progress_decode_the_checkpoints_canvas(fake_model):
+    demo.main(["--no-open-ended", "--no-progress", "--max-new-tokens", "8", "--question", "What color?"])
+    assert [settings(call) for call in fake_model] == [
+        {"return_dict_in_generate": True, "show_progress": False, "max_new_tokens": 8}]
 
 
 def test_good_values_reach_the_decoder(tmp_path, fake_model, capsys):
@@ -112,7 +123,8 @@ def test_good_values_reach_the_decoder(tmp_path, fake_model, capsys):
     demo.main(["--image", str(tmp_path / "red.png"), "--steps", "4", "--max-new-tokens", "8",
                "--alg-p-threshold", "0", "--question", "What color?"])
     (call,) = fake_model
-    assert settings(call) == {"return_dict_in_generate": True, "steps": 4, "max_new_tokens": 8, "alg_p_threshold": 0.0}
+    assert settings(call) == {"return_dict_in_generate": True, **OPEN_ENDED, "steps": 4, "max_new_tokens": 8,
+                              "alg_p_threshold": 0.0}
     # the processor's outputs for the 56x56 image and the question reach the decoder
     processor = AutoProcessor.from_pretrained(str(TINY), trust_remote_code=True)
     prompt = processor.tokenizer.decode(call["input_ids"][0])

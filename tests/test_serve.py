@@ -86,6 +86,8 @@ def alone(tiny, messages, seed=None, **settings) -> str:
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", split_special_tokens=True)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
+    if "max_new_tokens" not in settings:  # a request without max_tokens: open-ended, bounded by the server's 256
+        settings = {"open_ended": True, "max_new_tokens": 256, "steps": 256, **settings}
     out = model.diffusion_generate(**inputs, generator=generator, return_dict_in_generate=True, **settings)
     return processor.decode_answers(out.sequences[0], prompt_length=inputs["input_ids"].shape[1])
 
@@ -178,6 +180,22 @@ def test_stop_strings_and_max_tokens(client, tiny):
     reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), describe)], max_tokens=2)
     assert reply.choices[0].message.content == alone(tiny, pil_messages(image, describe), max_new_tokens=2)
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_without_max_tokens_the_answer_is_open_ended(client, tiny):
+    """No max_tokens: decoded open-ended up to the server's bound (256), the description as long as it is, in about
+    the passes of the model's own 48-token canvas; max_tokens gives today's fixed canvas; stop_at_eos false cannot
+    hold without max_tokens (400 naming it)."""
+    image = sample_image()
+    describe = "Describe the image."
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), describe)])
+    text = reply.choices[0].message.content
+    assert text == alone(tiny, pil_messages(image, describe)) == sample_description()
+    assert reply.choices[0].finish_reason == "stop"
+    fixed = client.chat.completions.create(model=MODEL_ID, messages=[user(data_url(image), describe)], max_tokens=48)
+    assert fixed.choices[0].message.content == text
+    assert reply.usage.forward_passes <= 2 * fixed.usage.forward_passes
+    _bad(client, "stop_at_eos", messages=[user(data_url(image), describe)], extra_body={"stop_at_eos": False})
 
 
 def test_32_concurrent_requests_decode_as_a_batch(server, client, tiny):

@@ -66,8 +66,9 @@ def test_a_loaded_model_and_processor_save_folders_that_load_again(tiny, tmp_pat
 
 def test_held_out_accuracy_with_confident_decoding(tiny):
     """Fresh held-out questions (seed 123): exact answers per question type, and descriptions decoded several
-    tokens per pass. The levels are the shipped model's (eval_results.json, 600 questions: descriptions 93 %,
-    count / colour / shape 100 %, "What is at ...?" 63 %: short of the 95 % target, docs/training.md)."""
+    tokens per pass. The levels are the shipped model's (eval_results.json, 600 questions: descriptions 97 %,
+    count / colour / shape 100 %, "What is at ...?" 84 %: short of the 95 % target, docs/training.md); the short
+    types are pooled (about 8 questions each here: one miss would be 12 points of one type)."""
     model, processor = tiny
     samples = generate_samples(80, seed=123)
     correct, total, tokens, passes = {}, {}, 0, 0
@@ -83,8 +84,9 @@ def test_held_out_accuracy_with_confident_decoding(tiny):
     accuracy = {kind: correct[kind] / total[kind] for kind in total}
     assert set(total) == {"describe", "count", "position", "color", "shape"}, total
     assert accuracy["describe"] >= 0.85, accuracy
-    assert min(accuracy["count"], accuracy["color"], accuracy["shape"]) >= 0.95, accuracy
-    assert accuracy["position"] >= 0.5, accuracy
+    short = ("count", "color", "shape")
+    assert sum(correct[kind] for kind in short) / sum(total[kind] for kind in short) >= 0.9, accuracy
+    assert accuracy["position"] >= 0.65, accuracy
     assert tokens / passes >= 8  # confident decoding commits most of a description in its first pass
 
 
@@ -304,3 +306,22 @@ def test_the_quality_speed_curve_refuses_an_unknown_setting(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--settings: unknown ['fastest']" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_open_ended_decoding_answers_as_the_shipped_canvas_and_a_long_canvas_does_not(tmp_path):
+    """`dimple-bench quality-speed --suite length` on 12 held-out descriptions: open-ended decoding bounded at 256
+    writes the answers of the 48-token canvas the model was trained with (all but at most one), in at most 1.5x
+    its passes; a fixed 256-token canvas changes what the model writes (the canvas is padded with end-of-text in
+    training) and takes more passes."""
+    from dimple_tools.bench import main as bench_main
+
+    out = tmp_path / "length.json"
+    bench_main(["quality-speed", "--suite", "length", "--n", "12", "--settings", "fixed_48,fixed_256,open_ended_256",
+                "--out", str(out)])
+    fixed_48, fixed_256, open_ended = json.loads(out.read_text())
+    assert fixed_48["reference"] and fixed_48["kwargs"] == {"max_new_tokens": 48, "steps": 48}
+    assert open_ended["kwargs"] == {"max_new_tokens": 256, "steps": 256, "open_ended": True}
+    assert open_ended["same_answers_as_reference"] >= 11
+    assert open_ended["accuracy"] >= fixed_48["accuracy"] - 1 / 12
+    assert open_ended["passes_per_answer"] <= 1.5 * fixed_48["passes_per_answer"]
+    assert fixed_256["same_answers_as_reference"] <= 6 and fixed_256["passes_per_answer"] > open_ended["passes_per_answer"]

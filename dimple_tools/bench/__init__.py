@@ -2,7 +2,8 @@
 quantized-memory table, operator counts.
 
 `dimple-bench` runs the speed harness (`benchmark.py`); `dimple-bench quality-speed ...` the quality-speed curve
-(`quality_speed.py`).
+(`quality_speed.py`, also `--suite length`: fixed canvases against open-ended decoding); `dimple-bench multi-turn
+...` a second turn over the first turn's cache against re-encoding the conversation (`multi_turn.py`).
 """
 
 import sys
@@ -14,6 +15,11 @@ def main(argv=None) -> None:
         from dimple_tools.bench.quality_speed import main as quality_speed
 
         quality_speed(argv[1:])
+        return
+    if argv[:1] == ["multi-turn"]:
+        from dimple_tools.bench.multi_turn import main as multi_turn
+
+        multi_turn(argv[1:])
         return
     from dimple_tools.bench.benchmark import main as benchmark
 

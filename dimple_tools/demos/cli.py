@@ -3,8 +3,10 @@
     dimple-demo                                   # the shipped tiny-dimple/ on a sample image
     dimple-demo --model path/or/hub-id --image photo.jpg --question "Describe this image."
 
-Decoding settings left out (--use-cache / --no-use-cache, --max-new-tokens, --steps, --alg-p-threshold) are
-the checkpoint's (its generation_config.json).
+Answers are decoded open-ended (the canvas grows until the answer's end-of-text, up to --max-new-tokens, 256 by
+default), with a progress line on stderr; --no-open-ended decodes the checkpoint's fixed canvas (--max-new-tokens
+then sets it). Decoding settings left out (--use-cache / --no-use-cache, --steps, --alg-p-threshold) are the
+checkpoint's (its generation_config.json).
 
 Loads the model and processor through `AutoModel` / `AutoProcessor` with `trust_remote_code`, exactly as a
 user of the published checkpoint would, and prints each question, answer, forward passes and time.
@@ -19,6 +21,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from dimple_tools.compat import dtype_argument
+from dimple_tools.length import DEFAULT_BOUND, open_ended_settings
 from dimple_tools.paths import REPOSITORY_ROOT
 
 ROOT = REPOSITORY_ROOT  # the repository (tiny-dimple/ and the assets)
@@ -89,17 +92,27 @@ def main(argv=None):
     parser.add_argument("--question", action="append", help="question (repeatable)")
     parser.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="prefilling on / off (default: the checkpoint's setting)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length, >= 1")
+    parser.add_argument("--open-ended", action=argparse.BooleanOptionalAction, default=True,
+                        help="grow the answer canvas until the end-of-text (default); --no-open-ended: a fixed canvas")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"the longest answer (open-ended, default {DEFAULT_BOUND}) or the canvas (default: the "
+                             "checkpoint's), >= 1")
     parser.add_argument("--steps", type=int, default=None, help="most denoising steps, >= 1")
     parser.add_argument("--alg-p-threshold", type=float, default=None,
                         help="confident decoding threshold, in [0, 1]")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress line on stderr while an answer decodes (passes done, masks left)")
     args = parser.parse_args(argv)
     image = check_args(parser, args)
 
     model, processor = load(args.model)
     if image is None:
         image = sample_image()
-    generate_kwargs = {}
+    generate_kwargs = {"show_progress": args.progress}
+    if args.open_ended:
+        generate_kwargs.update(open_ended_settings(getattr(model, "generation_config", None),
+                                                   args.max_new_tokens or DEFAULT_BOUND))
+        args.max_new_tokens = None
     for name in ("use_cache", "max_new_tokens", "steps", "alg_p_threshold"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)

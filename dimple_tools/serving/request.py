@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 
 #: Dimple's decoding settings a request may give in its body (the OpenAI client's `extra_body`).
-DIMPLE_SETTINGS = ("steps", "alg", "alg_p_threshold", "block_length", "dual_cache", "stop_at_eos")
+DIMPLE_SETTINGS = ("steps", "alg", "alg_p_threshold", "block_length", "dual_cache", "stop_at_eos", "open_ended")
 RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose positions at random
 MAX_STOP_STRINGS = 4
 REFUSED_FIELDS = {  # OpenAI fields this server cannot honour: refused rather than silently ignored
@@ -61,6 +61,7 @@ class DimpleChatRequest(ChatCompletionRequest):
     block_length: Optional[Any] = None
     dual_cache: Optional[Any] = None
     stop_at_eos: Optional[Any] = None
+    open_ended: Optional[Any] = None
     dimple_request_id: Optional[str] = None  # set by the server (client values are replaced)
 
     @field_validator("n", "max_tokens", "max_completion_tokens", mode="before")

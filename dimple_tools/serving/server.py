@@ -40,7 +40,8 @@ import litserve as ls
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dimple_tools.serving.worker import DimpleAPI
+from dimple.generation_utils import MAX_STEPS
+from dimple_tools.serving.worker import OPEN_ENDED_MAX_TOKENS, DimpleAPI
 from dimple_tools.serving.openai_spec import DimpleOpenAISpec
 from dimple_tools.serving.errors import RequestError, http_error_handler, request_error_handler, validation_error_handler
 from dimple_tools.serving.state import SharedState
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model copies per device (one per GPU is usual; a batch keeps a GPU busy)")
     parser.add_argument("--image-folder", default=None,
                         help="folder local image paths (or file:// URLs) may be read from (default: none allowed)")
+    parser.add_argument("--open-ended-max-tokens", type=int, default=OPEN_ENDED_MAX_TOKENS,
+                        help="the longest answer of a request without max_tokens, decoded open-ended: the canvas grows "
+                             f"block by block until the answer's end-of-text (default {OPEN_ENDED_MAX_TOKENS})")
     parser.add_argument("--queue-timeout", type=float, default=600,
                         help="seconds a request may wait in the queue before a 504")
     parser.add_argument("--threads", type=int, default=None,
@@ -92,6 +96,8 @@ def check_args(parser, args) -> None:
         parser.error(f"--workers-per-device must be >= 1, got {args.workers_per_device}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.open_ended_max_tokens <= MAX_STEPS:
+        parser.error(f"--open-ended-max-tokens must be an integer from 1 to {MAX_STEPS}, got {args.open_ended_max_tokens}")
     if args.image_folder is not None and not os.path.isdir(args.image_folder):
         parser.error(f"--image-folder must be a folder, got {args.image_folder!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -127,6 +133,7 @@ def main(argv=None) -> None:
     shared = SharedState(manager)
     spec = DimpleOpenAISpec(model_id, shared, model_info(args.model), queue_timeout=args.queue_timeout)
     api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
+                    open_ended_max_tokens=args.open_ended_max_tokens,
                     max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, spec=spec)
     # fast_queue: LitServe's ZeroMQ transport from the workers to the HTTP servers (the default goes through a
     # multiprocessing manager: a round trip per streamed item)

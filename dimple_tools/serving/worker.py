@@ -18,9 +18,13 @@ import litserve as ls
 
 from dimple_tools.serving.request import (DIMPLE_SETTINGS, MAX_STOP_STRINGS, RANDOM_ALGORITHMS, REFUSED_FIELDS,
                                           asks_for_unsupported)
+from dimple_tools.length import DEFAULT_BOUND, open_ended_settings
 from dimple_tools.serving.errors import RequestError
 from dimple_tools.serving.state import SharedState
 from dimple_tools.serving.messages import plain_text, to_conversation
+
+# The bound of an answer whose request gives no max_tokens (decoded open-ended); `dimple-serve --open-ended-max-tokens`.
+OPEN_ENDED_MAX_TOKENS = DEFAULT_BOUND
 
 logger = logging.getLogger("dimple.serve")
 
@@ -70,10 +74,11 @@ class DimpleAPI(ls.LitAPI):
     """LitServe's inference worker for Dimple (one per device and `workers_per_device`)."""
 
     def __init__(self, model_path: str, shared: SharedState, dtype: str = "auto", image_folder: Optional[str] = None,
-                 threads: Optional[int] = None, **kwargs):
+                 threads: Optional[int] = None, open_ended_max_tokens: int = OPEN_ENDED_MAX_TOKENS, **kwargs):
         super().__init__(**kwargs)
         self.model_path, self.shared, self.dtype_name = model_path, shared, dtype
         self.image_folder, self.threads = image_folder, threads
+        self.open_ended_max_tokens = open_ended_max_tokens
 
     # ---- setup
     def setup(self, device):
@@ -136,6 +141,15 @@ class DimpleAPI(ls.LitAPI):
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         if max_tokens is not None:
             settings["max_new_tokens"] = max_tokens
+        checkpoint = fields_set_by(self.model.generation_config) if self.model.generation_config is not None else {}
+        if max_tokens is None and request.open_ended in (None, True):
+            # No max_tokens: as long as the answer needs, up to the server's bound (a request's `steps` still wins)
+            settings.update(open_ended_settings(self.model.generation_config, self.open_ended_max_tokens))
+            if request.steps is not None:
+                settings.pop("steps", None)
+            if request.stop_at_eos is False:
+                raise RequestError("stop_at_eos: must not be false without max_tokens (an open-ended answer ends at "
+                                   "its end-of-text); give max_tokens for a fixed canvas", "stop_at_eos", "invalid_value")
         if "temperature" in given and request.temperature is not None:
             settings["temperature"] = request.temperature
         if "top_p" in given and request.top_p is not None:
@@ -144,7 +158,7 @@ class DimpleAPI(ls.LitAPI):
             value = getattr(request, key, None)
             if value is not None:
                 settings[key] = value
-        values = fields_set_by(self.model.generation_config) if self.model.generation_config is not None else {}
+        values = dict(checkpoint)
         values.update(settings)
         try:
             config = DimpleGenerationConfig(**values)
@@ -156,6 +170,9 @@ class DimpleAPI(ls.LitAPI):
             if param == "max_new_tokens":
                 param, message = "max_tokens", message.replace("`max_new_tokens`", "`max_tokens`")
             raise RequestError(message, param, "invalid_value") from error
+        if config.open_ended and config.stop_at_eos is False and "stop_at_eos" in settings:
+            raise RequestError("stop_at_eos: must not be false with open_ended (the answer ends at its end-of-text)",
+                               "stop_at_eos", "invalid_value")
         resolved = {key: getattr(config, key) for key in ("max_new_tokens", "temperature", "top_p") + DIMPLE_SETTINGS}
         random = bool(config.temperature) or config.alg in RANDOM_ALGORITHMS or bool(config.alg_temp)
         return resolved, random
@@ -192,6 +209,8 @@ class DimpleAPI(ls.LitAPI):
             raise RequestError(f"messages: {error}", "messages", "invalid_value") from error
         row.prompt_tokens = int(inputs["input_ids"].shape[1])
         canvas = row.settings["max_new_tokens"]
+        if row.settings["open_ended"] and self.max_positions is not None:  # a bound: what the positions leave
+            canvas = row.settings["max_new_tokens"] = max(1, min(canvas, self.max_positions - row.prompt_tokens))
         if self.max_positions is not None and row.prompt_tokens + canvas > self.max_positions:
             if canvas >= self.max_positions:
                 raise RequestError(f"max_tokens: {canvas} leaves no room for the prompt in the model's "

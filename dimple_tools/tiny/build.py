@@ -110,9 +110,12 @@ def cell_labels(meta: dict) -> list:
 
 
 def pretrain_vision(model, processor, n_samples: int, steps: int, batch_size: int = 64, lr: float = 2e-3) -> list:
-    """Train the vision tower (with a throw-away linear head on each merged token) to name what each grid cell
-    holds: empty or one of the 12 colour-shape pairs; an 84 x 84 image's 3 x 3 merged tokens are its 9 cells.
-    This stands in for the pretrained Qwen2.5-VL tower the release starts from; returns the losses."""
+    """Train the vision tower (with throw-away linear heads on each merged token) to name what each grid cell
+    holds (empty or one of the 12 colour-shape pairs) and which cell it is; an 84 x 84 image's 3 x 3 merged
+    tokens are its 9 cells. This stands in for the pretrained Qwen2.5-VL tower the release starts from, whose
+    features say where they are (it is trained on grounding): without the cell target an empty cell's feature
+    is the same everywhere, and the language model, which sees a cell's place only through rotary angles that
+    are relative, did not learn to look a named cell up ("What is at the top?" at chance). Returns the losses."""
     samples = generate_samples(n_samples, seed=0)  # the training images' scenes (the same seed)
     pixels = processor(images=[s[0] for s in samples], return_tensors="pt")
     tokens = len(POSITIONS)
@@ -123,7 +126,10 @@ def pretrain_vision(model, processor, n_samples: int, steps: int, batch_size: in
     labels = torch.tensor([cell_labels(s[3]) for s in samples])
     width = model.config.vision_config.out_hidden_size
     head = torch.nn.Linear(width, len(CELL_CLASSES))
-    optimizer = torch.optim.AdamW([*model.visual.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    cell_head = torch.nn.Linear(width, tokens)
+    cells = torch.arange(tokens).expand(batch_size, tokens)
+    optimizer = torch.optim.AdamW([*model.visual.parameters(), *head.parameters(), *cell_head.parameters()], lr=lr,
+                                  weight_decay=0.0)
     # Constant, then a linear decay over the last 30%: a from-scratch ViT learns shapes late and needs the
     # high rate to get there, and the decay settles it.
     decay_from = int(0.7 * steps)
@@ -136,17 +142,20 @@ def pretrain_vision(model, processor, n_samples: int, steps: int, batch_size: in
     for step in range(steps):
         index = torch.randint(n_samples, (batch_size,), generator=generator)
         features = model.visual(patches[index].flatten(0, 1), grid[index]).view(batch_size, tokens, width)
-        logits = head(features)
+        logits, cell_logits = head(features), cell_head(features)
         loss = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten())
+        loss = loss + F.cross_entropy(cell_logits.flatten(0, 1), cells.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         schedule.step()
         if step % 10 == 0:
             accuracy = (logits.argmax(-1) == labels[index]).float().mean().item()
-            history.append({"step": step, "loss": loss.item(), "cell_accuracy": accuracy})
+            where = (cell_logits.argmax(-1) == cells).float().mean().item()
+            history.append({"step": step, "loss": loss.item(), "cell_accuracy": accuracy, "where_accuracy": where})
         if step % 100 == 0:
-            print(f"vision pretraining step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+            print(f"vision pretraining step {step}/{steps}: loss {loss.item():.3f}, content {accuracy:.3f}, "
+                  f"cell {where:.3f}", flush=True)
     return history
 
 

@@ -33,7 +33,7 @@ ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_
 PIPELINES = ("dim", "dream")
 BOOLEAN_FLAGS = (
     "use_original_confidence", "stop_at_eos", "use_cache", "output_history", "dual_cache", "use_cuda_graph",
-    "use_torch_compile", "return_dict_in_generate", "open_ended", "output_scores", "output_logits",
+    "use_torch_compile", "return_dict_in_generate", "open_ended", "output_scores", "output_logits", "credit_decoding",
 )
 # The settings `diffusion_generate` takes as keyword arguments (besides the inputs, hooks, streamer, generator,
 # stopping criteria, response prior and tokenizer). Other `GenerationConfig` fields (num_beams,
@@ -43,7 +43,7 @@ SETTINGS = (
     "alg_p_threshold", "use_original_confidence", "decoding_pipeline", "use_cache", "block_length", "dual_cache",
     "stop_at_eos", "use_cuda_graph", "use_torch_compile", "output_history", "return_dict_in_generate",
     "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample", "open_ended",
-    "output_scores", "output_logits",
+    "output_scores", "output_logits", "parallel_factor", "credit_decoding", "commit_when_stable",
 )
 # Open-ended decoding without `block_length`: blocks of this many positions (Fast-dLLM's and LLaDA's 32). With one
 # block of masks in view past it, the tiny model sees a 64-position canvas at first, close to the 48 it was
@@ -107,6 +107,15 @@ class DimpleGenerationConfig(GenerationConfig):
         use_torch_compile (`bool`, defaults to `False`): run the cached steps (prefilled, dual-cache window)
             through `torch.compile`, which fuses the small element-wise kernels (rotary, residual adds, casts).
             The first decodes pay the compilation.
+        parallel_factor (`float`, *optional*): Fast-dLLM's factor-based parallel decoding (`dim`), in place of
+            `alg_p_threshold`: commit the n most confident masks, n the largest count whose k-th confidence is at
+            least 1 - factor / (k + 1) for every k <= n (always at least one). Larger factors commit more.
+        credit_decoding (`bool`, defaults to `False`): CreditDecoding's trace credit (`dim`, `maskgit_plus`): a
+            position whose top token stays the same across passes accumulates credit c = gamma * c + p^alpha, and
+            its confidence becomes the token's probability with its logit raised by lambda * log(1 + c)
+            (gamma 0.65, lambda 0.7, alpha 0.5, the paper's); the threshold or factor rule then reads it.
+        commit_when_stable (`int`, *optional*): commit every mask of a row whose predicted tokens at its masks
+            have not changed for this many passes in a row (an early commit once the draft is settled).
         open_ended (`bool`, defaults to `False`): `max_new_tokens` is an upper bound, not the canvas: the canvas
             grows a block of `block_length` masks at a time (`OPEN_ENDED_BLOCK_LENGTH` when unset, the last
             block shorter when it does not divide the bound), each block denoised with the settled text before it
@@ -131,6 +140,9 @@ class DimpleGenerationConfig(GenerationConfig):
         self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
         self.use_torch_compile = kwargs.pop("use_torch_compile", False)
         self.open_ended = kwargs.pop("open_ended", False)
+        self.parallel_factor = kwargs.pop("parallel_factor", None)
+        self.credit_decoding = kwargs.pop("credit_decoding", False)
+        self.commit_when_stable = kwargs.pop("commit_when_stable", None)
         kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
         # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
         temperature = kwargs.pop("temperature", 0.0)
@@ -205,6 +217,21 @@ class DimpleGenerationConfig(GenerationConfig):
             if self.steps < n_blocks:
                 fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {block_length} in "
                      f"max_new_tokens {self.max_new_tokens})", self.steps)
+        if self.parallel_factor is not None:
+            if not (_is_real(self.parallel_factor) and self.parallel_factor > 0):
+                fail("parallel_factor", "a number > 0 (or None)", self.parallel_factor)
+            if self.alg_p_threshold:
+                fail("parallel_factor", "None when `alg_p_threshold` is set (both choose how many confident masks to "
+                     "commit: set one)", self.parallel_factor)
+        if self.commit_when_stable is not None and (not _is_int(self.commit_when_stable) or self.commit_when_stable < 1):
+            fail("commit_when_stable", "an integer >= 1 (or None)", self.commit_when_stable)
+        strategies = [name for name in ("parallel_factor", "credit_decoding") if getattr(self, name)]
+        if strategies and self.decoding_pipeline != "dim":
+            fail(strategies[0], "left unset with decoding_pipeline='dream' (it is a rule of the `dim` pipeline)",
+                 getattr(self, strategies[0]))
+        if self.credit_decoding and self.alg != "maskgit_plus":
+            fail("credit_decoding", "False unless alg='maskgit_plus' (credit raises a probability; other algorithms' "
+                 "confidences are margins or entropies)", self.credit_decoding)
         if self.dual_cache and self.block_length is None:
             fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
                  self.dual_cache)
@@ -468,6 +495,89 @@ def plan_blocks(canvas_len: int, block_length: Optional[int], steps: int) -> lis
     ]
 
 
+# --------------------------------------------------------------------------------------------------
+# Parallel decoding strategies: how many masks a pass commits beyond the schedule (the `dim` pipeline)
+# --------------------------------------------------------------------------------------------------
+
+
+class ThresholdRule:
+    """Confident decoding (`alg_p_threshold`): every mask whose confidence exceeds the threshold."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, is_mask: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        return is_mask & (confidence > self.threshold)
+
+
+class FactorRule:
+    """Fast-dLLM's factor-based parallel decoding (`parallel_factor`): per row, the n most confident masks, n the
+    largest count whose k-th highest confidence is at least 1 - factor / (k + 1) for every k <= n; at least the
+    most confident one (Fast-dLLM's reference commits one more when every mask passes its bound or none does;
+    here exactly the passing prefix, at least one)."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, is_mask: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        ranked, order = confidence.masked_fill(~is_mask, float("-inf")).sort(dim=-1, descending=True)
+        k = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device, dtype=ranked.dtype)
+        passing = ranked >= 1 - self.factor / (k + 1)
+        passing[:, 0] = True
+        count = passing.long().cumprod(dim=-1).sum(-1, keepdim=True)
+        rank = order.argsort(dim=-1)  # each position's place in its row's ranking
+        return is_mask & (rank < count)
+
+
+def parallel_rule(config) -> Optional[Callable]:
+    """The rule choosing a pass's confident masks, or None (the schedule alone)."""
+    if config.parallel_factor:
+        return FactorRule(config.parallel_factor)
+    if config.alg_p_threshold:
+        return ThresholdRule(config.alg_p_threshold)
+    return None
+
+
+class CreditTrace:
+    """CreditDecoding's trace credit (`credit_decoding`), one credited token per position: while a masked
+    position's top token stays the same, its credit grows c <- gamma * c + p^alpha (and starts again at p^alpha
+    when the top token changes); its confidence is then max(p, p') with p' the token's probability after raising
+    its logit by lambda * log(1 + c): p' = p b / (1 - p + p b), b = (1 + c)^lambda. State per decode, per row and
+    canvas position. The reference keeps several credited tokens per position; one suffices for the top token."""
+
+    GAMMA, LAMBDA, ALPHA = 0.65, 0.7, 0.5
+
+    def __init__(self, rows: int, canvas_len: int, device):
+        self.token = torch.full((rows, canvas_len), -1, dtype=torch.long, device=device)
+        self.credit = torch.zeros(rows, canvas_len, dtype=torch.float32, device=device)
+
+    def __call__(self, tokens, confidence, is_mask, lo: int, hi: int) -> torch.Tensor:
+        p = confidence.float().clamp(0, 1).masked_fill(~is_mask, 0)
+        same = tokens == self.token[:, lo:hi]
+        credit = torch.where(same, self.GAMMA * self.credit[:, lo:hi], 0.0) + p.clamp_min(1e-6) ** self.ALPHA
+        self.credit[:, lo:hi] = torch.where(is_mask, credit, self.credit[:, lo:hi])
+        self.token[:, lo:hi] = torch.where(is_mask, tokens, self.token[:, lo:hi])
+        boost = (1 + credit) ** self.LAMBDA
+        fused = p * boost / (1 - p + p * boost).clamp_min(1e-12)
+        return torch.where(is_mask, torch.maximum(p, fused).to(confidence.dtype), confidence)
+
+
+class StableCommit:
+    """Early commit once the draft has settled (`commit_when_stable=k`): a row whose predicted tokens at its
+    masks are the same as at the previous pass, `k` passes in a row, commits all its masks of the block."""
+
+    def __init__(self, passes: int, rows: int, canvas_len: int, device):
+        self.passes = passes
+        self.previous = torch.full((rows, canvas_len), -1, dtype=torch.long, device=device)
+        self.stable = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def __call__(self, chosen, tokens, is_mask, lo: int, hi: int, first_pass_of_block: bool) -> torch.Tensor:
+        unchanged = ((tokens == self.previous[:, lo:hi]) | ~is_mask).all(-1) & is_mask.any(-1)
+        self.stable = torch.where(unchanged & (not first_pass_of_block), self.stable + 1, 0)
+        self.previous[:, lo:hi] = tokens
+        return chosen | (is_mask & (self.stable >= self.passes)[:, None])
+
+
 class DimPipeline:
     """Dimple's decoding: confident decoding, then a ratio schedule over the masks left."""
 
@@ -480,6 +590,7 @@ class DimPipeline:
         self.config, self.steps = config, steps
         self.taus = schedule_points(config.eps, steps, device)
         self.chooser = chooser or self.make_chooser(config)
+        self.rule = parallel_rule(config)
 
     @staticmethod
     def make_chooser(config) -> PositionChooser:
@@ -504,12 +615,11 @@ class DimPipeline:
         return count.long(), ratio.float()
 
     def commit(self, step, is_mask, masks_start, confidence, generator):
-        config = self.config
         last_step = step == self.steps - 1
         count, ratio = self.schedule(step, is_mask.sum(-1), masks_start)
         chosen = self.chooser(is_mask, count, ratio, confidence, generator)
-        if config.alg_p_threshold:
-            confident = is_mask & (confidence > config.alg_p_threshold) if not last_step else is_mask
+        if self.rule is not None:
+            confident = self.rule(is_mask, confidence) if not last_step else is_mask
             chosen = torch.where(confident.any(-1, keepdim=True), confident, chosen)
         return chosen
 
@@ -976,6 +1086,8 @@ class PreparedDecode:
     # The conversation's padding mask up to the answer, (batch, past + prompt), 1 = token: for the returned cache.
     conversation_mask: Optional[torch.Tensor] = None
     past: Optional[DimpleConversationCache] = None
+    credit: Optional[CreditTrace] = None
+    stable: Optional[StableCommit] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1350,9 +1462,12 @@ class DimpleGenerationMixin(GenerationMixin):
         streamer = request.streamer
         if streamer is not None and streams_settled_tokens(streamer):
             streamer = SettledTokenStream(streamer, input_ids.repeat_interleave(n_rep, 0), mask_id, end_ids)
+        rows = batch * n_rep
+        credit = CreditTrace(rows, canvas_len, device) if config.credit_decoding else None
+        stable = StableCommit(config.commit_when_stable, rows, canvas_len, device) if config.commit_when_stable else None
         return PreparedDecode(
             x, prompt_len, denoise, scorer, pipeline_class, pipeline_class.make_chooser(config), end_ids, streamer,
-            conversation_mask[:, : past_len + prompt_len], past,
+            conversation_mask[:, : past_len + prompt_len], past, credit, stable,
         )
 
     # ---------------------------------------------------------------- 3. the loop
@@ -1402,7 +1517,7 @@ class DimpleGenerationMixin(GenerationMixin):
                         if not block_logits and pipeline.commits_nothing(step, is_mask):
                             continue  # a pass whose result no row would use
                         hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=first_pass_of_block)
-                        first_pass_of_block = False
+                        step_is_first, first_pass_of_block = first_pass_of_block, False
                         passes += 1
                         row_passes += is_mask.any(-1)
                         if not block_logits:  # the head only where a token is scored
@@ -1421,7 +1536,11 @@ class DimpleGenerationMixin(GenerationMixin):
                             masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
                         problem = non_finite_logits(masked_logits).to(x.device)
                         tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, request.generator), masked, x[:, block])
+                        if prepared.credit is not None:
+                            confidence = prepared.credit(tokens, confidence, is_mask, lo, hi)
                         chosen = pipeline.commit(step, is_mask, masks_start, confidence, request.generator)
+                        if prepared.stable is not None:
+                            chosen = prepared.stable(chosen, tokens, is_mask, lo, hi, first_pass_of_block=step_is_first)
                         x[:, block] = torch.where(chosen, tokens, x[:, block])
                         if config.stop_at_eos or config.open_ended:
                             x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)

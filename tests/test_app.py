@@ -34,6 +34,7 @@ import torch
 
 from dimple_tools.demos import trajectory
 from dimple_tools.tiny.configs import MASK_ID, tiny_config
+from dimple_tools.tiny.task import sample_description
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is at the center?"
@@ -382,6 +383,31 @@ def test_a_cancelled_request_stops_decoding_within_a_step(loaded, app_module, mo
         final = list(dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, False))[-1]
     assert final[2].strip() and time.perf_counter() - start < 30
     assert len(passes) == stopped_after  # nothing ran on after the cancel
+
+
+def test_open_ended_shows_the_canvas_as_it_grows(loaded, app_module):
+    """Open-ended with an answer length of 256 (the bound): the page starts from one block of masks (32), the
+    canvas shown never reaches the bound for a description, and the answer is the library's open-ended one."""
+    from dimple_tools.demos import cli as demo
+
+    model, processor, correct = loaded
+    dimple = app_module.DimpleDemo(model, processor, step_timeout=60)
+    describe = "Describe the image."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        updates = list(dimple.ask(demo.sample_image(), describe, "maskgit_plus", 0.9, 256, 256, True, True))
+    assert updates[0][1].count(app_module.MASK_GLYPH) == 32
+    shown = [u[1].count("<span") for u in updates[1:-1]]
+    assert shown and max(shown) < 256
+    text, stats = updates[-1][2], updates[-1][3]
+    assert "open-ended" in stats
+    expected = demo.answer(model, processor, demo.sample_image(), describe, split_special_tokens=True, alg="maskgit_plus",
+                           alg_p_threshold=0.9, steps=256, max_new_tokens=256, use_cache=True, open_ended=True)[0]
+    assert text == expected
+    if correct:
+        assert text == sample_description()
+    assert app_module.in_view([5, 5, 9, 9, 9, 9, 9, 9], 9, 2) == [5, 5, 9, 9]
+    assert app_module.in_view([9] * 8, 9, 2) == [9, 9]
 
 
 def test_ask_streams_the_canvas(loaded, app_module, tmp_path):

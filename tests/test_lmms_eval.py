@@ -66,6 +66,9 @@ def test_task_yaml_budget_is_replaced_by_the_release_settings():
     assert is_open_ended("llava_in_the_wild") and is_open_ended("mmvet_v2") and not is_open_ended("mmvetx")
     assert not is_open_ended("mmmu_val") and not is_open_ended("my_captions")
     assert decoding_settings("my_captions", {}, ("my_captions",))[0]["max_new_tokens"] == 64
+    # Open-ended decoding up to a bound, asked for in --gen_kwargs (strings as lmms-eval parses them)
+    opened, *_ = decoding_settings("mmvet", {"open_ended": "true", "max_new_tokens": 256, "steps": 256})
+    assert (opened["open_ended"], opened["max_new_tokens"], opened["steps"]) == (True, 256, 256)
     # Diffusion settings count without `steps` (no task YAML sets them).
     settings, *_ = decoding_settings("mme", {**MME_YAML, "alg": "origin", "alg_p_threshold": 0.95})
     assert (settings["alg"], settings["alg_p_threshold"], settings["max_new_tokens"]) == ("origin", 0.95, 8)

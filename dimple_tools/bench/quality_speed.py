@@ -41,6 +41,15 @@ SETTINGS = {
     "confident_0.99": dict(alg_p_threshold=0.99),
     "confident_0.9_dual_cache_blocks_8": dict(alg_p_threshold=0.9, block_length=8, dual_cache=True),
     "confident_0.9_stop_at_eos": dict(alg_p_threshold=0.9, stop_at_eos=True),
+    # Fast-dLLM's factor rule, CreditDecoding's trace credit and the stable-draft early commit (issue 33)
+    "factor_0.5": dict(alg_p_threshold=None, parallel_factor=0.5),
+    "factor_1": dict(alg_p_threshold=None, parallel_factor=1.0),
+    "factor_2": dict(alg_p_threshold=None, parallel_factor=2.0),
+    "credit_0.9": dict(alg_p_threshold=0.9, credit_decoding=True),
+    "credit_0.95": dict(alg_p_threshold=0.95, credit_decoding=True),
+    "credit_factor_1": dict(alg_p_threshold=None, parallel_factor=1.0, credit_decoding=True),
+    "confident_0.9_stable_1": dict(alg_p_threshold=0.9, commit_when_stable=1),
+    "confident_0.95_stable_1": dict(alg_p_threshold=0.95, commit_when_stable=1),
 }
 #: Answer length: fixed canvases (one step per position at most) against open-ended decoding bounded at 256.
 LENGTH_SETTINGS = {

@@ -54,6 +54,7 @@ from PIL import Image  # noqa: E402
 from dimple_tools.paths import REPOSITORY_ROOT  # noqa: E402
 ROOT = REPOSITORY_ROOT  # the repository (tiny-dimple/ and the assets)
 
+from dimple.generation_utils import OPEN_ENDED_BLOCK_LENGTH  # noqa: E402
 from dimple_tools.demos import cli as demo  # noqa: E402  (`answer` asks one question: the same code path as the CLI demo)
 from dimple_tools.demos.trajectory import CanvasRecorder, load, plot_trajectory  # noqa: E402
 
@@ -122,6 +123,13 @@ class QueueStreamer(CanvasRecorder):
             yield item
 
 
+def in_view(canvas, mask_token_id, block: int) -> list:
+    """The part of an open-ended canvas decoding has reached: up to the block after the last committed token."""
+    committed = [i for i, token in enumerate(canvas) if token != mask_token_id]
+    end = (committed[-1] // block + 2) * block if committed else block
+    return list(canvas[: min(len(canvas), end)])
+
+
 def render_canvas(canvas, previous, tokenizer, mask_token_id) -> str:
     """The answer canvas as HTML: masks as ░, end-of-text as ·, tokens committed this step highlighted."""
     end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
@@ -130,7 +138,7 @@ def render_canvas(canvas, previous, tokenizer, mask_token_id) -> str:
         if token == mask_token_id:
             spans.append(f'<span class="mask">{MASK_GLYPH}</span>')
             continue
-        new = previous is not None and previous[position] == mask_token_id
+        new = previous is not None and (position >= len(previous) or previous[position] == mask_token_id)
         if token in end_ids:
             text, css = END_GLYPH, "end"
         else:
@@ -194,7 +202,7 @@ def _as_int(value, name, low, high):
     return int(number), None
 
 
-def check_request(image, question, alg, threshold, steps, max_new_tokens, use_cache=False):
+def check_request(image, question, alg, threshold, steps, max_new_tokens, use_cache=False, open_ended=False):
     """A readable message for the first problem with the request, or None; also the cleaned settings. Every
     value's type is checked (the API passes what its caller sent): each message names its field."""
     if image is None:
@@ -227,7 +235,11 @@ def check_request(image, question, alg, threshold, steps, max_new_tokens, use_ca
         return problem, None
     if not isinstance(use_cache, bool):  # bool("false") is True: a string is refused, not converted
         return f"Prefilling (use_cache) must be true or false (got {_got(use_cache)}).", None
+    if not isinstance(open_ended, bool):
+        return f"Open-ended must be true or false (got {_got(open_ended)}).", None
     settings = dict(alg=alg, alg_p_threshold=threshold, steps=steps, max_new_tokens=max_new_tokens, use_cache=use_cache)
+    if open_ended:  # the answer length is then the bound
+        settings["open_ended"] = True
     return None, settings
 
 
@@ -264,15 +276,17 @@ class DimpleDemo:
             use_cache=bool(config.get("use_cache", False)),
         )
 
-    def ask(self, image, question, alg, threshold, steps, max_new_tokens, use_cache):
+    def ask(self, image, question, alg, threshold, steps, max_new_tokens, use_cache, open_ended=False):
         """Yields (message, canvas, answer, stats, trajectory) page updates for one question."""
-        problem, settings = check_request(image, question, alg, threshold, steps, max_new_tokens, use_cache)
+        problem, settings = check_request(image, question, alg, threshold, steps, max_new_tokens, use_cache, open_ended)
         if problem:
             gr.Warning(problem)
             yield error_box(problem), "", "", "", None
             return
         tokenizer = self.processor.tokenizer
-        blank = [self.mask_token_id] * settings["max_new_tokens"]
+        # Open-ended: the canvas on the page grows as decoding reaches it (`in_view`).
+        blank = [self.mask_token_id] * (min(settings["max_new_tokens"], OPEN_ENDED_BLOCK_LENGTH)
+                                        if open_ended else settings["max_new_tokens"])
         yield "", render_canvas(blank, None, tokenizer, self.mask_token_id), "", "decoding…", None
 
         streamer = QueueStreamer(timeout=self.step_timeout)
@@ -303,6 +317,8 @@ class DimpleDemo:
         previous = blank
         try:
             for step, canvas in streamer:
+                if open_ended:
+                    canvas = in_view(canvas, self.mask_token_id, OPEN_ENDED_BLOCK_LENGTH)
                 left = sum(token == self.mask_token_id for token in canvas)
                 html_canvas = render_canvas(canvas, previous, tokenizer, self.mask_token_id)
                 yield gr.skip(), html_canvas, gr.skip(), f"step {step}: {left} masks left", gr.skip()
@@ -321,7 +337,7 @@ class DimpleDemo:
         stats = (
             f"**{passes} forward pass{'es' if passes != 1 else ''}** · {seconds * 1000:.0f} ms · {settings['alg']}, threshold "
             f"{settings['alg_p_threshold']:g}, ≤ {settings['steps']} steps, {settings['max_new_tokens']} tokens"
-            f"{', prefilling' if settings['use_cache'] else ''}"
+            f"{', prefilling' if settings['use_cache'] else ''}{', open-ended' if open_ended else ''}"
         )
         picture = self.trajectory_picture(streamer.canvases, f"Q: {question.strip()}   A: {text}")
         yield "", gr.skip(), text if text.strip() else "(empty answer)", stats, picture
@@ -391,6 +407,10 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
                     use_cache = passes_raw_values(
                         gr.Checkbox(value=defaults["use_cache"], label="Prefilling (use_cache)", elem_id="use_cache")
                     )
+                    open_ended = passes_raw_values(gr.Checkbox(
+                        value=False, elem_id="open_ended",
+                        label="Open-ended (open_ended): the canvas grows until the answer ends; the length is a bound",
+                    ))
             with gr.Column():
                 message = gr.HTML(elem_id="message")
                 gr.Markdown("**Answer canvas** (live)")
@@ -404,7 +424,7 @@ def build_app(model, processor, save_trajectory_to=None, model_name="") -> gr.Bl
             inputs=[image, question],
             label="Example: the sample scene (four shapes on a 3 x 3 grid)",
         )
-        inputs = [image, question, alg, threshold, steps, length, use_cache]
+        inputs = [image, question, alg, threshold, steps, length, use_cache, open_ended]
         outputs = [message, canvas, answer, stats, trajectory]
         ask.click(dimple.ask, inputs, outputs, api_name="ask")
         question.submit(dimple.ask, inputs, outputs, api_visibility="private")

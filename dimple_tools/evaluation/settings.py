@@ -27,7 +27,8 @@ RELEASE_SETTINGS = {
 OPEN_ENDED_LENGTH = 64
 #: Tasks whose answers are free text judged by a model or a caption metric, matched on the lmms-eval task name
 #: (a name equal to one of these or starting with it plus "_"). Extend with `open_ended_tasks=a+b`, or set the
-#: canvas yourself with `--gen_kwargs max_new_tokens=N,steps=N`.
+#: canvas yourself with `--gen_kwargs max_new_tokens=N,steps=N`, or decode open-ended up to a bound with
+#: `--gen_kwargs open_ended=true,max_new_tokens=256,steps=256` (the release's evaluation used the fixed 64 canvas).
 OPEN_ENDED_TASKS = (
     "mmvet", "llava_in_the_wild", "llava_wilder", "llava_bench_coco", "vibe_eval", "wildvision", "mia_bench",
     "coco_cap", "coco2014_cap", "coco2017_cap", "nocaps", "flickr30k", "textcaps", "detailcaps",
@@ -35,7 +36,7 @@ OPEN_ENDED_TASKS = (
 #: Dimple's own settings: taken from every request that gives them (no task YAML sets them).
 DIFFUSION_KEYS = (
     "steps", "alg", "alg_temp", "alg_p_threshold", "decoding_pipeline", "use_original_confidence", "use_cache",
-    "block_length", "dual_cache", "stop_at_eos", "eps", "top_k",
+    "block_length", "dual_cache", "stop_at_eos", "eps", "top_k", "open_ended",
 )
 #: Settings task YAMLs give autoregressive models; Dimple's only where the request also sets `steps`.
 TASK_KEYS = ("max_new_tokens", "temperature", "top_p", "do_sample", "seed")
@@ -119,7 +120,7 @@ def decoding_settings(task: str, gen_kwargs: dict | None, open_ended_extra: tupl
             f"unknown generation settings for Dimple: {sorted(kwargs)}; its settings are "
             f"{sorted(('max_new_tokens', 'temperature', 'top_p', 'do_sample', 'seed', 'until') + DIFFUSION_KEYS)}"
         )
-    for key in ("use_cache", "use_original_confidence", "dual_cache", "stop_at_eos"):
+    for key in ("use_cache", "use_original_confidence", "dual_cache", "stop_at_eos", "open_ended"):
         if key in settings:
             settings[key] = as_bool(key, settings[key])
 

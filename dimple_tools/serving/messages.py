@@ -17,14 +17,27 @@ from litserve.specs.openai import (
 from dimple_tools.serving.errors import RequestError
 
 
-def _open_image_bytes(data: bytes, param: str):
+#: Largest image the server decodes (width x height, from the file's header): 4096 x 4096.
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: Most images in one request.
+MAX_IMAGES = 8
+
+
+def _open_image_bytes(data: bytes, param: str, max_pixels: int = MAX_IMAGE_PIXELS):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data)) as opened:  # reads the header only: the size, no pixels yet
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise RequestError(
+                    f"{param}: the image is {width} x {height} = {width * height} pixels, more than this server's "
+                    f"limit of {max_pixels} (--max-image-pixels); send a smaller image", param, "image_too_large")
             image = ImageOps.exif_transpose(opened)
             image.load()
             return image.copy() if image is opened else image
+    except RequestError:
+        raise
     except UnidentifiedImageError as error:  # its message holds the repr of our buffer
         raise RequestError(f"{param}: the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, "
                            "BMP, ...)", param, "invalid_image") from error
@@ -43,7 +56,7 @@ def plain_text(text: str, param: str, what: str = "text") -> str:
     return text
 
 
-def load_image_url(url: str, param: str, image_folder: Optional[str]):
+def load_image_url(url: str, param: str, image_folder: Optional[str], max_pixels: int = MAX_IMAGE_PIXELS):
     """A PIL image from an `image_url`: a base64 `data:` URL, or a local file under `image_folder` (a path or a
     `file://` URL). Remote URLs are refused: the server fetches nothing."""
     if not isinstance(url, str) or not url:
@@ -67,7 +80,7 @@ def load_image_url(url: str, param: str, image_folder: Optional[str]):
         except (binascii.Error, ValueError) as error:
             raise RequestError(f"{param}: the data: URL is not valid base64 ({error})", param,
                                "invalid_image_url") from error
-        return _open_image_bytes(data, param)
+        return _open_image_bytes(data, param, max_pixels)
     if image_folder is None:
         raise RequestError(
             f"{param}: local image paths are not allowed by this server (start it with --image-folder); send "
@@ -83,13 +96,19 @@ def load_image_url(url: str, param: str, image_folder: Optional[str]):
     if not os.path.isfile(resolved):
         raise RequestError(f"{param}: no image file {path!r} in the server's image folder", param, "invalid_image")
     with open(resolved, "rb") as file:
-        return _open_image_bytes(file.read(), param)
+        return _open_image_bytes(file.read(), param, max_pixels)
 
 
-def to_conversation(messages, image_folder: Optional[str]) -> list:
+def to_conversation(messages, image_folder: Optional[str], max_pixels: int = MAX_IMAGE_PIXELS,
+                    max_images: int = MAX_IMAGES) -> list:
     """OpenAI messages -> the processor's conversation (images opened). Raises RequestError naming the part."""
     if not messages:
         raise RequestError("messages: at least one message is required", "messages", "invalid_value")
+    images = sum(isinstance(part, ImageContent) for message in messages if not isinstance(message.content, (str, type(None)))
+                 for part in message.content)
+    if images > max_images:  # before any is decoded
+        raise RequestError(f"messages: {images} images, more than this server's limit of {max_images} per request "
+                           "(--max-images)", "messages", "too_many_images")
     conversation = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -115,7 +134,8 @@ def to_conversation(messages, image_folder: Optional[str]) -> list:
                 items.append({"type": "text", "text": plain_text(part.text, f"{param}.text")})
             elif isinstance(part, ImageContent) and part.type == "image_url":
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                items.append({"type": "image", "image": load_image_url(url, f"{param}.image_url", image_folder)})
+                image = load_image_url(url, f"{param}.image_url", image_folder, max_pixels)
+                items.append({"type": "image", "image": image})
             else:
                 kind = getattr(part, "type", type(part).__name__)
                 raise RequestError(f"{param}.type: must be 'text' or 'image_url', got {kind!r}", f"{param}.type",

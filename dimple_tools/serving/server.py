@@ -41,7 +41,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dimple.generation_utils import MAX_STEPS
-from dimple_tools.serving.worker import OPEN_ENDED_MAX_TOKENS, DimpleAPI
+from dimple_tools.serving.limits import MAX_BODY_BYTES, add_limits
+from dimple_tools.serving.messages import MAX_IMAGE_PIXELS, MAX_IMAGES
+from dimple_tools.serving.worker import MAX_REQUEST_STEPS, MAX_TOKENS_LIMIT, OPEN_ENDED_MAX_TOKENS, DimpleAPI
 from dimple_tools.serving.openai_spec import DimpleOpenAISpec
 from dimple_tools.serving.errors import RequestError, http_error_handler, request_error_handler, validation_error_handler
 from dimple_tools.serving.state import SharedState
@@ -75,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--open-ended-max-tokens", type=int, default=OPEN_ENDED_MAX_TOKENS,
                         help="the longest answer of a request without max_tokens, decoded open-ended: the canvas grows "
                              f"block by block until the answer's end-of-text (default {OPEN_ENDED_MAX_TOKENS})")
+    parser.add_argument("--api-key", default=os.environ.get("DIMPLE_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on every route but /health (default: the "
+                             "DIMPLE_API_KEY environment variable; none: no authentication)")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"largest request body, checked on its Content-Length before it is read (default {MAX_BODY_BYTES})")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="largest image (width x height), checked on its header before its pixels are decoded "
+                             f"(default {MAX_IMAGE_PIXELS})")
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"most images per request (default {MAX_IMAGES})")
+    parser.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
+                        help=f"largest max_tokens (and open-ended bound) a request may ask for (default {MAX_TOKENS_LIMIT})")
+    parser.add_argument("--max-steps", type=int, default=MAX_REQUEST_STEPS,
+                        help=f"largest steps a request may ask for (default {MAX_REQUEST_STEPS})")
     parser.add_argument("--queue-timeout", type=float, default=600,
                         help="seconds a request may wait in the queue before a 504")
     parser.add_argument("--threads", type=int, default=None,
@@ -98,6 +113,16 @@ def check_args(parser, args) -> None:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not 1 <= args.open_ended_max_tokens <= MAX_STEPS:
         parser.error(f"--open-ended-max-tokens must be an integer from 1 to {MAX_STEPS}, got {args.open_ended_max_tokens}")
+    for flag, value in (("--max-body-bytes", args.max_body_bytes), ("--max-image-pixels", args.max_image_pixels),
+                        ("--max-images", args.max_images), ("--max-tokens-limit", args.max_tokens_limit),
+                        ("--max-steps", args.max_steps)):
+        if value < 1:
+            parser.error(f"{flag} must be an integer >= 1, got {value}")
+    if args.open_ended_max_tokens > args.max_tokens_limit:
+        parser.error(f"--open-ended-max-tokens ({args.open_ended_max_tokens}) must be at most --max-tokens-limit "
+                     f"({args.max_tokens_limit})")
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("--api-key (or DIMPLE_API_KEY) must not be empty")
     if args.image_folder is not None and not os.path.isdir(args.image_folder):
         parser.error(f"--image-folder must be a folder, got {args.image_folder!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -133,7 +158,8 @@ def main(argv=None) -> None:
     shared = SharedState(manager)
     spec = DimpleOpenAISpec(model_id, shared, model_info(args.model), queue_timeout=args.queue_timeout)
     api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
-                    open_ended_max_tokens=args.open_ended_max_tokens,
+                    open_ended_max_tokens=args.open_ended_max_tokens, max_image_pixels=args.max_image_pixels,
+                    max_images=args.max_images, max_tokens_limit=args.max_tokens_limit, max_steps=args.max_steps,
                     max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, spec=spec)
     # fast_queue: LitServe's ZeroMQ transport from the workers to the HTTP servers (the default goes through a
     # multiprocessing manager: a round trip per streamed item)
@@ -142,6 +168,7 @@ def main(argv=None) -> None:
     server.app.add_exception_handler(RequestError, request_error_handler)
     server.app.add_exception_handler(RequestValidationError, validation_error_handler)
     server.app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    add_limits(server.app, args.api_key, args.max_body_bytes)
 
     main_pid = os.getpid()
 

@@ -21,10 +21,14 @@ from dimple_tools.serving.request import (DIMPLE_SETTINGS, MAX_STOP_STRINGS, RAN
 from dimple_tools.length import DEFAULT_BOUND, open_ended_settings
 from dimple_tools.serving.errors import RequestError
 from dimple_tools.serving.state import SharedState
-from dimple_tools.serving.messages import plain_text, to_conversation
+from dimple_tools.serving.messages import MAX_IMAGE_PIXELS, MAX_IMAGES, plain_text, to_conversation
 
 # The bound of an answer whose request gives no max_tokens (decoded open-ended); `dimple-serve --open-ended-max-tokens`.
 OPEN_ENDED_MAX_TOKENS = DEFAULT_BOUND
+# Largest max_tokens and steps a request may ask for (`--max-tokens-limit`, `--max-steps`): one request with 512
+# steps would otherwise hold a worker for minutes while the requests behind it wait.
+MAX_TOKENS_LIMIT = 1024
+MAX_REQUEST_STEPS = 1024
 
 logger = logging.getLogger("dimple.serve")
 
@@ -74,11 +78,15 @@ class DimpleAPI(ls.LitAPI):
     """LitServe's inference worker for Dimple (one per device and `workers_per_device`)."""
 
     def __init__(self, model_path: str, shared: SharedState, dtype: str = "auto", image_folder: Optional[str] = None,
-                 threads: Optional[int] = None, open_ended_max_tokens: int = OPEN_ENDED_MAX_TOKENS, **kwargs):
+                 threads: Optional[int] = None, open_ended_max_tokens: int = OPEN_ENDED_MAX_TOKENS,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_images: int = MAX_IMAGES,
+                 max_tokens_limit: int = MAX_TOKENS_LIMIT, max_steps: int = MAX_REQUEST_STEPS, **kwargs):
         super().__init__(**kwargs)
         self.model_path, self.shared, self.dtype_name = model_path, shared, dtype
         self.image_folder, self.threads = image_folder, threads
         self.open_ended_max_tokens = open_ended_max_tokens
+        self.max_image_pixels, self.max_images = max_image_pixels, max_images
+        self.max_tokens_limit, self.max_steps = max_tokens_limit, max_steps
 
     # ---- setup
     def setup(self, device):
@@ -140,7 +148,14 @@ class DimpleAPI(ls.LitAPI):
         settings = {}
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         if max_tokens is not None:
+            if isinstance(max_tokens, int) and max_tokens > self.max_tokens_limit:
+                name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+                raise RequestError(f"{name}: at most {self.max_tokens_limit} on this server (--max-tokens-limit), got "
+                                   f"{max_tokens}", name, "invalid_value")
             settings["max_new_tokens"] = max_tokens
+        if isinstance(request.steps, int) and not isinstance(request.steps, bool) and request.steps > self.max_steps:
+            raise RequestError(f"steps: at most {self.max_steps} on this server (--max-steps), got {request.steps}",
+                               "steps", "invalid_value")
         checkpoint = fields_set_by(self.model.generation_config) if self.model.generation_config is not None else {}
         if max_tokens is None and request.open_ended in (None, True):
             # No max_tokens: as long as the answer needs, up to the server's bound (a request's `steps` still wins)
@@ -199,7 +214,7 @@ class DimpleAPI(ls.LitAPI):
             plain_text(stop, "stop", "stop string")
         row.settings, row.random = self._settings(request)
         row.seed, row.stops = seed, stops
-        conversation = to_conversation(request.messages, self.image_folder)
+        conversation = to_conversation(request.messages, self.image_folder, self.max_image_pixels, self.max_images)
         try:
             inputs = self.processor.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",

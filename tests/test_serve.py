@@ -198,6 +198,16 @@ def test_without_max_tokens_the_answer_is_open_ended(client, tiny):
     _bad(client, "stop_at_eos", messages=[user(data_url(image), describe)], extra_body={"stop_at_eos": False})
 
 
+def test_the_same_image_twice_is_encoded_once(server, client):
+    """The image-feature cache: a second request with the same picture (another question) reuses its features."""
+    image = data_url(sample_image())
+    hits, misses = server.metric("image_cache_hits"), server.metric("image_cache_misses")
+    for question in ("How many shapes are there?", "What is at the top left?"):
+        client.chat.completions.create(model=MODEL_ID, messages=[user(image, question)], max_tokens=8)
+    assert server.metric("image_cache_hits") - hits >= 1
+    assert server.metric("image_cache_misses") - misses <= 1
+
+
 def test_32_concurrent_requests_decode_as_a_batch(server, client, tiny):
     samples = generate_samples(32, seed=5)
     expected = [alone(tiny, pil_messages(image, question)) for image, question, _, _ in samples]

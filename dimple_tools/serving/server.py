@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dimple.generation_utils import MAX_STEPS
+from dimple_tools.serving.image_cache import IMAGE_CACHE_SIZE
 from dimple_tools.serving.limits import MAX_BODY_BYTES, add_limits
 from dimple_tools.serving.messages import MAX_IMAGE_PIXELS, MAX_IMAGES
 from dimple_tools.serving.worker import MAX_REQUEST_STEPS, MAX_TOKENS_LIMIT, OPEN_ENDED_MAX_TOKENS, DimpleAPI
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest max_tokens (and open-ended bound) a request may ask for (default {MAX_TOKENS_LIMIT})")
     parser.add_argument("--max-steps", type=int, default=MAX_REQUEST_STEPS,
                         help=f"largest steps a request may ask for (default {MAX_REQUEST_STEPS})")
+    parser.add_argument("--image-cache-size", type=int, default=IMAGE_CACHE_SIZE,
+                        help="images whose vision-tower features are kept for reuse (least recently used out; 0: "
+                             f"off; default {IMAGE_CACHE_SIZE}); hits and misses in /metrics")
     parser.add_argument("--queue-timeout", type=float, default=600,
                         help="seconds a request may wait in the queue before a 504")
     parser.add_argument("--threads", type=int, default=None,
@@ -118,6 +122,8 @@ def check_args(parser, args) -> None:
                         ("--max-steps", args.max_steps)):
         if value < 1:
             parser.error(f"{flag} must be an integer >= 1, got {value}")
+    if args.image_cache_size < 0:
+        parser.error(f"--image-cache-size must be an integer >= 0, got {args.image_cache_size}")
     if args.open_ended_max_tokens > args.max_tokens_limit:
         parser.error(f"--open-ended-max-tokens ({args.open_ended_max_tokens}) must be at most --max-tokens-limit "
                      f"({args.max_tokens_limit})")
@@ -160,6 +166,7 @@ def main(argv=None) -> None:
     api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
                     open_ended_max_tokens=args.open_ended_max_tokens, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images, max_tokens_limit=args.max_tokens_limit, max_steps=args.max_steps,
+                    image_cache_size=args.image_cache_size,
                     max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, spec=spec)
     # fast_queue: LitServe's ZeroMQ transport from the workers to the HTTP servers (the default goes through a
     # multiprocessing manager: a round trip per streamed item)

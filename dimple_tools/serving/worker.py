@@ -20,6 +20,7 @@ from dimple_tools.serving.request import (DIMPLE_SETTINGS, MAX_STOP_STRINGS, RAN
                                           asks_for_unsupported)
 from dimple_tools.length import DEFAULT_BOUND, open_ended_settings
 from dimple_tools.serving.errors import RequestError
+from dimple_tools.serving.image_cache import IMAGE_CACHE_SIZE, ImageFeatureCache
 from dimple_tools.serving.state import SharedState
 from dimple_tools.serving.messages import MAX_IMAGE_PIXELS, MAX_IMAGES, plain_text, to_conversation
 
@@ -80,13 +81,15 @@ class DimpleAPI(ls.LitAPI):
     def __init__(self, model_path: str, shared: SharedState, dtype: str = "auto", image_folder: Optional[str] = None,
                  threads: Optional[int] = None, open_ended_max_tokens: int = OPEN_ENDED_MAX_TOKENS,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, max_images: int = MAX_IMAGES,
-                 max_tokens_limit: int = MAX_TOKENS_LIMIT, max_steps: int = MAX_REQUEST_STEPS, **kwargs):
+                 max_tokens_limit: int = MAX_TOKENS_LIMIT, max_steps: int = MAX_REQUEST_STEPS,
+                 image_cache_size: int = IMAGE_CACHE_SIZE, **kwargs):
         super().__init__(**kwargs)
         self.model_path, self.shared, self.dtype_name = model_path, shared, dtype
         self.image_folder, self.threads = image_folder, threads
         self.open_ended_max_tokens = open_ended_max_tokens
         self.max_image_pixels, self.max_images = max_image_pixels, max_images
         self.max_tokens_limit, self.max_steps = max_tokens_limit, max_steps
+        self.image_cache_size = image_cache_size
 
     # ---- setup
     def setup(self, device):
@@ -100,6 +103,10 @@ class DimpleAPI(ls.LitAPI):
                  "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[self.dtype_name]
         self.processor = DimpleProcessor.from_pretrained(self.model_path, trust_remote_code=True)
         self.model = DimpleModel.from_pretrained(self.model_path, dtype=dtype).to(device).eval()
+        self.image_cache = ImageFeatureCache(self.image_cache_size)
+        if self.image_cache_size > 0:
+            self.image_cache.install(self.model)
+        self.image_cache_counted = (0, 0)
         tokenizer = self.processor.tokenizer
         self.tokenizer = tokenizer
         self.answer_end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}  # as decode_answers
@@ -369,6 +376,10 @@ class DimpleAPI(ls.LitAPI):
                 **inputs, **group[0].settings, generator=generator, stopping_criteria=rows_done,
                 return_dict_in_generate=True,
             )
+            hits, misses = self.image_cache.hits, self.image_cache.misses
+            counted_hits, counted_misses = self.image_cache_counted
+            self.image_cache_counted = (hits, misses)
+            self._count(image_cache_hits=hits - counted_hits, image_cache_misses=misses - counted_misses)
             for row in group:  # cannot happen with `dim` (it decodes until no mask is left): a safeguard
                 if not row.finished:
                     row.finished, row.finish_reason, row.forward_passes = True, "length", passes

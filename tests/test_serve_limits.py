@@ -66,9 +66,16 @@ def http(server, path, body=None, headers=None):
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read() or b"null")
+            return response.status, parsed(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+        return error.code, parsed(error.read())
+
+
+def parsed(body: bytes):
+    try:
+        return json.loads(body)
+    except ValueError:  # /health's "ok", /docs' page
+        return body.decode(errors="replace")
 
 
 def bad(client, status, param, code, **kwargs):

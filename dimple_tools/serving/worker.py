@@ -196,6 +196,8 @@ class DimpleAPI(ls.LitAPI):
             raise RequestError("stop_at_eos: must not be false with open_ended (the answer ends at its end-of-text)",
                                "stop_at_eos", "invalid_value")
         resolved = {key: getattr(config, key) for key in ("max_new_tokens", "temperature", "top_p") + DIMPLE_SETTINGS}
+        if resolved["open_ended"]:
+            resolved["stop_at_eos"] = True  # implied (the config's default False would be an explicit contradiction)
         random = bool(config.temperature) or config.alg in RANDOM_ALGORITHMS or bool(config.alg_temp)
         return resolved, random
 

@@ -7,7 +7,7 @@
   pass, starting from all masks; bad requests give readable messages.
 * The app in a real browser: `app.py` starts in a subprocess on 127.0.0.1, headless Chromium (Debian's
   `chromium` + `chromium-driver`, driven by selenium; never a browser download) uploads the sample image,
-  asks "What is at the center?" and finds the tiny model's answer "a blue square" on the page, with a screenshot;
+  asks "What is at the top left?" and finds the tiny model's answer "a red circle" on the page, with a screenshot;
   an empty question, a missing image and a file that is not an image give readable messages, and the
   server answers afterwards. Skipped, with the reason, only where Chromium / chromedriver or the demo
   requirements (requirements-demo.txt) are not installed: `scripts/install_browser.sh` installs them.
@@ -37,8 +37,8 @@ from dimple_tools.tiny.configs import MASK_ID, tiny_config
 from dimple_tools.tiny.task import sample_description
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTION = "What is at the center?"
-EXPECTED = "a blue square"  # the sample scene has a blue square in its center cell
+QUESTION = "What is at the top left?"
+EXPECTED = "a red circle"  # the sample scene has a red circle in its top-left cell
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_the_api_hands_raw_values_to_the_checks(loaded, app_module, monkeypatch)
     app = app_module.build_app(model, processor)
     (ask,) = [fn for fn in app.fns.values() if fn.api_name == "ask"]
     names = [component.elem_id for component in ask.inputs]
-    assert names == ["image", "question", "alg", "threshold", "steps", "length", "use_cache"]
+    assert names == ["image", "question", "alg", "threshold", "steps", "length", "use_cache", "open_ended"]
     for component in ask.inputs[1:]:
         for value in ("false", 123, None, ["x"]):
             assert component.preprocess(value) == value, (component.elem_id, value)
@@ -268,6 +268,10 @@ def test_the_api_hands_raw_values_to_the_checks(loaded, app_module, monkeypatch)
         warnings.simplefilter("ignore")  # gr.Warning outside a request
         updates = list(app.dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, "false"))
     assert len(updates) == 1 and "Prefilling (use_cache) must be true or false (got &#x27;false&#x27;, a str)" in updates[0][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        updates = list(app.dimple.ask(demo.sample_image(), QUESTION, "maskgit_plus", 0.9, 16, 8, False, "false"))
+    assert len(updates) == 1 and "Open-ended must be true or false" in updates[0][0]
 
 
 def test_the_question_is_read_as_plain_text(loaded, app_module, monkeypatch):
@@ -408,6 +412,7 @@ def test_open_ended_shows_the_canvas_as_it_grows(loaded, app_module):
         assert text == sample_description()
     assert app_module.in_view([5, 5, 9, 9, 9, 9, 9, 9], 9, 2) == [5, 5, 9, 9]
     assert app_module.in_view([9] * 8, 9, 2) == [9, 9]
+    assert app_module.in_view([5, 2, 0, 0, 0, 9], 9, 2, end_ids={0, 2}) == [5, 2]  # up to the end-of-text
 
 
 def test_ask_streams_the_canvas(loaded, app_module, tmp_path):

@@ -35,8 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "tiny-dimple"
 MODEL_ID = "tiny-dimple"
 TIMEOUT = 120  # seconds for any one request (a busy 2-core machine)
-# A short question about the sample scene (four shapes; a blue square in the center cell) and its answer.
-QUESTION, ANSWER = "What is at the center?", "a blue square"
+# A short question about the sample scene (four shapes; a red circle in the top-left cell) and its answer.
+QUESTION, ANSWER = "What is at the top left?", "a red circle"
 
 
 def data_url(image) -> str:
@@ -274,7 +274,7 @@ def test_bad_requests_get_400_naming_the_field(server, client):
     _bad(client, "steps", messages=good, extra_body={"steps": "many"})
     _bad(client, "alg", messages=good, extra_body={"alg": "beam"})
     _bad(client, "alg_p_threshold", messages=good, extra_body={"alg_p_threshold": 1.5})
-    _bad(client, "block_length", messages=good, extra_body={"block_length": 5})  # not a divisor of 48
+    _bad(client, "block_length", messages=good, max_tokens=48, extra_body={"block_length": 5})  # not a divisor of 48
     _bad(client, "dual_cache", messages=good, extra_body={"dual_cache": "yes"})
     _bad(client, "temperature", messages=good, temperature=-1)
     _bad(client, "top_p", messages=good, top_p=0)

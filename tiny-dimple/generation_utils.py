@@ -18,6 +18,7 @@ non-finite logits and out-of-vocabulary ids), which ends decoding once nothing i
 
 import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -32,7 +33,7 @@ ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_
 PIPELINES = ("dim", "dream")
 BOOLEAN_FLAGS = (
     "use_original_confidence", "stop_at_eos", "use_cache", "output_history", "dual_cache", "use_cuda_graph",
-    "use_torch_compile", "return_dict_in_generate",
+    "use_torch_compile", "return_dict_in_generate", "open_ended", "output_scores", "output_logits", "credit_decoding",
 )
 # The settings `diffusion_generate` takes as keyword arguments (besides the inputs, hooks, streamer, generator,
 # stopping criteria, response prior and tokenizer). Other `GenerationConfig` fields (num_beams,
@@ -41,8 +42,13 @@ SETTINGS = (
     "max_new_tokens", "max_length", "steps", "eps", "temperature", "top_p", "top_k", "alg", "alg_temp",
     "alg_p_threshold", "use_original_confidence", "decoding_pipeline", "use_cache", "block_length", "dual_cache",
     "stop_at_eos", "use_cuda_graph", "use_torch_compile", "output_history", "return_dict_in_generate",
-    "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample",
+    "num_return_sequences", "mask_token_id", "pad_token_id", "eos_token_id", "do_sample", "open_ended",
+    "output_scores", "output_logits", "parallel_factor", "credit_decoding", "commit_when_stable",
 )
+# Open-ended decoding without `block_length`: blocks of this many positions (Fast-dLLM's and LLaDA's 32). With one
+# block of masks in view past it, the tiny model sees a 64-position canvas at first, close to the 48 it was
+# trained on; two blocks in view (96) or a fixed 256 canvas make it write wrong descriptions (docs/decoding.md).
+OPEN_ENDED_BLOCK_LENGTH = 32
 MIN_TEMPERATURE = 1e-6
 # What generic callers (pipelines, evaluation harnesses written for `generate`) pass that changes nothing here:
 # accepted and dropped. Other values of these arguments would change an autoregressive result and are refused.
@@ -101,6 +107,21 @@ class DimpleGenerationConfig(GenerationConfig):
         use_torch_compile (`bool`, defaults to `False`): run the cached steps (prefilled, dual-cache window)
             through `torch.compile`, which fuses the small element-wise kernels (rotary, residual adds, casts).
             The first decodes pay the compilation.
+        parallel_factor (`float`, *optional*): Fast-dLLM's factor-based parallel decoding (`dim`), in place of
+            `alg_p_threshold`: commit the n most confident masks, n the largest count whose k-th confidence is at
+            least 1 - factor / (k + 1) for every k <= n (always at least one). Larger factors commit more.
+        credit_decoding (`bool`, defaults to `False`): CreditDecoding's trace credit (`dim`, `maskgit_plus`): a
+            position whose top token stays the same across passes accumulates credit c = gamma * c + p^alpha, and
+            its confidence becomes the token's probability with its logit raised by lambda * log(1 + c)
+            (gamma 0.65, lambda 0.7, alpha 0.5, the paper's); the threshold or factor rule then reads it.
+        commit_when_stable (`int`, *optional*): commit every mask of a row whose predicted tokens at its masks
+            have not changed for this many passes in a row (an early commit once the draft is settled).
+        open_ended (`bool`, defaults to `False`): `max_new_tokens` is an upper bound, not the canvas: the canvas
+            grows a block of `block_length` masks at a time (`OPEN_ENDED_BLOCK_LENGTH` when unset, the last
+            block shorter when it does not divide the bound), each block denoised with the settled text before it
+            and one block of masks after it in view, the settled blocks' keys/values read from the cache
+            (`use_cache`); a row ends at its first end-of-text (`stop_at_eos` is implied) and decoding ends when
+            every row has. Each block takes its share of `steps` as in block-wise decoding of the bound.
     """
 
     def __init__(self, **kwargs):
@@ -118,6 +139,10 @@ class DimpleGenerationConfig(GenerationConfig):
         self.dual_cache = kwargs.pop("dual_cache", False)
         self.use_cuda_graph = kwargs.pop("use_cuda_graph", True)
         self.use_torch_compile = kwargs.pop("use_torch_compile", False)
+        self.open_ended = kwargs.pop("open_ended", False)
+        self.parallel_factor = kwargs.pop("parallel_factor", None)
+        self.credit_decoding = kwargs.pop("credit_decoding", False)
+        self.commit_when_stable = kwargs.pop("commit_when_stable", None)
         kwargs.setdefault("max_new_tokens", None if "max_length" in kwargs else 64)
         # Sampling filters are off unless asked for (transformers 4.x GenerationConfig defaults top_k=50).
         temperature = kwargs.pop("temperature", 0.0)
@@ -131,6 +156,7 @@ class DimpleGenerationConfig(GenerationConfig):
         # transformers 5 leaves these None by default.
         self.num_return_sequences = 1 if self.num_return_sequences is None else self.num_return_sequences
         self.return_dict_in_generate = bool(self.return_dict_in_generate)
+        self.output_scores, self.output_logits = bool(self.output_scores), bool(self.output_logits)
 
     def validate(self, *args, **kwargs):
         """Raise a `ValueError` naming the setting and its allowed values for anything out of range. Token ids
@@ -143,8 +169,9 @@ class DimpleGenerationConfig(GenerationConfig):
 
         for flag in BOOLEAN_FLAGS:  # a string such as "false" would otherwise switch the option on
             value = getattr(self, flag, False)
-            # transformers leaves return_dict_in_generate None while the config is built
-            if not isinstance(value, bool) and not (value is None and flag == "return_dict_in_generate"):
+            # transformers leaves these None while the config is built
+            if not isinstance(value, bool) and not (value is None and flag in (
+                    "return_dict_in_generate", "output_scores", "output_logits")):
                 fail(flag, "True or False", value)
         if self.alg not in ALGORITHMS:
             fail("alg", f"one of {ALGORITHMS}", self.alg)
@@ -182,13 +209,29 @@ class DimpleGenerationConfig(GenerationConfig):
         if self.block_length is not None:
             if not _is_int(self.block_length) or self.block_length < 1:
                 fail("block_length", "an integer >= 1 (or None)", self.block_length)
-            if self.max_new_tokens is not None:
-                if self.max_new_tokens % self.block_length:
-                    fail("block_length", f"a divisor of max_new_tokens ({self.max_new_tokens})", self.block_length)
-                n_blocks = self.max_new_tokens // self.block_length
-                if self.steps < n_blocks:
-                    fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {self.block_length})",
-                         self.steps)
+        if self.max_new_tokens is not None and (self.block_length is not None or self.open_ended):
+            block_length = self.block_length or OPEN_ENDED_BLOCK_LENGTH
+            if self.max_new_tokens % block_length and not self.open_ended:
+                fail("block_length", f"a divisor of max_new_tokens ({self.max_new_tokens})", self.block_length)
+            n_blocks = -(-self.max_new_tokens // block_length)
+            if self.steps < n_blocks:
+                fail("steps", f">= the number of blocks ({n_blocks} blocks of block_length {block_length} in "
+                     f"max_new_tokens {self.max_new_tokens})", self.steps)
+        if self.parallel_factor is not None:
+            if not (_is_real(self.parallel_factor) and self.parallel_factor > 0):
+                fail("parallel_factor", "a number > 0 (or None)", self.parallel_factor)
+            if self.alg_p_threshold:
+                fail("parallel_factor", "None when `alg_p_threshold` is set (both choose how many confident masks to "
+                     "commit: set one)", self.parallel_factor)
+        if self.commit_when_stable is not None and (not _is_int(self.commit_when_stable) or self.commit_when_stable < 1):
+            fail("commit_when_stable", "an integer >= 1 (or None)", self.commit_when_stable)
+        strategies = [name for name in ("parallel_factor", "credit_decoding") if getattr(self, name)]
+        if strategies and self.decoding_pipeline != "dim":
+            fail(strategies[0], "left unset with decoding_pipeline='dream' (it is a rule of the `dim` pipeline)",
+                 getattr(self, strategies[0]))
+        if self.credit_decoding and self.alg != "maskgit_plus":
+            fail("credit_decoding", "False unless alg='maskgit_plus' (credit raises a probability; other algorithms' "
+                 "confidences are margins or entropies)", self.credit_decoding)
         if self.dual_cache and self.block_length is None:
             fail("dual_cache", "False unless `block_length` is set (the cache is refreshed at block boundaries)",
                  self.dual_cache)
@@ -241,13 +284,28 @@ class DimpleGenerationOutput(ModelOutput):
 
     Args:
         sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, prompt + max_new_tokens)`).
+        past_key_values (`DimpleConversationCache`): the conversation so far (this turn's prompt and answer after
+            the earlier turns'), to pass with the next turn's tokens as `past_key_values`.
         history (`tuple[torch.LongTensor]`, *optional*): the sequences after every step (`output_history`).
         num_forward_passes (`int`): model forward passes taken.
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch * num_return_sequences,)`): per row, its answer
+            tokens (up to its end-of-text, which is not counted) over the passes in which it had masks to decode,
+            as transformers' diffusion generation outputs report it.
+        scores (`tuple[torch.FloatTensor]`, *optional*): with `output_scores=True`, per forward pass the logits of
+            the positions it scored, `(batch, block, vocab)` (`[:, j]` predicts block position j; the whole canvas
+            without blocks) after `logits_processor` and `generation_logits_hook_func`, before the temperature and
+            top-p / top-k filters. Positions already committed are in it too: only masked ones are scored.
+        logits (`tuple[torch.FloatTensor]`, *optional*): with `output_logits=True`, the same of the head's
+            unprocessed logits.
     """
 
     sequences: torch.LongTensor = None
     history: Optional[tuple] = None
     num_forward_passes: Optional[int] = None
+    tokens_per_forward: Optional[torch.Tensor] = None
+    scores: Optional[tuple] = None
+    logits: Optional[tuple] = None
+    past_key_values: Optional["DimpleConversationCache"] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,15 +478,104 @@ def schedule_points(eps: float, steps: int, device=None) -> torch.Tensor:
     return torch.linspace(1, eps, steps + 1, dtype=torch.float64, device=device)
 
 
+def open_ended_lookahead(config) -> int:
+    """Masks kept in view past the block being decoded, in open-ended decoding: one block's worth."""
+    return config.block_length or OPEN_ENDED_BLOCK_LENGTH
+
+
 def plan_blocks(canvas_len: int, block_length: Optional[int], steps: int) -> list:
     """(start, end, steps) of each block, decoded left to right; `steps` is shared out evenly (the first
-    blocks take the remainder). Without `block_length` the whole canvas is one block."""
-    block_length = block_length or canvas_len
-    n_blocks = canvas_len // block_length
+    blocks take the remainder). Without `block_length` the whole canvas is one block; a `block_length` that does
+    not divide the canvas (open-ended decoding) leaves a shorter last block."""
+    block_length = min(block_length or canvas_len, canvas_len)
+    n_blocks = -(-canvas_len // block_length)
     return [
-        (i * block_length, (i + 1) * block_length, steps // n_blocks + (i < steps % n_blocks))
+        (i * block_length, min(canvas_len, (i + 1) * block_length), steps // n_blocks + (i < steps % n_blocks))
         for i in range(n_blocks)
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel decoding strategies: how many masks a pass commits beyond the schedule (the `dim` pipeline)
+# --------------------------------------------------------------------------------------------------
+
+
+class ThresholdRule:
+    """Confident decoding (`alg_p_threshold`): every mask whose confidence exceeds the threshold."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, is_mask: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        return is_mask & (confidence > self.threshold)
+
+
+class FactorRule:
+    """Fast-dLLM's factor-based parallel decoding (`parallel_factor`): per row, the n most confident masks, n the
+    largest count whose k-th highest confidence is at least 1 - factor / (k + 1) for every k <= n; at least the
+    most confident one (Fast-dLLM's reference commits one more when every mask passes its bound or none does;
+    here exactly the passing prefix, at least one)."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, is_mask: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        ranked, order = confidence.masked_fill(~is_mask, float("-inf")).sort(dim=-1, descending=True)
+        k = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device, dtype=ranked.dtype)
+        passing = ranked >= 1 - self.factor / (k + 1)
+        passing[:, 0] = True
+        count = passing.long().cumprod(dim=-1).sum(-1, keepdim=True)
+        rank = order.argsort(dim=-1)  # each position's place in its row's ranking
+        return is_mask & (rank < count)
+
+
+def parallel_rule(config) -> Optional[Callable]:
+    """The rule choosing a pass's confident masks, or None (the schedule alone)."""
+    if config.parallel_factor:
+        return FactorRule(config.parallel_factor)
+    if config.alg_p_threshold:
+        return ThresholdRule(config.alg_p_threshold)
+    return None
+
+
+class CreditTrace:
+    """CreditDecoding's trace credit (`credit_decoding`), one credited token per position: while a masked
+    position's top token stays the same, its credit grows c <- gamma * c + p^alpha (and starts again at p^alpha
+    when the top token changes); its confidence is then max(p, p') with p' the token's probability after raising
+    its logit by lambda * log(1 + c): p' = p b / (1 - p + p b), b = (1 + c)^lambda. State per decode, per row and
+    canvas position. The reference keeps several credited tokens per position; one suffices for the top token."""
+
+    GAMMA, LAMBDA, ALPHA = 0.65, 0.7, 0.5
+
+    def __init__(self, rows: int, canvas_len: int, device):
+        self.token = torch.full((rows, canvas_len), -1, dtype=torch.long, device=device)
+        self.credit = torch.zeros(rows, canvas_len, dtype=torch.float32, device=device)
+
+    def __call__(self, tokens, confidence, is_mask, lo: int, hi: int) -> torch.Tensor:
+        p = confidence.float().clamp(0, 1).masked_fill(~is_mask, 0)
+        same = tokens == self.token[:, lo:hi]
+        credit = torch.where(same, self.GAMMA * self.credit[:, lo:hi], 0.0) + p.clamp_min(1e-6) ** self.ALPHA
+        self.credit[:, lo:hi] = torch.where(is_mask, credit, self.credit[:, lo:hi])
+        self.token[:, lo:hi] = torch.where(is_mask, tokens, self.token[:, lo:hi])
+        boost = (1 + credit) ** self.LAMBDA
+        fused = p * boost / (1 - p + p * boost).clamp_min(1e-12)
+        return torch.where(is_mask, torch.maximum(p, fused).to(confidence.dtype), confidence)
+
+
+class StableCommit:
+    """Early commit once the draft has settled (`commit_when_stable=k`): a row whose predicted tokens at its
+    masks are the same as at the previous pass, `k` passes in a row, commits all its masks of the block."""
+
+    def __init__(self, passes: int, rows: int, canvas_len: int, device):
+        self.passes = passes
+        self.previous = torch.full((rows, canvas_len), -1, dtype=torch.long, device=device)
+        self.stable = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def __call__(self, chosen, tokens, is_mask, lo: int, hi: int, first_pass_of_block: bool) -> torch.Tensor:
+        unchanged = ((tokens == self.previous[:, lo:hi]) | ~is_mask).all(-1) & is_mask.any(-1)
+        self.stable = torch.where(unchanged & (not first_pass_of_block), self.stable + 1, 0)
+        self.previous[:, lo:hi] = tokens
+        return chosen | (is_mask & (self.stable >= self.passes)[:, None])
 
 
 class DimPipeline:
@@ -443,6 +590,7 @@ class DimPipeline:
         self.config, self.steps = config, steps
         self.taus = schedule_points(config.eps, steps, device)
         self.chooser = chooser or self.make_chooser(config)
+        self.rule = parallel_rule(config)
 
     @staticmethod
     def make_chooser(config) -> PositionChooser:
@@ -467,12 +615,11 @@ class DimPipeline:
         return count.long(), ratio.float()
 
     def commit(self, step, is_mask, masks_start, confidence, generator):
-        config = self.config
         last_step = step == self.steps - 1
         count, ratio = self.schedule(step, is_mask.sum(-1), masks_start)
         chosen = self.chooser(is_mask, count, ratio, confidence, generator)
-        if config.alg_p_threshold:
-            confident = is_mask & (confidence > config.alg_p_threshold) if not last_step else is_mask
+        if self.rule is not None:
+            confident = self.rule(is_mask, confidence) if not last_step else is_mask
             chosen = torch.where(confident.any(-1, keepdim=True), confident, chosen)
         return chosen
 
@@ -535,24 +682,39 @@ class DenoisingForward:
 
     Tail and window passes have fixed shapes: on CUDA each is captured once as a CUDA graph and replayed; their
     positions are device tensors, rewritten in place when a new block starts.
+
+    Open-ended decoding (`lookahead` not None) attends only over what exists of the growing canvas: the prompt,
+    the settled blocks, the block and `lookahead` masks after it (`open_pass`).
+
+    A later turn of a conversation (`past`: the earlier turns' keys/values, `past.length` positions) runs only
+    its own positions: every query position here is one of the whole conversation, from `past.length` on, and
+    `position_ids` and `attn_mask` span the whole conversation.
     """
 
     def __init__(self, model, prompt_embeds, position_ids, attn_mask, canvas_len, block_length,
-                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False):
-        batch, prompt_len, hidden = prompt_embeds.shape
+                 use_cache, dual_cache, use_cuda_graph, use_torch_compile=False, lookahead=None, past=None):
+        batch, new_len, hidden = prompt_embeds.shape
         device = prompt_embeds.device
+        self.offset = 0 if past is None else past.length  # positions already in the cache (earlier turns)
+        prompt_len = self.offset + new_len
         total, block = prompt_len + canvas_len, block_length or canvas_len
         self.model, self.prompt_len, self.block = model, prompt_len, block
-        self.embeds = prompt_embeds.new_empty(batch, total, hidden)
-        self.embeds[:, :prompt_len] = prompt_embeds
+        self.embeds = prompt_embeds.new_empty(batch, total - self.offset, hidden)  # from the offset on
+        self.embeds[:, :new_len] = prompt_embeds
         self.canvas = torch.empty(batch, canvas_len, dtype=torch.long, device=device)
         self.position_ids, self.attn_mask = position_ids, attn_mask
-        self.cache = model.new_prefix_cache(total) if use_cache or dual_cache else None
+        self.open_ended, self.lookahead, self.canvas_len = lookahead is not None, lookahead, canvas_len
+        use_cuda_graph = use_cuda_graph and not self.open_ended  # its passes change shape block by block
+        self.stale_from = 0  # open-ended: the canvas position from which the cached keys/values are not final
+        if past is not None:
+            self.cache = past.extended(total)
+        else:
+            self.cache = model.new_prefix_cache(total) if use_cache or dual_cache else None
         self.cache_filled = False
         self.freeze_prompt, self.dual_cache = use_cache, dual_cache
         first = prompt_len - 1  # the last prompt token's query predicts the first canvas position
         self.queries = {
-            "full": torch.arange(total, device=device),
+            "full": torch.arange(self.offset, total, device=device),
             "tail": torch.arange(first, total, device=device),
             "window": torch.arange(first, first + block + 1, device=device),
         }
@@ -569,6 +731,8 @@ class DenoisingForward:
         self.cached_forward = compiled_decoder(model) if use_torch_compile else model.decoder_forward
 
     def __call__(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
+        if self.open_ended:
+            return self.open_pass(canvas, lo, hi, first_step_of_block)
         self.canvas.copy_(canvas)
         if lo != self.block_start:
             self.block_start = lo
@@ -579,17 +743,50 @@ class DenoisingForward:
             self.dual_cache and first_step_of_block and not self.freeze_prompt
         ):
             self.cache_filled = self.cache is not None
-            first = self.prompt_len - 1
+            first = self.prompt_len - 1 - self.offset
             return self._pass("full", slice(first + lo, first + hi))
         kind = "window" if self.dual_cache and not first_step_of_block else "tail"
         return self._replay(kind)
 
+    def open_pass(self, canvas: torch.Tensor, lo: int, hi: int, first_step_of_block: bool) -> torch.Tensor:
+        """A pass of open-ended decoding: keys over the prompt and the canvas up to `lookahead` masks past the
+        block; queries from the block's predecessor (whose query predicts the block's first position) to the end
+        of what is in view. With a cache, a block's first pass also reruns the block before it, settled since its
+        last pass (its keys/values become final), and the prompt stays that of the first pass (`use_cache`); the
+        dual cache's later passes stop at the block's end, reading the lookahead from the cache."""
+        prompt_len, device = self.prompt_len, canvas.device
+        visible = prompt_len + min(self.canvas_len, hi + self.lookahead)
+        first = prompt_len - 1 + lo
+        if self.cache is None or not self.cache_filled:
+            start = self.offset
+        elif first_step_of_block:
+            start = prompt_len + self.stale_from if self.freeze_prompt else self.offset
+        else:
+            start = first
+        end = prompt_len + hi if self.dual_cache and start == first else visible
+        self.cache_filled, self.stale_from = self.cache is not None, lo
+        embed_from, offset = max(start, prompt_len), self.offset
+        self.embeds[:, embed_from - offset : end - offset] = self.model.get_input_embeddings()(
+            canvas[:, embed_from - prompt_len : end - prompt_len]
+        )
+        if self.cache is not None:
+            self.cache.set_length(visible)
+        inputs = dict(
+            inputs_embeds=self.embeds[:, start - offset : end - offset],
+            attention_mask=None if self.attn_mask is None else self.attn_mask[:, :, start:end, :visible],
+            position_ids=self.position_ids[:, :, start:end],
+            past_key_values=self.cache,
+            cache_position=None if self.cache is None else torch.arange(start, end, device=device),
+        )
+        forward = self.model.decoder_forward if start == offset else self.cached_forward
+        return forward(**inputs)[0][:, first - start : first - start + hi - lo]
+
     def _pass(self, kind: str, keep) -> torch.Tensor:
         """Embed the current canvas and run the query positions of `kind`; the outputs that predict the block."""
         queries = self.queries[kind]
-        self.embeds[:, self.prompt_len :] = self.model.get_input_embeddings()(self.canvas)
+        self.embeds[:, self.prompt_len - self.offset :] = self.model.get_input_embeddings()(self.canvas)
         inputs = dict(
-            inputs_embeds=self.embeds.index_select(1, queries),
+            inputs_embeds=self.embeds.index_select(1, queries - self.offset if self.offset else queries),
             attention_mask=None if self.attn_mask is None else self.attn_mask.index_select(2, queries),
             position_ids=self.position_ids.index_select(2, queries),
             past_key_values=self.cache,
@@ -715,8 +912,32 @@ class SettledTokenStream:
         elif new[0].numel():
             self.streamer.put(new[0])
 
+    def put_draft(self, draft: torch.Tensor) -> None:
+        """The draft after the settled tokens: from each row's first unsettled position up to its first
+        end-of-text or undecoded mask of `draft` (the canvas with this pass's predictions at its masks), as
+        `put_draft(value, canvas=draft)`, `value` a 1-D tensor (text streamers) or one per row."""
+        stop = F.pad((draft == self.mask_id) | torch.isin(draft, self.end_ids), (0, 1), value=True)
+        ends = stop.int().argmax(dim=-1).tolist()
+        tails = [row[sent:max(sent, end)].cpu() for row, sent, end in zip(draft, self.sent, ends)]
+        self.streamer.put_draft(tails if self.per_row else tails[0], canvas=draft.cpu())
+
     def end(self) -> None:
         self.streamer.end()
+
+
+class ProgressDisplay:
+    """`show_progress=True`: one status line on stderr, rewritten after every pass (passes done, masks left)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def update(self, passes: int, masks_left: int) -> None:
+        self.stream.write(f"\rdiffusion decoding: {passes} forward passes, {masks_left} masks left ")
+        self.stream.flush()
+
+    def end(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def streams_settled_tokens(streamer) -> bool:
@@ -779,6 +1000,57 @@ def stopped_rows(criteria: list, sequences: torch.Tensor) -> Optional[torch.Tens
     return done
 
 
+class DimpleConversationCache:
+    """The conversation so far, for the next turn: `diffusion_generate(new_turn_ids, past_key_values=cache)` runs
+    only the new turn's tokens (and encodes only its images), attending over the earlier turns' keys and values.
+    Returned as `past_key_values` by `diffusion_generate(..., return_dict_in_generate=True)`.
+
+    Its keys/values are those of one bidirectional pass over this turn's prompt and answer (after the earlier
+    turns' cached ones), as a fresh prefill of the conversation would compute them; that pass runs when the cache
+    is first used (`key_values`), so a decode that is not continued costs no pass. Until then it holds this turn's
+    input embeddings (images encoded), their rotary positions and the padding of the conversation.
+
+    Args:
+        past (`DimpleConversationCache`, *optional*): the earlier turns.
+        embeds (`(batch, n, hidden)`): this turn's prompt and answer embeddings.
+        position_ids (`(3, batch, n)`): their M-RoPE positions.
+        attention_mask (`(batch, past + n)`): 1 for a token, 0 for padding (left padding, and the positions after a
+            row's end-of-text when its answer is shorter than another row's).
+        token_ids (`(batch, n)`): this turn's tokens (prompt and answer).
+    """
+
+    def __init__(self, past, embeds, position_ids, attention_mask, token_ids):
+        self.past, self.embeds, self.position_ids = past, embeds, position_ids
+        self.attention_mask, self.token_ids = attention_mask, token_ids
+        self.length = attention_mask.shape[1]
+        self.batch_size = attention_mask.shape[0]
+        # The next token's rotary position: one past the largest position of a token (padding aside).
+        real = attention_mask[:, -position_ids.shape[2] :].bool()
+        last = position_ids.masked_fill(~real[None], -1).amax(dim=(0, 2))
+        self.next_position = last + 1
+        self._key_values = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def key_values(self, model):
+        """The `DimplePrefixCache` of the conversation: the earlier turns' keys/values and, computed at the first
+        call, this turn's."""
+        if self._key_values is None:
+            past = None if self.past is None else self.past.key_values(model)
+            start = 0 if past is None else past.length
+            cache = model.new_prefix_cache(self.length) if past is None else past.extended(self.length)
+            padding = None if bool(self.attention_mask.all()) else self.attention_mask
+            with torch.no_grad():
+                model.decoder_forward(
+                    inputs_embeds=self.embeds, attention_mask=padding, position_ids=self.position_ids,
+                    past_key_values=cache, cache_position=torch.arange(start, self.length, device=self.embeds.device),
+                )
+            # what the keys/values were computed from is not needed any more
+            self._key_values, self.embeds, self.past = cache, None, None
+        return self._key_values
+
+
 @dataclass
 class DecodeRequest:
     """A validated call of `diffusion_generate`: the settings and the inputs."""
@@ -794,6 +1066,9 @@ class DecodeRequest:
     streamer: Optional[object]
     generator: Optional[torch.Generator]
     stopping_criteria: list
+    logits_processor: Optional[Callable] = None
+    show_progress: bool = False
+    past: Optional[DimpleConversationCache] = None
 
 
 @dataclass
@@ -808,6 +1083,11 @@ class PreparedDecode:
     chooser: PositionChooser
     end_ids: torch.Tensor
     streamer: Optional[object]
+    # The conversation's padding mask up to the answer, (batch, past + prompt), 1 = token: for the returned cache.
+    conversation_mask: Optional[torch.Tensor] = None
+    past: Optional[DimpleConversationCache] = None
+    credit: Optional[CreditTrace] = None
+    stable: Optional[StableCommit] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -915,7 +1195,8 @@ class DimpleGenerationMixin(GenerationMixin):
             attention_mask, pixel_values, image_grid_thw: the processor outputs.
             max_new_tokens / max_length, steps, eps, temperature, top_p, top_k, alg, alg_temp,
             alg_p_threshold, use_original_confidence, decoding_pipeline, use_cache, block_length, dual_cache,
-            stop_at_eos, use_cuda_graph, use_torch_compile, output_history, return_dict_in_generate,
+            stop_at_eos, open_ended, use_cuda_graph, use_torch_compile, output_history, output_scores,
+            output_logits, return_dict_in_generate,
             num_return_sequences, mask_token_id, pad_token_id, eos_token_id: see `DimpleGenerationConfig` and the
             model card.
             response_prior (`str`, `list[int]`, 1-D or `(batch, length)` tensor, *optional*): the start of the
@@ -938,7 +1219,19 @@ class DimpleGenerationMixin(GenerationMixin):
                 after every step, `end` is called at the end (also on an error). transformers' text streamers
                 (batch 1) and any streamer with `settled_tokens = True` receive the prompt, then the answer's
                 tokens as they settle (those left of the first mask, up to the end-of-text), each once
-                (`SettledTokenStream`).
+                (`SettledTokenStream`). A streamer with `put_draft` (transformers' `TextDiffusionStreamer`) also
+                receives the draft after every pass: the canvas with that pass's predictions at the masks it
+                left, as `put_draft(value, canvas=...)`, `value` the part after the settled tokens (up to the first
+                end-of-text or undecoded mask) for settled-token streamers, the whole canvas otherwise.
+            logits_processor (`LogitsProcessorList`, *optional*): transformers' logits processors, applied at every
+                pass to the block's logits as `logits_processor(sequences, logits)` with logits `(batch, block,
+                vocab)`, before `generation_logits_hook_func` (processors that work on the last dimension, such as
+                temperature, top-k, top-p or `SuppressTokensLogitsProcessor`, apply as they are).
+            show_progress (`bool`, *optional*, defaults to `False`): a status line on stderr after every pass
+                (passes done, masks left), for long decodes.
+            past_key_values (`DimpleConversationCache`, *optional*): the `past_key_values` of the previous turn's
+                output: `inputs` (and `pixel_values`) are then only the new turn's tokens (and images), which
+                attend over the earlier turns' keys/values instead of re-encoding them.
             generator (`torch.Generator`, *optional*): random source for sampling. One generator serves the whole
                 batch: with random position choices (`origin`) or sampling, a row's draws depend on its place in
                 the batch (the answers of greedy decoding do not).
@@ -964,8 +1257,15 @@ class DimpleGenerationMixin(GenerationMixin):
         arguments = {name: kwargs.pop(name, None) for name in (
             "attention_mask", "pixel_values", "image_grid_thw", "generation_tokens_hook_func",
             "generation_logits_hook_func", "streamer", "generator", "response_prior", "tokenizer", "stopping_criteria",
+            "logits_processor", "show_progress", "past_key_values",
         )}
+        stop_at_eos_given = kwargs.get("stop_at_eos")
         config = self._dimple_generation_config(generation_config, kwargs)
+        if config.open_ended is True and stop_at_eos_given is False:
+            raise ValueError(
+                "`stop_at_eos=False` cannot hold with `open_ended=True`: open-ended decoding ends a row at its first "
+                "end-of-text (leave `stop_at_eos` out, or decode a fixed canvas with `open_ended=False`)"
+            )
         for name, neutral in NEUTRAL_ARGUMENTS.items():
             if name in kwargs and (kwargs[name] is None or kwargs[name] == neutral):
                 del kwargs[name]
@@ -988,7 +1288,8 @@ class DimpleGenerationMixin(GenerationMixin):
             if config.max_length is None:  # e.g. `max_new_tokens=None` passed to mean "as long as needed"
                 raise ValueError(
                     "`max_new_tokens` must be an integer >= 1 (the answer canvas: Dimple denoises a canvas of that "
-                    "many positions, the answer and its end-of-text padding), got None and no `max_length`"
+                    "many positions, the answer and its end-of-text padding; with `open_ended=True`, the longest "
+                    "answer), got None and no `max_length`"
                 )
             if config.max_length - prompt_len < 1:
                 raise ValueError(
@@ -1021,6 +1322,33 @@ class DimpleGenerationMixin(GenerationMixin):
         for name in ("generation_tokens_hook_func", "generation_logits_hook_func"):
             if arguments[name] is not None and not callable(arguments[name]):
                 raise ValueError(f"`{name}` must be a callable (step, x, logits), got {type(arguments[name]).__name__}")
+        processors = arguments["logits_processor"]
+        if processors is not None and not callable(processors):
+            raise ValueError(
+                "`logits_processor` must be a `LogitsProcessorList` (or a callable (input_ids, scores) -> scores), got "
+                f"{type(processors).__name__}"
+            )
+        past = arguments["past_key_values"]
+        if past is not None:
+            if not isinstance(past, DimpleConversationCache):
+                raise ValueError(
+                    "`past_key_values` must be the `past_key_values` of an earlier `diffusion_generate(..., "
+                    f"return_dict_in_generate=True)` (a DimpleConversationCache), got {type(past).__name__}"
+                )
+            if past.batch_size != batch or config.num_return_sequences != 1:
+                raise ValueError(
+                    f"`past_key_values` holds {past.batch_size} conversations: continue them with as many rows of new "
+                    f"tokens and num_return_sequences 1, got {batch} rows and num_return_sequences "
+                    f"{config.num_return_sequences}"
+                )
+            if longest is not None and int(past.next_position.max()) + prompt_len + config.max_new_tokens > longest:
+                raise ValueError(
+                    f"`max_new_tokens` must be at most {longest - int(past.next_position.max()) - prompt_len}: the "
+                    f"conversation so far takes {int(past.next_position.max())} positions and the new tokens "
+                    f"{prompt_len}, and the model's positions end at max_position_embeddings ({longest})"
+                )
+        if arguments["show_progress"] not in (None, True, False):
+            raise ValueError(f"`show_progress` must be True or False, got {arguments['show_progress']!r}")
         stopping = arguments["stopping_criteria"]
         stopping = [] if stopping is None else list(stopping) if isinstance(stopping, (list, tuple)) else [stopping]
         if not all(callable(c) for c in stopping):
@@ -1036,7 +1364,7 @@ class DimpleGenerationMixin(GenerationMixin):
         return DecodeRequest(
             config, input_ids, attention_mask, pixel_values, arguments["image_grid_thw"], prior,
             arguments["generation_tokens_hook_func"], arguments["generation_logits_hook_func"], streamer,
-            arguments["generator"], stopping,
+            arguments["generator"], stopping, processors, bool(arguments["show_progress"]), past,
         )
 
     @staticmethod
@@ -1110,23 +1438,36 @@ class DimpleGenerationMixin(GenerationMixin):
         position_ids, _ = self.get_rope_index(
             F.pad(input_ids, (0, canvas_len), value=mask_id), request.image_grid_thw, attention_mask=full_mask,
         )
-        embeds = self.embed_inputs(input_ids, request.pixel_values, request.image_grid_thw)
+        embeds = self.embed_inputs(input_ids, request.pixel_values, request.image_grid_thw)  # this turn's images only
         if full_mask is not None:
             full_mask = full_mask.repeat_interleave(n_rep, 0)
+        past, past_len = request.past, 0
+        conversation_mask = full_mask if full_mask is not None else torch.ones(batch * n_rep, total_len, dtype=torch.long, device=device)
+        if past is not None:  # positions continue the conversation's; the earlier turns are keys only
+            past_len = past.length
+            position_ids = F.pad(position_ids + past.next_position.to(device)[None, :, None], (past_len, 0))
+            conversation_mask = torch.cat([past.attention_mask.to(device).long(), conversation_mask], 1)
+            full_mask = None if bool(conversation_mask.all()) else conversation_mask
         denoise = DenoisingForward(
             self, embeds.repeat_interleave(n_rep, 0), position_ids.repeat_interleave(n_rep, 1),
-            self.prepare_attention_mask(full_mask, total_len, total_len), canvas_len, config.block_length,
+            self.prepare_attention_mask(full_mask, past_len + total_len, past_len + total_len), canvas_len, config.block_length,
             use_cache=config.use_cache, dual_cache=config.dual_cache,
             use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self.is_split_across_devices(),
             use_torch_compile=config.use_torch_compile,
+            lookahead=open_ended_lookahead(config) if config.open_ended else None,
+            past=None if past is None else past.key_values(self),
         )
         pipeline_class = PIPELINE_CLASSES[config.decoding_pipeline]
         scorer = PositionScorer(config, config.use_original_confidence and pipeline_class.original_confidence_allowed)
         streamer = request.streamer
         if streamer is not None and streams_settled_tokens(streamer):
             streamer = SettledTokenStream(streamer, input_ids.repeat_interleave(n_rep, 0), mask_id, end_ids)
+        rows = batch * n_rep
+        credit = CreditTrace(rows, canvas_len, device) if config.credit_decoding else None
+        stable = StableCommit(config.commit_when_stable, rows, canvas_len, device) if config.commit_when_stable else None
         return PreparedDecode(
             x, prompt_len, denoise, scorer, pipeline_class, pipeline_class.make_chooser(config), end_ids, streamer,
+            conversation_mask[:, : past_len + prompt_len], past, credit, stable,
         )
 
     # ---------------------------------------------------------------- 3. the loop
@@ -1138,7 +1479,16 @@ class DimpleGenerationMixin(GenerationMixin):
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # rows not stopped
         problem = torch.zeros((), dtype=torch.bool, device=x.device)  # a check failed at the previous step
         history = [] if config.output_history else None
+        scores = [] if config.output_scores else None
+        raw_logits = [] if config.output_logits else None
+        processors = request.logits_processor
+        # The head at every position of the block (not only the scored ones): for what sees the block's logits.
+        block_logits = tokens_hook is not None or logits_hook is not None or processors is not None \
+            or scores is not None or raw_logits is not None
+        progress = ProgressDisplay() if request.show_progress else None
         passes, streamer = 0, prepared.streamer
+        drafts = streamer is not None and callable(getattr(getattr(streamer, "streamer", streamer), "put_draft", None))
+        row_passes = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # passes in which a row had masks
         try:
             # q/k/v as one matrix product per layer while decoding (a stacked copy of their weights, freed after).
             with self.stacked_qkv_projections():
@@ -1147,7 +1497,12 @@ class DimpleGenerationMixin(GenerationMixin):
                     # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
                     x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                     problem = ((x < 0) | (x >= vocab_size)).any()
-                for lo, hi, block_steps in plan_blocks(config.max_new_tokens, config.block_length, config.steps):
+                block_length = config.block_length or (OPEN_ENDED_BLOCK_LENGTH if config.open_ended else None)
+                decoded_end = config.max_new_tokens
+                for lo, hi, block_steps in plan_blocks(config.max_new_tokens, block_length, config.steps):
+                    if config.open_ended and not bool(((x[:, prompt_len + lo :] == mask_id) & active[:, None]).any()):
+                        decoded_end = lo  # every row has ended (or stopped): no block after this one is run
+                        break
                     pipeline = prepared.pipeline_class(config, block_steps, x.device, chooser=prepared.chooser)
                     block = slice(prompt_len + lo, prompt_len + hi)
                     masks_start = (x[:, block] == mask_id).sum(-1)
@@ -1159,28 +1514,41 @@ class DimpleGenerationMixin(GenerationMixin):
                             self._raise_step_problem(passes, x, vocab_size)
                         if masked.numel() == 0:  # nothing left to decode in this block (or every row stopped)
                             break
-                        if tokens_hook is None and logits_hook is None and pipeline.commits_nothing(step, is_mask):
+                        if not block_logits and pipeline.commits_nothing(step, is_mask):
                             continue  # a pass whose result no row would use
                         hidden = prepared.denoise(x[:, prompt_len:], lo, hi, first_step_of_block=first_pass_of_block)
-                        first_pass_of_block = False
+                        step_is_first, first_pass_of_block = first_pass_of_block, False
                         passes += 1
-                        if tokens_hook is None and logits_hook is None:  # the head only where a token is scored
+                        row_passes += is_mask.any(-1)
+                        if not block_logits:  # the head only where a token is scored
                             logits = None
                             masked_logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked.to(hidden.device)))
-                        else:  # hooks see the whole block's logits
+                        else:  # hooks, processors and outputs see the whole block's logits
                             logits = self.lm_head(hidden)
+                            if raw_logits is not None:
+                                raw_logits.append(logits)
+                            if processors is not None:  # transformers' (input_ids, scores): (batch, block, vocab)
+                                logits = hook_result("logits_processor", processors(x, logits), logits)
                             if logits_hook is not None:
                                 logits = hook_result("generation_logits_hook_func", logits_hook(passes - 1, x, logits), logits)
+                            if scores is not None:
+                                scores.append(logits)
                             masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
                         problem = non_finite_logits(masked_logits).to(x.device)
                         tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, request.generator), masked, x[:, block])
+                        if prepared.credit is not None:
+                            confidence = prepared.credit(tokens, confidence, is_mask, lo, hi)
                         chosen = pipeline.commit(step, is_mask, masks_start, confidence, request.generator)
+                        if prepared.stable is not None:
+                            chosen = prepared.stable(chosen, tokens, is_mask, lo, hi, first_pass_of_block=step_is_first)
                         x[:, block] = torch.where(chosen, tokens, x[:, block])
-                        if config.stop_at_eos:
+                        if config.stop_at_eos or config.open_ended:
                             x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                         if tokens_hook is not None:
                             x = hook_result("generation_tokens_hook_func", tokens_hook(passes - 1, x, logits), x)
                             problem = problem | ((x < 0) | (x >= vocab_size)).any()
+                            if config.stop_at_eos or config.open_ended:  # an end-of-text it wrote ends the answer
+                                x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                         done = stopped_rows(request.stopping_criteria, x)
                         if done is not None:
                             active = active & ~done
@@ -1188,16 +1556,47 @@ class DimpleGenerationMixin(GenerationMixin):
                             history.append(x.clone())
                         if streamer is not None:
                             streamer.put(x[:, prompt_len:].clone())
+                            if drafts:  # the canvas with this pass's predictions at the masks it left
+                                draft = x[:, prompt_len:].clone()
+                                draft[:, lo:hi] = torch.where(active[:, None], tokens, draft[:, lo:hi])
+                                streamer.put_draft(draft)
+                        if progress is not None:
+                            progress.update(passes, int((x[:, prompt_len:] == mask_id).logical_and(active[:, None]).sum()))
                 if bool(problem):  # the last step's checks (one host sync per decode)
                     self._raise_step_problem(passes, x, vocab_size)
         finally:  # also on an error, so that a consumer of TextIteratorStreamer is not left waiting
             if streamer is not None:
                 streamer.end()
+            if progress is not None:
+                progress.end()
+        if config.open_ended:  # up to the end of the last block decoded (later positions are padding)
+            x = x[:, : prompt_len + decoded_end]
         if config.return_dict_in_generate:
+            answer = x[:, prompt_len:]
+            ended = torch.isin(answer, prepared.end_ids).cummax(dim=-1).values
+            answer_tokens = (~ended & (answer != mask_id)).sum(-1)
             return DimpleGenerationOutput(
-                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=passes
+                past_key_values=self._conversation_cache(prepared, x, mask_id),
+                sequences=x, history=tuple(history) if history is not None else None, num_forward_passes=passes,
+                tokens_per_forward=answer_tokens / row_passes.clamp_min(1),
+                scores=tuple(scores) if scores is not None else None,
+                logits=tuple(raw_logits) if raw_logits is not None else None,
             )
         return x
+
+    def _conversation_cache(self, prepared: PreparedDecode, x: torch.Tensor, mask_id: int) -> DimpleConversationCache:
+        """The conversation after this decode: the earlier turns, this turn's prompt and its answer canvas, whose
+        positions after a row's end-of-text (and any mask left) are padding."""
+        prompt_len, denoise = prepared.prompt_len, prepared.denoise
+        answer = x[:, prompt_len:]
+        end = torch.isin(answer, prepared.end_ids)
+        after_end = F.pad(end.cummax(dim=-1).values[:, :-1], (1, 0))
+        real = ~after_end & (answer != mask_id)  # the positions after it are padding (no host sync to cut them)
+        kept, offset = answer.shape[1], denoise.offset
+        embeds = torch.cat([denoise.embeds[:, : prompt_len], self.get_input_embeddings()(answer)], 1)
+        positions = denoise.position_ids[:, :, offset : offset + prompt_len + kept]
+        mask = torch.cat([prepared.conversation_mask, real.long()], 1)
+        return DimpleConversationCache(prepared.past, embeds, positions, mask, x[:, : prompt_len + kept])
 
     @staticmethod
     def _raise_step_problem(passes: int, x: torch.Tensor, vocab_size: int):

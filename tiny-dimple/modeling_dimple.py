@@ -426,30 +426,56 @@ class DimpleImageProjector(nn.Module):
 
 
 class DimplePrefixCache:
-    """Keys and values kept across the steps of one diffusion decode (prefilling, block-wise dual cache).
+    """Keys and values kept across the steps of one diffusion decode (prefilling, block-wise dual cache,
+    open-ended decoding).
 
-    One `(batch, length, 2 * kv_heads, head_dim)` tensor per layer (the keys then the values of each position),
+    One `(batch, capacity, 2 * kv_heads, head_dim)` tensor per layer (the keys then the values of each position),
     allocated at the first write. A forward writes the keys and values of the positions it runs, given
     explicitly as `cache_position` (a 1-D tensor of positions in the sequence, as transformers and gpt-fast
-    pass query positions), then attends over the whole cached sequence: no step allocates, and a device tensor
-    of positions lets one captured CUDA graph serve every window. The cache holds no other state: which
-    positions a pass runs is the caller's decision.
+    pass query positions), then attends over the first `length` cached positions: no step allocates, and a
+    device tensor of positions lets one captured CUDA graph serve every window. `length` may grow up to
+    `capacity` (`set_length`): open-ended decoding appends its canvas block by block and attends over what
+    exists so far. The cache holds no other state: which positions a pass runs is the caller's decision.
     """
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, capacity: Optional[int] = None):
+        self.capacity = max(length, capacity or length)
         self.length = length
+        # A flag rather than `length < capacity` in `update`: torch.compile then guards on a bool that stays
+        # False for a fixed-length decode, not on the lengths, which change with every prompt.
+        self.partial = length < self.capacity
         self.key_values: list = []
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
+    def set_length(self, length: int) -> None:
+        """Attend over the first `length` positions from now on (at most `capacity`)."""
+        if not 1 <= length <= self.capacity:
+            raise ValueError(f"`length` must be from 1 to the cache's capacity {self.capacity}, got {length}")
+        self.length = length
+        self.partial = length < self.capacity
+
+    def extended(self, length: int, capacity: Optional[int] = None) -> "DimplePrefixCache":
+        """A new cache of `length` positions (room for `capacity`) whose first positions hold this one's keys and
+        values (a copy: this cache is left as it is, e.g. for another continuation of the same conversation)."""
+        if length < self.length:
+            raise ValueError(f"`length` must be at least this cache's length {self.length}, got {length}")
+        cache = DimplePrefixCache(length, capacity)
+        for cached in self.key_values:
+            storage = cached.new_zeros(cached.shape[0], cache.capacity, *cached.shape[2:])
+            storage[:, : self.length] = cached[:, : self.length]
+            cache.key_values.append(storage)
+        return cache
+
     def update(self, layer_idx: int, key_value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Write the `(batch, q_len, 2 * kv_heads, head_dim)` keys and values of `positions` (a `(q_len,)`
-        tensor) into layer `layer_idx`'s cache and return the layer's whole cached sequence."""
+        tensor) into layer `layer_idx`'s cache and return the layer's cached sequence (its first `length`)."""
         if len(self.key_values) <= layer_idx:
             batch, _, heads, head_dim = key_value.shape
-            self.key_values.append(key_value.new_zeros(batch, self.length, heads, head_dim))
-        return self.key_values[layer_idx].index_copy_(1, positions, key_value)
+            self.key_values.append(key_value.new_zeros(batch, self.capacity, heads, head_dim))
+        cached = self.key_values[layer_idx].index_copy_(1, positions, key_value)
+        return cached[:, : self.length] if self.partial else cached
 
 
 class DimpleAttention(nn.Module):
@@ -886,9 +912,10 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def new_prefix_cache(self, length: int) -> DimplePrefixCache:
-        """An empty key/value cache for sequences of `length` positions (see `DimplePrefixCache`)."""
-        return DimplePrefixCache(length)
+    def new_prefix_cache(self, length: int, capacity: Optional[int] = None) -> DimplePrefixCache:
+        """An empty key/value cache for sequences of `length` positions, room for `capacity` (see
+        `DimplePrefixCache`)."""
+        return DimplePrefixCache(length, capacity)
 
     def is_split_across_devices(self) -> bool:
         """Whether the weights are spread over more than one device: an accelerate `device_map` over several GPUs,

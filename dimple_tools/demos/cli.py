@@ -26,7 +26,7 @@ from dimple_tools.paths import REPOSITORY_ROOT
 
 ROOT = REPOSITORY_ROOT  # the repository (tiny-dimple/ and the assets)
 # About the tiny model's sample scene (four shapes on a 3 x 3 grid): a long answer, a count and a position.
-DEFAULT_QUESTIONS = ("Describe the image.", "How many shapes are there?", "What is at the center?")
+DEFAULT_QUESTIONS = ("Describe the image.", "How many shapes are there?", "What is at the top left?")
 
 
 def sample_image():

@@ -123,8 +123,12 @@ class QueueStreamer(CanvasRecorder):
             yield item
 
 
-def in_view(canvas, mask_token_id, block: int) -> list:
-    """The part of an open-ended canvas decoding has reached: up to the block after the last committed token."""
+def in_view(canvas, mask_token_id, block: int, end_ids=()) -> list:
+    """The part of an open-ended canvas decoding has reached: up to its first end-of-text (the padding after it
+    is not shown), else up to the block after the last committed token."""
+    ended = [i for i, token in enumerate(canvas) if token in end_ids]
+    if ended:
+        return list(canvas[: ended[0] + 1])
     committed = [i for i, token in enumerate(canvas) if token != mask_token_id]
     end = (committed[-1] // block + 2) * block if committed else block
     return list(canvas[: min(len(canvas), end)])
@@ -318,7 +322,8 @@ class DimpleDemo:
         try:
             for step, canvas in streamer:
                 if open_ended:
-                    canvas = in_view(canvas, self.mask_token_id, OPEN_ENDED_BLOCK_LENGTH)
+                    canvas = in_view(canvas, self.mask_token_id, OPEN_ENDED_BLOCK_LENGTH,
+                                     {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None})
                 left = sum(token == self.mask_token_id for token in canvas)
                 html_canvas = render_canvas(canvas, previous, tokenizer, self.mask_token_id)
                 yield gr.skip(), html_canvas, gr.skip(), f"step {step}: {left} masks left", gr.skip()

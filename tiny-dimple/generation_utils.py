@@ -210,7 +210,7 @@ class DimpleGenerationConfig(GenerationConfig):
             if not _is_int(self.block_length) or self.block_length < 1:
                 fail("block_length", "an integer >= 1 (or None)", self.block_length)
         if self.max_new_tokens is not None and (self.block_length is not None or self.open_ended):
-            block_length = self.block_length or OPEN_ENDED_BLOCK_LENGTH
+            block_length = decode_block_length(self)
             if self.max_new_tokens % block_length and not self.open_ended:
                 fail("block_length", f"a divisor of max_new_tokens ({self.max_new_tokens})", self.block_length)
             n_blocks = -(-self.max_new_tokens // block_length)
@@ -478,9 +478,10 @@ def schedule_points(eps: float, steps: int, device=None) -> torch.Tensor:
     return torch.linspace(1, eps, steps + 1, dtype=torch.float64, device=device)
 
 
-def open_ended_lookahead(config) -> int:
-    """Masks kept in view past the block being decoded, in open-ended decoding: one block's worth."""
-    return config.block_length or OPEN_ENDED_BLOCK_LENGTH
+def decode_block_length(config) -> Optional[int]:
+    """The block length a decode runs with: `block_length`, else `OPEN_ENDED_BLOCK_LENGTH` for open-ended decoding
+    (whose lookahead, the masks kept in view past the block, is one block too), else None (one block)."""
+    return config.block_length or (OPEN_ENDED_BLOCK_LENGTH if config.open_ended else None)
 
 
 def plan_blocks(canvas_len: int, block_length: Optional[int], steps: int) -> list:
@@ -1012,15 +1013,16 @@ class DimpleConversationCache:
 
     Args:
         past (`DimpleConversationCache`, *optional*): the earlier turns.
-        embeds (`(batch, n, hidden)`): this turn's prompt and answer embeddings.
+        prompt_embeds (`(batch, prompt, hidden)`): this turn's prompt embeddings (images encoded); the answer's
+            are looked up from `token_ids` when the keys/values are computed.
         position_ids (`(3, batch, n)`): their M-RoPE positions.
         attention_mask (`(batch, past + n)`): 1 for a token, 0 for padding (left padding, and the positions after a
             row's end-of-text when its answer is shorter than another row's).
         token_ids (`(batch, n)`): this turn's tokens (prompt and answer).
     """
 
-    def __init__(self, past, embeds, position_ids, attention_mask, token_ids):
-        self.past, self.embeds, self.position_ids = past, embeds, position_ids
+    def __init__(self, past, prompt_embeds, position_ids, attention_mask, token_ids):
+        self.past, self.prompt_embeds, self.position_ids = past, prompt_embeds, position_ids
         self.attention_mask, self.token_ids = attention_mask, token_ids
         self.length = attention_mask.shape[1]
         self.batch_size = attention_mask.shape[0]
@@ -1041,13 +1043,16 @@ class DimpleConversationCache:
             start = 0 if past is None else past.length
             cache = model.new_prefix_cache(self.length) if past is None else past.extended(self.length)
             padding = None if bool(self.attention_mask.all()) else self.attention_mask
+            answer = self.token_ids[:, self.prompt_embeds.shape[1] :]
+            device = self.prompt_embeds.device
             with torch.no_grad():
+                embeds = torch.cat([self.prompt_embeds, model.get_input_embeddings()(answer.to(device))], 1)
                 model.decoder_forward(
-                    inputs_embeds=self.embeds, attention_mask=padding, position_ids=self.position_ids,
-                    past_key_values=cache, cache_position=torch.arange(start, self.length, device=self.embeds.device),
+                    inputs_embeds=embeds, attention_mask=padding, position_ids=self.position_ids,
+                    past_key_values=cache, cache_position=torch.arange(start, self.length, device=device),
                 )
             # what the keys/values were computed from is not needed any more
-            self._key_values, self.embeds, self.past = cache, None, None
+            self._key_values, self.prompt_embeds, self.past = cache, None, None
         return self._key_values
 
 
@@ -1454,7 +1459,7 @@ class DimpleGenerationMixin(GenerationMixin):
             use_cache=config.use_cache, dual_cache=config.dual_cache,
             use_cuda_graph=config.use_cuda_graph and device.type == "cuda" and not self.is_split_across_devices(),
             use_torch_compile=config.use_torch_compile,
-            lookahead=open_ended_lookahead(config) if config.open_ended else None,
+            lookahead=decode_block_length(config) if config.open_ended else None,
             past=None if past is None else past.key_values(self),
         )
         pipeline_class = PIPELINE_CLASSES[config.decoding_pipeline]
@@ -1497,7 +1502,7 @@ class DimpleGenerationMixin(GenerationMixin):
                     # an end-of-text the hook wrote ends the answer there, as one in `response_prior` does
                     x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                     problem = ((x < 0) | (x >= vocab_size)).any()
-                block_length = config.block_length or (OPEN_ENDED_BLOCK_LENGTH if config.open_ended else None)
+                block_length = decode_block_length(config)
                 decoded_end = config.max_new_tokens
                 for lo, hi, block_steps in plan_blocks(config.max_new_tokens, block_length, config.steps):
                     if config.open_ended and not bool(((x[:, prompt_len + lo :] == mask_id) & active[:, None]).any()):
@@ -1592,11 +1597,9 @@ class DimpleGenerationMixin(GenerationMixin):
         end = torch.isin(answer, prepared.end_ids)
         after_end = F.pad(end.cummax(dim=-1).values[:, :-1], (1, 0))
         real = ~after_end & (answer != mask_id)  # the positions after it are padding (no host sync to cut them)
-        kept, offset = answer.shape[1], denoise.offset
-        embeds = torch.cat([denoise.embeds[:, : prompt_len], self.get_input_embeddings()(answer)], 1)
-        positions = denoise.position_ids[:, :, offset : offset + prompt_len + kept]
+        positions = denoise.position_ids[:, :, denoise.offset : denoise.offset + x.shape[1]]
         mask = torch.cat([prepared.conversation_mask, real.long()], 1)
-        return DimpleConversationCache(prepared.past, embeds, positions, mask, x[:, : prompt_len + kept])
+        return DimpleConversationCache(prepared.past, denoise.embeds[:, :prompt_len], positions, mask, x)
 
     @staticmethod
     def _raise_step_problem(passes: int, x: torch.Tensor, vocab_size: int):

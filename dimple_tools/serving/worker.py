@@ -169,9 +169,6 @@ class DimpleAPI(ls.LitAPI):
             settings.update(open_ended_settings(self.model.generation_config, self.open_ended_max_tokens))
             if request.steps is not None:
                 settings.pop("steps", None)
-            if request.stop_at_eos is False:
-                raise RequestError("stop_at_eos: must not be false without max_tokens (an open-ended answer ends at "
-                                   "its end-of-text); give max_tokens for a fixed canvas", "stop_at_eos", "invalid_value")
         if "temperature" in given and request.temperature is not None:
             settings["temperature"] = request.temperature
         if "top_p" in given and request.top_p is not None:
@@ -193,7 +190,8 @@ class DimpleAPI(ls.LitAPI):
                 param, message = "max_tokens", message.replace("`max_new_tokens`", "`max_tokens`")
             raise RequestError(message, param, "invalid_value") from error
         if config.open_ended and config.stop_at_eos is False and "stop_at_eos" in settings:
-            raise RequestError("stop_at_eos: must not be false with open_ended (the answer ends at its end-of-text)",
+            raise RequestError("stop_at_eos: must not be false for an open-ended answer (no max_tokens, or open_ended "
+                               "true: the answer ends at its end-of-text); give max_tokens for a fixed canvas",
                                "stop_at_eos", "invalid_value")
         resolved = {key: getattr(config, key) for key in ("max_new_tokens", "temperature", "top_p") + DIMPLE_SETTINGS}
         if resolved["open_ended"]:

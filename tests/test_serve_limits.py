@@ -129,3 +129,56 @@ def test_each_limit_is_a_4xx_naming_it(client):
     reply = client.chat.completions.create(model="tiny-dimple", messages=user("How many shapes are there?", image),
                                            max_tokens=64, extra_body={"steps": 64})
     assert reply.choices[0].message.content == "four"
+
+
+@pytest.fixture(scope="module")
+def tight_server(tmp_path_factory):
+    """At most two pending requests, a 2-second decoding deadline."""
+    log = tmp_path_factory.mktemp("serve-tight") / "server.log"
+    with ServerProcess("--model", str(ROOT / "tiny-dimple"), "--device", "cpu", "--threads", "1",
+                       "--max-pending-requests", "2", "--retry-after", "3", "--request-timeout", "2",
+                       "--max-batch-size", "1", log_path=str(log), startup_timeout=240) as process:
+        yield process
+
+
+# one token per pass over a 768-token canvas: hundreds of passes, far past a 2-second deadline
+LONG = {"max_tokens": 768, "extra_body": {"steps": 768, "alg_p_threshold": 0.0}}
+
+
+def test_a_full_server_answers_429_with_retry_after_and_a_long_decode_ends_at_its_deadline(tight_server):
+    import concurrent.futures
+
+    client = openai.OpenAI(base_url=tight_server.base_url + "/v1", api_key="none", timeout=60, max_retries=0)
+    image = png_url(sample_image())
+
+    def long_request():
+        start = time.perf_counter()
+        try:
+            client.chat.completions.create(model="tiny-dimple", messages=user("Describe the image.", image), **LONG)
+        except openai.APIStatusError as error:
+            return error.status_code, error.body, time.perf_counter() - start
+        return 200, None, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(long_request) for _ in range(2)]
+        time.sleep(1.0)  # both admitted (one decoding, one waiting for the worker)
+        status, reply = http(tight_server, "/v1/chat/completions",
+                             {"model": "tiny-dimple", "messages": user("How many shapes are there?", image)})
+        assert status == 429 and reply["error"]["code"] == "too_many_pending_requests", reply
+        assert "--max-pending-requests" in reply["error"]["message"]
+        request = urllib.request.Request(tight_server.base_url + "/v1/chat/completions", data=json.dumps(
+            {"model": "tiny-dimple", "messages": user("How many shapes are there?", image)}).encode(),
+            headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == 429 and caught.value.headers["Retry-After"] == "3"
+        results = [future.result() for future in running]
+    for status, body, seconds in results:
+        assert status == 504 and body["code"] == "request_timeout" and "--request-timeout (2 s" in body["message"], body
+    # the first ends about 2 s after it started decoding, the second 2 s after its own start (it waited first)
+    assert min(seconds for _, _, seconds in results) < 10, results
+    # both slots are free again and a short request is answered
+    reply = client.chat.completions.create(model="tiny-dimple", messages=user("How many shapes are there?", image))
+    assert reply.choices[0].message.content == "four"
+    metrics = http(tight_server, "/metrics")[1]
+    assert "dimple_rows_timed_out_total 2" in metrics, metrics

@@ -42,9 +42,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dimple.generation_utils import MAX_STEPS
 from dimple_tools.serving.image_cache import IMAGE_CACHE_SIZE
-from dimple_tools.serving.limits import MAX_BODY_BYTES, add_limits
+from dimple_tools.serving.limits import MAX_BODY_BYTES, MAX_PENDING_REQUESTS, RETRY_AFTER_SECONDS, add_limits
 from dimple_tools.serving.messages import MAX_IMAGE_PIXELS, MAX_IMAGES
-from dimple_tools.serving.worker import MAX_REQUEST_STEPS, MAX_TOKENS_LIMIT, OPEN_ENDED_MAX_TOKENS, DimpleAPI
+from dimple_tools.serving.worker import (MAX_REQUEST_STEPS, MAX_TOKENS_LIMIT, OPEN_ENDED_MAX_TOKENS, REQUEST_TIMEOUT,
+                                         DimpleAPI)
 from dimple_tools.serving.openai_spec import DimpleOpenAISpec
 from dimple_tools.serving.errors import RequestError, http_error_handler, request_error_handler, validation_error_handler
 from dimple_tools.serving.state import SharedState
@@ -94,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-cache-size", type=int, default=IMAGE_CACHE_SIZE,
                         help="images whose vision-tower features are kept for reuse (least recently used out; 0: "
                              f"off; default {IMAGE_CACHE_SIZE}); hits and misses in /metrics")
+    parser.add_argument("--max-pending-requests", type=int, default=MAX_PENDING_REQUESTS,
+                        help="most chat completions held at once, decoding or waiting; one more gets 429 with "
+                             f"Retry-After (default {MAX_PENDING_REQUESTS})")
+    parser.add_argument("--retry-after", type=int, default=RETRY_AFTER_SECONDS,
+                        help=f"the Retry-After seconds of that 429 (default {RETRY_AFTER_SECONDS})")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                        help="seconds a request may decode; one still decoding then ends with a 504 error "
+                             f"(default {REQUEST_TIMEOUT:g})")
     parser.add_argument("--queue-timeout", type=float, default=600,
                         help="seconds a request may wait in the queue before a 504")
     parser.add_argument("--threads", type=int, default=None,
@@ -109,6 +118,8 @@ def check_args(parser, args) -> None:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if not (math.isfinite(args.batch_timeout) and args.batch_timeout >= 0):
         parser.error(f"--batch-timeout must be a number >= 0, got {args.batch_timeout}")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        parser.error(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     if not (math.isfinite(args.queue_timeout) and args.queue_timeout > 0):
         parser.error(f"--queue-timeout must be a number of seconds > 0, got {args.queue_timeout}")
     if args.workers_per_device < 1:
@@ -119,7 +130,8 @@ def check_args(parser, args) -> None:
         parser.error(f"--open-ended-max-tokens must be an integer from 1 to {MAX_STEPS}, got {args.open_ended_max_tokens}")
     for flag, value in (("--max-body-bytes", args.max_body_bytes), ("--max-image-pixels", args.max_image_pixels),
                         ("--max-images", args.max_images), ("--max-tokens-limit", args.max_tokens_limit),
-                        ("--max-steps", args.max_steps)):
+                        ("--max-steps", args.max_steps), ("--max-pending-requests", args.max_pending_requests),
+                        ("--retry-after", args.retry_after)):
         if value < 1:
             parser.error(f"{flag} must be an integer >= 1, got {value}")
     if args.image_cache_size < 0:
@@ -166,7 +178,7 @@ def main(argv=None) -> None:
     api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
                     open_ended_max_tokens=args.open_ended_max_tokens, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images, max_tokens_limit=args.max_tokens_limit, max_steps=args.max_steps,
-                    image_cache_size=args.image_cache_size,
+                    image_cache_size=args.image_cache_size, decode_timeout=args.request_timeout,
                     max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, spec=spec)
     # fast_queue: LitServe's ZeroMQ transport from the workers to the HTTP servers (the default goes through a
     # multiprocessing manager: a round trip per streamed item)
@@ -175,7 +187,7 @@ def main(argv=None) -> None:
     server.app.add_exception_handler(RequestError, request_error_handler)
     server.app.add_exception_handler(RequestValidationError, validation_error_handler)
     server.app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    add_limits(server.app, args.api_key, args.max_body_bytes)
+    add_limits(server.app, args.api_key, args.max_body_bytes, args.max_pending_requests, args.retry_after)
 
     main_pid = os.getpid()
 

@@ -10,8 +10,8 @@ class SharedState:
     counters (written by each worker under its own keys, summed by `/metrics`). Two dicts of a
     `multiprocessing.Manager`, whose proxies travel to LitServe's spawned workers and forked HTTP servers."""
 
-    COUNTERS = ("decoding_steps", "batches", "rows_decoded", "rows_cancelled", "rows_stopped", "image_cache_hits",
-                "image_cache_misses")
+    COUNTERS = ("decoding_steps", "batches", "rows_decoded", "rows_cancelled", "rows_stopped", "rows_timed_out",
+                "image_cache_hits", "image_cache_misses")
 
     def __init__(self, manager):
         self.cancelled = manager.dict()

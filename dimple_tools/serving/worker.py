@@ -8,6 +8,7 @@ import queue
 import re
 import secrets
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,6 +31,8 @@ OPEN_ENDED_MAX_TOKENS = DEFAULT_BOUND
 # steps would otherwise hold a worker for minutes while the requests behind it wait.
 MAX_TOKENS_LIMIT = 1024
 MAX_REQUEST_STEPS = 1024
+# Seconds a request may decode (`--request-timeout`); one still decoding then ends with a 504 error.
+REQUEST_TIMEOUT = 300.0
 
 logger = logging.getLogger("dimple.serve")
 
@@ -67,7 +70,8 @@ class Row:
     forward_passes: int = 0
     reported: bool = False  # the final item was yielded
     cancelled: bool = False
-    error_info: Optional[dict] = None  # a decoding failure (500)
+    error_info: Optional[dict] = None  # a decoding failure (500) or the deadline (504)
+    deadline: float = float("inf")  # time.monotonic() by which the answer must be decoded
 
     def group_key(self):
         if self.random and self.seed is not None:
@@ -82,7 +86,7 @@ class DimpleAPI(ls.LitAPI):
                  threads: Optional[int] = None, open_ended_max_tokens: int = OPEN_ENDED_MAX_TOKENS,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, max_images: int = MAX_IMAGES,
                  max_tokens_limit: int = MAX_TOKENS_LIMIT, max_steps: int = MAX_REQUEST_STEPS,
-                 image_cache_size: int = IMAGE_CACHE_SIZE, **kwargs):
+                 image_cache_size: int = IMAGE_CACHE_SIZE, decode_timeout: float = REQUEST_TIMEOUT, **kwargs):
         super().__init__(**kwargs)
         self.model_path, self.shared, self.dtype_name = model_path, shared, dtype
         self.image_folder, self.threads = image_folder, threads
@@ -90,6 +94,7 @@ class DimpleAPI(ls.LitAPI):
         self.max_image_pixels, self.max_images = max_image_pixels, max_images
         self.max_tokens_limit, self.max_steps = max_tokens_limit, max_steps
         self.image_cache_size = image_cache_size
+        self.decode_timeout = decode_timeout  # not `request_timeout`: LitServer sets that attribute to its queue timeout
 
     # ---- setup
     def setup(self, device):
@@ -135,7 +140,8 @@ class DimpleAPI(ls.LitAPI):
     def decode_request(self, request):
         """The request as a `Row`; never raises (a batch must not fail for one bad request): a bad request is a
         row holding its error."""
-        row = Row(request_id=getattr(request, "dimple_request_id", None) or uuid.uuid4().hex)
+        row = Row(request_id=getattr(request, "dimple_request_id", None) or uuid.uuid4().hex,
+                  deadline=time.monotonic() + self.decode_timeout)
         try:
             self._prepare(row, request)
         except RequestError as error:
@@ -358,7 +364,7 @@ class DimpleAPI(ls.LitAPI):
                 nonlocal passes
                 passes += 1
                 canvases = sequences[:, prompt_width:].cpu().tolist()
-                cancelled = self._cancelled_ids()
+                cancelled, now = self._cancelled_ids(), time.monotonic()
                 for row, canvas in zip(group, canvases):
                     if row.finished:
                         continue
@@ -367,6 +373,12 @@ class DimpleAPI(ls.LitAPI):
                         row.cancelled = row.finished = True
                         row.finish_reason = "cancelled"
                         self._count(rows_cancelled=1)
+                    elif not row.finished and now > row.deadline:  # its masks are not scored again
+                        row.finished, row.finish_reason, row.forward_passes = True, "error", passes
+                        row.error_info = RequestError(
+                            f"the request was still decoding after --request-timeout ({self.decode_timeout:g} s; "
+                            f"request id {row.request_id})", None, "request_timeout", 504, "timeout").as_dict()
+                        self._count(rows_timed_out=1)
                 self._count(decoding_steps=1)
                 send()
                 return torch.tensor([row.finished for row in group], device=sequences.device)

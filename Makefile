@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 
-.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple bench bench-cpu device-check check-layout serve serve-load clean
+.PHONY: demo test test-compat test-transformers venv demo-deps web-demo trajectory tiny-dimple rl-tiny bench bench-cpu device-check check-layout serve serve-load clean
 
 # The pinned development set (requirements-dev.txt) in .venv, and this repository as an editable package
 # (`dimple`: the remote-code modules; `dimple_tools`: everything else, with its console scripts).
@@ -70,6 +70,11 @@ test-transformers: venv
 # Retrain the shipped tiny model (about 30 minutes of training and 4 of evaluation on two CPU cores, tiny-dimple/build_log.txt).
 tiny-dimple: venv
 	$(PY) -m dimple_tools.tiny.build
+
+# GRPO on the tiny build's undertrained checkpoint (about 15 minutes): build/rl-tiny/{start,final},
+# benchmarks/rl_tiny.{json,png}. Needs the checkpoint `make tiny-dimple` keeps in .cache/tiny-dimple-build.
+rl-tiny: venv
+	$(PY) -m dimple_tools.tiny.rl
 
 check-layout: venv
 	$(PY) -m dimple_tools.checkpoint.layout

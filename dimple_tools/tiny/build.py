@@ -367,7 +367,7 @@ def main(argv=None):
     parser.add_argument("--vision-steps", type=int, default=1000, help=">= 1")
     parser.add_argument("--ar-steps", type=int, default=600, help=">= 1")
     parser.add_argument("--diffusion-steps", type=int, default=2600, help=">= 1")
-    parser.add_argument("--early-steps", type=int, default=300,
+    parser.add_argument("--early-steps", type=int, default=400,
                         help="the diffusion step of the undertrained checkpoint kept in --work (RL's start)")
     parser.add_argument("--batch-size", type=int, default=32, help="per step of both language stages, >= 1")
     parser.add_argument("--eval-samples", type=int, default=600, help="held-out questions per setting, >= 1")

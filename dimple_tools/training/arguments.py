@@ -8,6 +8,8 @@ from transformers import TrainingArguments
 
 
 STAGES = ("align", "instruct", "diffusion")
+# `--stage grpo` (reinforcement learning) has its own arguments, TRL's GRPOConfig (dimple_tools/training/grpo.py).
+ALL_STAGES = STAGES + ("grpo",)
 MASKINGS = ("single", "dual")
 LORA_SAVES = ("merged", "adapter", "both")
 # Modules each stage trains (SPEC §5); everything else is frozen.
@@ -69,7 +71,7 @@ class DimpleTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+            raise ValueError(f"--stage must be one of {ALL_STAGES}, got {self.stage!r}")
         if self.masking not in MASKINGS:
             raise ValueError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
         if self.masking == "dual" and self.stage != "diffusion":

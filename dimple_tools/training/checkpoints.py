@@ -75,6 +75,17 @@ def training_origin(name_or_path, config=None) -> tuple:
     return base, folder.name, f"{words}, derived from {', '.join(f'`{b}`' for b in base)}"
 
 
+def objective(args) -> str:
+    """The card's line on what the stage optimised."""
+    if args.stage == "grpo":
+        return (f"GRPO (TRL, loss {args.loss_type}, {args.num_generations} completions per prompt, beta {args.beta}), "
+                f"diffu-GRPO log-probabilities (prompt masked with p {args.p_mask_prompt}); rewards: "
+                f"{args.reward_funcs}")
+    if args.stage == "diffusion":
+        return f"masked diffusion ({args.masking} masking, t ~ U({args.diffusion_eps}, 1))"
+    return "next-token (causal attention)"
+
+
 def training_card(model, args, state, metrics: dict, n_samples: int, adapter=None):
     """The final checkpoint's README.md (a `huggingface_hub.ModelCard`): Dimple's card (metadata, usage,
     decoding settings) plus the training arguments and the losses; `base_model` is the checkpoint trained from
@@ -88,8 +99,7 @@ def training_card(model, args, state, metrics: dict, n_samples: int, adapter=Non
     steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
     rows = {
         "stage": args.stage,
-        "objective": (f"masked diffusion ({args.masking} masking, t ~ U({args.diffusion_eps}, 1))"
-                      if args.stage == "diffusion" else "next-token (causal attention)"),
+        "objective": objective(args),
         "trained modules": ", ".join(args.trainable_modules),
         "LoRA": f"r {args.lora_r}, alpha {args.lora_alpha} (saved: {args.lora_save})" if args.lora_r else None,
         "training samples": n_samples,
@@ -133,7 +143,7 @@ def training_card(model, args, state, metrics: dict, n_samples: int, adapter=Non
     if adapter:
         if args.lora_save == "both":  # the adapter is the output folder's `adapter` subfolder
             path = f"{pathlib.Path(args.output_dir).resolve().name}/adapter"
-        bidirectional = args.stage == "diffusion"
+        bidirectional = args.stage in ("diffusion", "grpo")
         sections.insert(0, (
             "## This folder is a LoRA adapter\n\n`adapter_model.safetensors` + `adapter_config.json` (peft) for the "
             f"checkpoint `{base_name}` (`base_model_name_or_path` in adapter_config.json; the training section below "

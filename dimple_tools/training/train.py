@@ -139,23 +139,31 @@ def nothing_left_to_train(checkpoint: str, args) -> Optional[str]:
 
 
 def set_stage(model: DimpleModel, args: DimpleTrainingArguments) -> None:
-    """Attention type and trainable modules of the stage."""
-    model.config.full_attn_mask = args.stage == "diffusion"
+    """Attention type and trainable modules of the stage (bidirectional for the diffusion model's stages)."""
+    model.config.full_attn_mask = args.stage in ("diffusion", "grpo")
     trainable = set(args.trainable_modules)
     for name in MODULES:
         getattr(model, name).requires_grad_(name in trainable)
 
 
-def apply_lora(model: DimpleModel, args: DimpleTrainingArguments):
-    """LoRA adapters on the language model's linear layers (peft); the stage's other modules still train."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(args):
+    """peft's LoraConfig of `--lora_r`: adapters on the language model's linear layers; the stage's other
+    trainable modules are saved whole."""
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         target_modules=r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
         modules_to_save=[name for name in args.trainable_modules if name in ("img_projector", "lm_head", "visual")],
     )
+
+
+def apply_lora(model: DimpleModel, args: DimpleTrainingArguments):
+    """LoRA adapters on the language model's linear layers (peft); the stage's other modules still train."""
+    from peft import get_peft_model
+
+    config = lora_config(args)
     with warnings.catch_warnings():
         # peft (0.21) reads `model.is_gradient_checkpointing`, which transformers 5.23 deprecates.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -287,11 +295,25 @@ def synchronise_every_backward_on_4_46_2(trainer: Trainer) -> None:
         logger.warning("transformers 4.46.2: gradients are synchronised after every backward (its Trainer skips it)")
 
 
+def stage_of(argv: list) -> Optional[str]:
+    """The value of `--stage` on a command line (None when absent)."""
+    for index, arg in enumerate(argv):
+        if arg == "--stage" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--stage="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv=None) -> None:
     """`dimple-train`: exits 0 after training (or when the checkpoint resumed has nothing left to train). The
     metrics are logged; `train(args)` returns them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = respell_checkpointing_flags(sys.argv[1:] if argv is None else list(argv))
+    if stage_of(argv) == "grpo":  # TRL's GRPOConfig and trainer (dimple_tools/training/grpo.py)
+        from dimple_tools.training import grpo
+
+        return grpo.main(argv)
     (args,) = HfArgumentParser(DimpleTrainingArguments).parse_args_into_dataclasses(args=argv)
     try:
         train(args)

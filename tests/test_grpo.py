@@ -117,16 +117,64 @@ def test_unmasked_prompt_estimator_equals_the_first_pass_of_diffusion_generate(b
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
+def test_commit_groups_split_each_rows_decoding_steps_into_runs():
+    M = 9  # mask id; canvases after each of 4 steps
+    history = torch.tensor([
+        [[1, M, M, M], [M, M, 2, M]],
+        [[1, 3, M, M], [M, M, 2, M]],
+        [[1, 3, M, M], [4, 4, 2, M]],
+        [[1, 3, 5, 5], [4, 4, 2, M]],  # row 1's last position is never committed: counted as last
+    ])
+    # row 0 commits at steps 0, 1, 3 (three distinct), row 1 at 0, 2 and "4"
+    assert grpo.commit_groups(history, M, groups=8).tolist() == [[0, 1, 2, 2], [1, 1, 0, 2]]
+    assert grpo.commit_groups(history, M, groups=2).tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+    assert grpo.commit_groups(history, M, groups=1).tolist() == [[0] * 4, [0] * 4]
+    groups = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 2]])
+    passes = grpo.canvas_masks(torch.tensor([0, 1]), 4, "trajectory", groups)
+    assert [(m.tolist(), s.tolist()) for m, s in passes] == [
+        ([[True] * 4, [True] * 4], [[True, False, False, False], [False, False, True, False]]),
+        ([[False, True, True, True], [True, True, False, True]], [[False, True, False, False], [True, True, False, False]]),
+        ([[False, False, True, True], [False, False, False, True]], [[False, False, True, True], [False, False, False, True]]),
+    ]
+    with pytest.raises(ValueError, match="trajectory.*commit groups"):
+        grpo.canvas_masks(torch.tensor([0]), 4, "trajectory")
+
+
+def test_trajectory_estimator_gives_each_token_the_decoders_own_log_probability_at_its_step(batch):
+    """An independent oracle: a greedy decode of about one token per step without prefilling; with a group
+    per step, each token's trajectory log-probability is the log-softmax of the decoder's logits at the step that
+    committed it (every earlier token visible, every later one masked)."""
+    model, processor, inputs = batch
+    mask_id, width = model.config.mask_token_id, inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.diffusion_generate(**inputs, max_new_tokens=6, steps=6, use_cache=False, alg_p_threshold=0.0,
+                                       output_logits=True, output_history=True, return_dict_in_generate=True)
+        history = torch.stack(out.history)[:, :, width:]
+        groups = grpo.commit_groups(history, mask_id, groups=6)
+        tokens = out.sequences[:, width:]
+        got, _ = grpo.completion_log_probs(model, inputs["input_ids"], inputs["attention_mask"], tokens, 6,
+                                           mask_token_id=mask_id, pixel_values=inputs["pixel_values"],
+                                           image_grid_thw=inputs["image_grid_thw"],
+                                           passes=grpo.canvas_masks(torch.tensor([0, 1]), 6, "trajectory", groups))
+    assert len(out.logits) == len(history) >= 4 and groups.max() >= 3, "a decode of several steps"
+    for row in range(2):
+        for j in range(6):
+            step = next(k for k in range(len(history)) if history[k, row, j] != mask_id)
+            expected = torch.log_softmax(out.logits[step][row, j].double(), -1)[tokens[row, j]]
+            assert math.isclose(got[row, j].item(), expected.item(), abs_tol=1e-5), (row, j)
+
+
 def test_coupled_estimator_scores_each_token_once_under_complementary_masks(batch):
     model, processor, inputs = batch
     mask_id, pad = model.config.mask_token_id, processor.tokenizer.pad_token_id
     seeds = torch.tensor([5, 6])
     passes = grpo.canvas_masks(seeds, 8, "coupled")
-    assert len(passes) == 2 and torch.equal(passes[0], ~passes[1])
+    assert len(passes) == 2 and torch.equal(passes[0][0], ~passes[1][0])
+    assert all(torch.equal(masked, scored) for masked, scored in passes)
     for row, seed in enumerate(seeds.tolist()):  # t_r then the draws, from the row's own stream
         generator = torch.Generator().manual_seed(seed + 1)
         t = torch.rand(1, generator=generator)
-        assert torch.equal(passes[0][row], torch.rand(8, generator=generator) < t)
+        assert torch.equal(passes[0][0][row], torch.rand(8, generator=generator) < t)
     completion = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(1))
     ids, attention = inputs["input_ids"], inputs["attention_mask"]
     kwargs = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
@@ -135,7 +183,7 @@ def test_coupled_estimator_scores_each_token_once_under_complementary_masks(batc
                                            pad_token_id=pad, passes=passes, **kwargs)
         P = ids.shape[1]
         canvas = torch.cat([completion, torch.full((2, 3), pad)], 1)
-        for masked in passes:
+        for masked, _ in passes:
             x = torch.cat([ids, canvas.masked_fill(masked, mask_id)], 1)
             logits = model(input_ids=x, attention_mask=torch.cat([attention, torch.ones(2, 8, dtype=torch.long)], 1),
                            **kwargs).logits

@@ -166,23 +166,47 @@ def mask_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seeds: torc
     return prompt_ids.masked_fill((draws < probability) & ~keep, mask_token_id)
 
 
-COMPLETION_MASKINGS = ("full", "coupled")
+COMPLETION_MASKINGS = ("full", "coupled", "trajectory")
 
 
-def canvas_masks(seeds: torch.Tensor, canvas_length: int, masking: str) -> list:
-    """The canvas positions each log-probability pass masks, `(batch, canvas)` bool tensors. `full`
-    (diffu-GRPO): one pass, everything masked. `coupled` (DiffuCoder's coupled-GRPO): two complementary passes,
-    row r masking each position with probability t_r ~ U(0, 1) in the first and the others in the second, so
-    every completion token is scored once, in a partly decoded context like those of decoding."""
+def commit_groups(history: torch.Tensor, mask_token_id: int, groups: int) -> torch.Tensor:
+    """Which part of its decoding trajectory each canvas token was committed in, `(batch, canvas)` in
+    [0, groups): `history` `(steps, batch, canvas)` holds the canvases after every step; a row's distinct commit
+    steps, in order, are split into `groups` runs of consecutive steps (TraceRL's trajectory shrinkage: one
+    scoring pass per run instead of per step). A position never committed counts as committed last."""
+    steps = history.shape[0]
+    committed = history != mask_token_id
+    commit_step = steps - committed.sum(0)  # a committed token stays committed (no remasking)
+    result = torch.zeros_like(commit_step)
+    for row in range(commit_step.shape[0]):
+        distinct, rank = torch.unique(commit_step[row], sorted=True, return_inverse=True)
+        result[row] = rank * min(groups, len(distinct)) // len(distinct)
+    return result
+
+
+def canvas_masks(seeds: torch.Tensor, canvas_length: int, masking: str, groups: Optional[torch.Tensor] = None) -> list:
+    """The log-probability passes over the canvas: a list of `(masked, scored)` pairs of `(batch, canvas)` bool
+    tensors, the positions a pass masks and those whose log-probability it gives (every token is scored by
+    exactly one pass). `full` (diffu-GRPO): one pass, everything masked and scored. `coupled` (DiffuCoder's
+    coupled-GRPO): two complementary passes, row r masking each position with probability t_r ~ U(0, 1) in the
+    first and the others in the second, so every token is scored in a partly decoded context. `trajectory`
+    (TraceRL): the decoder's own states, from `groups` (`commit_groups`): pass g masks the tokens committed in
+    run g or later and scores those of run g, so each token is scored in the context it was decoded in."""
     if masking == "full":
-        return [torch.ones(len(seeds), canvas_length, dtype=torch.bool)]
+        everything = torch.ones(len(seeds), canvas_length, dtype=torch.bool)
+        return [(everything, everything)]
+    if masking == "trajectory":
+        if groups is None:
+            raise ValueError("completion_masking='trajectory' needs the completions' commit groups")
+        groups = groups[:, :canvas_length].cpu()
+        return [(groups >= g, groups == g) for g in range(int(groups.max()) + 1)]
     rows = []
     for seed in seeds.tolist():
         generator = torch.Generator().manual_seed(int(seed) + 1)  # a stream apart from the prompt's draws
         t = torch.rand(1, generator=generator)
         rows.append(torch.rand(canvas_length, generator=generator) < t)
     first = torch.stack(rows)
-    return [first, ~first]
+    return [(first, first), (~first, ~first)]
 
 
 def completion_log_probs(model, prompt_ids, prompt_mask, completion_ids, canvas_length: int, *, mask_token_id: int,
@@ -190,8 +214,8 @@ def completion_log_probs(model, prompt_ids, prompt_mask, completion_ids, canvas_
                          pixel_values=None, image_grid_thw=None, with_entropy=False):
     """Log-probabilities of the completion tokens from bidirectional passes over `prompt_ids` (already masked)
     followed by a canvas of `canvas_length`: the completion (right-padded with `pad_token_id`) with the positions
-    of the pass masked (`passes`, from `canvas_masks`; default one fully masked canvas, diffu-GRPO's one-step
-    estimator). Token j's log-probability comes from the pass that masks it; logits at position P + j - 1
+    of the pass masked (`passes`, `(masked, scored)` pairs from `canvas_masks`; default one fully masked canvas,
+    diffu-GRPO's one-step estimator). Token j's log-probability comes from the pass that scores it; logits at position P + j - 1
     predict canvas token j (P the padded prompt length). Returns (log-probs, entropies or None), both
     `(batch, completion_length)`."""
     batch, prompt_length = prompt_ids.shape
@@ -202,17 +226,19 @@ def completion_log_probs(model, prompt_ids, prompt_mask, completion_ids, canvas_
     canvas = torch.full((batch, canvas_length), mask_token_id if pad_token_id is None else pad_token_id,
                         dtype=prompt_ids.dtype, device=device)
     canvas[:, :length] = completion_ids
-    passes = passes or [torch.ones(batch, canvas_length, dtype=torch.bool)]
+    if not passes:
+        everything = torch.ones(batch, canvas_length, dtype=torch.bool)
+        passes = [(everything, everything)]
     attention_mask = torch.cat([prompt_mask, torch.ones_like(canvas)], dim=1)
     token_log_probs = entropy = 0
-    for masked in passes:
-        masked = masked.to(device)
+    for masked, scored in passes:
+        masked, scored = masked.to(device), scored.to(device)
         input_ids = torch.cat([prompt_ids, canvas.masked_fill(masked, mask_token_id)], dim=1)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                        image_grid_thw=image_grid_thw).logits
         logits = logits[:, prompt_length - 1: prompt_length - 1 + length].float() / temperature  # fp32 softmax
         log_probs = torch.log_softmax(logits, dim=-1)
-        scored = masked[:, :length]
+        scored = scored[:, :length]
         token_log_probs = token_log_probs + log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * scored
         if with_entropy:
             entropy = entropy - (log_probs.exp() * log_probs).sum(-1) * scored
@@ -248,8 +274,12 @@ if GRPOTrainer is not None:
                       "module:function, each (prompts, completions, **sample) -> list[float]."})
         completion_masking: str = dataclasses.field(
             default="full", metadata={"help": "Log-probability estimator: full (diffu-GRPO: one pass, the canvas "
-                                      "masked) or coupled (coupled-GRPO: two passes with complementary random "
-                                      "canvas masks)."})
+                                      "masked), coupled (coupled-GRPO: two passes with complementary random "
+                                      "canvas masks) or trajectory (TraceRL: each token in the context the "
+                                      "sampling decoded it in, --trajectory_groups passes)."})
+        trajectory_groups: int = dataclasses.field(
+            default=4, metadata={"help": "completion_masking=trajectory: scoring passes per completion (its "
+                                 "decoding steps in that many runs of consecutive steps)."})
         score_canvas: bool = dataclasses.field(
             default=True, metadata={"help": "Score the whole canvas: the answer, its end-of-text and the padding "
                                     "after it (every canvas position has a target in Dimple's training, and the "
@@ -276,6 +306,8 @@ if GRPOTrainer is not None:
             if self.completion_masking not in COMPLETION_MASKINGS:
                 raise ValueError(f"--completion_masking must be one of {COMPLETION_MASKINGS}, got "
                                  f"{self.completion_masking!r}")
+            if self.trajectory_groups < 1:
+                raise ValueError(f"--trajectory_groups must be >= 1, got {self.trajectory_groups}")
             if not 0 <= self.p_mask_prompt < 1:
                 raise ValueError(f"--p_mask_prompt must be in [0, 1), got {self.p_mask_prompt}")
             if self.diffusion_steps is not None and self.diffusion_steps < 1:
@@ -311,6 +343,7 @@ if GRPOTrainer is not None:
             finally:
                 config.beta = beta
             self.beta = beta
+            self._groups = None  # the completions' commit groups (completion_masking=trajectory)
             if beta != 0.0 and not hasattr(self.model, "peft_config"):
                 reference = DimpleModel.from_pretrained(config.model_name_or_path, use_safetensors=True,
                                                         **dtype_argument(torch.float32))
@@ -361,12 +394,19 @@ if GRPOTrainer is not None:
             generator = torch.Generator(device=device).manual_seed(int(self._row_seeds(1)[0]))
             was_training = model.training
             model.eval()
+            trajectory = self.args.completion_masking == "trajectory"
             with torch.no_grad():
-                sequences = model.diffusion_generate(
+                output = model.diffusion_generate(
                     **inputs, max_new_tokens=canvas, steps=steps, alg_p_threshold=threshold,
-                    temperature=self.args.temperature, top_p=self.args.top_p,
-                    top_k=self.args.top_k or None, generator=generator)
+                    temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k or None,
+                    generator=generator, output_history=trajectory, return_dict_in_generate=True)
             model.train(was_training)
+            sequences = output.sequences
+            if trajectory:
+                history = torch.stack(output.history)[:, :, width:]
+                self._commit_groups.append(commit_groups(history, model.config.mask_token_id,
+                                                         self.args.trajectory_groups))
+                self._groups = torch.cat(self._commit_groups)  # for the old/reference passes that follow
             # An answer ends at its first end-of-text: the pad token (trained answers end in padding) or eos.
             eos = {*self.eos_token_ids, pad}
             completions = []
@@ -380,12 +420,17 @@ if GRPOTrainer is not None:
 
         def _generate_and_score_completions(self, inputs):
             self._mask_seeds = self._row_seeds(len(inputs))
+            self._commit_groups = []
             output = super()._generate_and_score_completions(inputs)
-            output["prompt_mask_seeds"] = self._mask_seeds.to(self.accelerator.device)
+            device = self.accelerator.device
+            output["prompt_mask_seeds"] = self._mask_seeds.to(device)
+            if self._commit_groups:  # kept with the completions through TRL's shuffling and splitting
+                output["commit_groups"] = torch.cat(self._commit_groups).to(device)
             return output
 
         def _compute_loss(self, model, inputs):
             self._mask_seeds = inputs["prompt_mask_seeds"]
+            self._groups = inputs.get("commit_groups")
             return super()._compute_loss(model, inputs)
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -419,7 +464,8 @@ if GRPOTrainer is not None:
                         self.args.max_completion_length, mask_token_id=config.mask_token_id,
                         pad_token_id=self._tokenizer.pad_token_id,
                         passes=canvas_masks(seeds[start:end], self.args.max_completion_length,
-                                            self.args.completion_masking),
+                                            self.args.completion_masking,
+                                            None if self._groups is None else self._groups[start:end]),
                         temperature=self.temperature, pixel_values=pixels, image_grid_thw=grid,
                         with_entropy=compute_entropy)
                 all_log_probs.append(log_probs)

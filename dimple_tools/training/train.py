@@ -313,7 +313,8 @@ def main(argv=None) -> None:
     if stage_of(argv) == "grpo":  # TRL's GRPOConfig and trainer (dimple_tools/training/grpo.py)
         from dimple_tools.training import grpo
 
-        return grpo.main(argv)
+        grpo.main(argv)
+        return None
     (args,) = HfArgumentParser(DimpleTrainingArguments).parse_args_into_dataclasses(args=argv)
     try:
         train(args)

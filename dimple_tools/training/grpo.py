@@ -27,7 +27,6 @@ import importlib
 import inspect
 import logging
 import math
-import os
 import sys
 import warnings
 from typing import Callable, Optional
@@ -506,17 +505,12 @@ def build_trainer(args, reward_funcs=None):
 def train_grpo(args, reward_funcs=None) -> dict:
     """Run the GRPO stage; returns the training metrics. The final checkpoint is written to `output_dir`.
     `reward_funcs` (callables, as TRL takes them) replaces `args.reward_funcs` when given."""
-    from dimple_tools.training.checkpoints import recover_interrupted_save, save_final_checkpoint, training_card
-    from dimple_tools.training.train import nothing_left_to_train, resume_checkpoint
+    from dimple_tools.training.checkpoints import save_final_checkpoint, training_card
+    from dimple_tools.training.train import start_or_resume
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        recover_interrupted_save(args.output_dir)
-    checkpoint = resume_checkpoint(args)
-    if checkpoint is not None:
-        done = nothing_left_to_train(checkpoint, args)
-        if done is not None:
-            logger.warning("%s", done)
-            return {}
+    checkpoint, finished = start_or_resume(args)
+    if finished:
+        return {}
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     trainer, processor, dataset = build_trainer(args, reward_funcs=reward_funcs)
     with warnings.catch_warnings():

@@ -185,18 +185,25 @@ def set_max_pixels(processor, max_pixels: int) -> None:
         processor.image_processor.size = dataclasses.replace(size, longest_edge=max_pixels)
 
 
+def start_or_resume(args):
+    """Before any stage trains: repair a final save that crashed between its renames, find the checkpoint to
+    resume from (or None), and whether the run already finished (logged; nothing must overwrite its model)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover_interrupted_save(args.output_dir)
+    checkpoint = resume_checkpoint(args)
+    done = nothing_left_to_train(checkpoint, args) if checkpoint is not None else None
+    if done is not None:
+        logger.warning("%s", done)
+    return checkpoint, done is not None
+
+
 def train(args: DimpleTrainingArguments) -> dict:
     """Run one stage; returns the training metrics. The final checkpoint is written to `output_dir`."""
     if args.model_name_or_path is None or args.data_path is None:
         raise ValueError("--model_name_or_path and --data_path are required")
-    if int(os.environ.get("RANK", "0")) == 0:
-        recover_interrupted_save(args.output_dir)  # a final save that crashed between its renames
-    checkpoint = resume_checkpoint(args)
-    if checkpoint is not None:
-        done = nothing_left_to_train(checkpoint, args)
-        if done is not None:
-            logger.warning("%s", done)
-            return {}
+    checkpoint, finished = start_or_resume(args)
+    if finished:
+        return {}
     if args.lora_r:
         try:
             import peft  # noqa: F401

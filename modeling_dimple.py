@@ -956,10 +956,12 @@ class DimpleModel(DimpleGenerationMixin, DimplePreTrainedModel):
                     for attn in attention:
                         attn.unstack_qkv()
 
-    def prepare_attention_mask(self, padding_mask: Optional[torch.Tensor], q_len: int, k_len: int):
-        """The boolean attention mask of this model's attention type (see `build_attention_mask`)."""
+    def prepare_attention_mask(self, padding_mask: Optional[torch.Tensor], q_len: int, k_len: int,
+                               query_positions: Optional[torch.Tensor] = None):
+        """The boolean attention mask of this model's attention type (see `build_attention_mask`); the queries
+        are the last `q_len` positions, or `query_positions`."""
         return build_attention_mask(
-            padding_mask, q_len, k_len, not self.config.full_attn_mask, self.lm_head.weight.device
+            padding_mask, q_len, k_len, not self.config.full_attn_mask, self.lm_head.weight.device, query_positions
         )
 
     def set_input_embeddings(self, value):

@@ -1095,6 +1095,20 @@ class PreparedDecode:
     stable: Optional[StableCommit] = None
 
 
+def commit_pass(prepared, pipeline, step, first_pass_of_block, masked_logits, masked, is_mask, masks_start,
+                block_tokens, lo, hi, generator=None) -> tuple:
+    """What one pass commits in a block: the masked positions' logits scored (`prepared.scorer`), credit and
+    stability traces applied, the pipeline's choice. Returns the block's tokens after the pass and the predicted
+    tokens at every position (the draft). The one commit rule of `diffusion_generate` and of `RunningDecodeBatch`."""
+    tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, generator), masked, block_tokens)
+    if prepared.credit is not None:
+        confidence = prepared.credit(tokens, confidence, is_mask, lo, hi)
+    chosen = pipeline.commit(step, is_mask, masks_start, confidence, generator)
+    if prepared.stable is not None:
+        chosen = prepared.stable(chosen, tokens, is_mask, lo, hi, first_pass_of_block=first_pass_of_block)
+    return torch.where(chosen, tokens, block_tokens), tokens
+
+
 # --------------------------------------------------------------------------------------------------
 # The mixin
 # --------------------------------------------------------------------------------------------------
@@ -1248,6 +1262,11 @@ class DimpleGenerationMixin(GenerationMixin):
         request = self._validate_request(inputs, generation_config, kwargs)
         prepared = self._prepare_decode(request)
         return self._denoise(request, prepared)
+
+    def running_batch(self, max_rows: Optional[int] = None) -> "RunningDecodeBatch":
+        """A `RunningDecodeBatch` on this model: decodes that join and leave between denoising passes (step-level
+        continuous batching, for servers), each giving the tokens it gets from `diffusion_generate` alone."""
+        return RunningDecodeBatch(self, max_rows)
 
     # ---------------------------------------------------------------- 1. validate
 
@@ -1540,13 +1559,10 @@ class DimpleGenerationMixin(GenerationMixin):
                                 scores.append(logits)
                             masked_logits = logits.flatten(0, 1).index_select(0, masked.to(logits.device))
                         problem = non_finite_logits(masked_logits).to(x.device)
-                        tokens, confidence = scatter_scores(*prepared.scorer(masked_logits, request.generator), masked, x[:, block])
-                        if prepared.credit is not None:
-                            confidence = prepared.credit(tokens, confidence, is_mask, lo, hi)
-                        chosen = pipeline.commit(step, is_mask, masks_start, confidence, request.generator)
-                        if prepared.stable is not None:
-                            chosen = prepared.stable(chosen, tokens, is_mask, lo, hi, first_pass_of_block=step_is_first)
-                        x[:, block] = torch.where(chosen, tokens, x[:, block])
+                        x[:, block], tokens = commit_pass(
+                            prepared, pipeline, step, step_is_first, masked_logits, masked, is_mask, masks_start,
+                            x[:, block], lo, hi, request.generator,
+                        )
                         if config.stop_at_eos or config.open_ended:
                             x[:, prompt_len:] = fill_after_end_of_text(x[:, prompt_len:], mask_id, prepared.end_ids, config.pad_token_id)
                         if tokens_hook is not None:
@@ -1613,3 +1629,309 @@ class DimpleGenerationMixin(GenerationMixin):
             f"the model's logits at forward pass {passes} are not finite (NaN or inf, or every token -inf): check "
             "the weights, the inputs and any `generation_logits_hook_func`"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Step-level continuous batching: decodes joining and leaving a running batch between passes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningRow:
+    """One decode of a `RunningDecodeBatch`: its request, what `_prepare_decode` made of it, and where its own
+    loop stands (block, step, whether its cache holds its keys yet)."""
+
+    key: object
+    request: DecodeRequest
+    prepared: PreparedDecode
+    prompt_len: int
+    canvas_len: int
+    blocks: list
+    block_index: int = 0
+    step: int = 0
+    pipeline: object = None
+    masks_start: Optional[torch.Tensor] = None
+    first_pass_of_block: bool = True
+    cache_filled: bool = False
+    passes: int = 0
+    is_mask: Optional[torch.Tensor] = None  # (1, block) the masks its next pass scores; None once finished
+    error: Optional[str] = None
+
+
+@dataclass
+class RowUpdate:
+    """A row after a `RunningDecodeBatch.step`: its answer canvas (`(canvas,)` token ids; masks where nothing is
+    committed yet), the passes it took part in, and whether it has finished (it has then left the batch)."""
+
+    key: object
+    canvas: torch.Tensor
+    passes: int
+    finished: bool
+    error: Optional[str] = None
+
+
+# What a running batch cannot carry: per-pass callbacks and outputs of one call, the growing canvas of open-ended
+# decoding (its passes change shape block by block), conversations, and several answers per prompt.
+RUNNING_BATCH_REFUSED = {
+    "generation_tokens_hook_func": "a per-call hook", "generation_logits_hook_func": "a per-call hook",
+    "logits_processor": "per-call logits processors", "streamer": "a streamer (read `step()`'s canvases)",
+    "stopping_criteria": "stopping criteria (call `remove(key)`)", "past_key_values": "a conversation cache",
+}
+
+
+class RunningDecodeBatch:
+    """Decodes that join and leave one running batch between denoising passes (step-level continuous
+    batching, as SGLang and vLLM schedule their diffusion models).
+
+        batch = model.running_batch()
+        batch.add("a", **processor(...), max_new_tokens=48)
+        while len(batch):
+            for update in batch.step():        # one pass for every row that needs one
+                ...                            # update.canvas, update.finished
+            batch.add("b", ...)                # joins before the next pass; batch.remove("a") leaves at once
+
+    Every row runs its own `diffusion_generate` loop: its own blocks, steps, schedule (`DimPipeline` /
+    `DreamPipeline`), cache state and generator, with the settings given to `add` (rows of different settings
+    share the batch). `step()` runs, for every row, the pass its loop is at, rows whose passes have the same
+    query positions in one forward, and commits with the loop's own rule (`commit_pass`). So a row's tokens are
+    those of decoding it alone with `diffusion_generate` (greedy; a sampled row's, given its own `generator`).
+
+    Layout: rows are left-padded to a common prompt width and right-padded to a common canvas width (the padding
+    is masked out of attention; positions are each row's own); every row's canvas starts at the same index, so
+    a prefilled pass ("tail") of every row, whatever its prompt, is one forward. The layout widens when a longer
+    prompt or canvas joins and tightens when the batch empties. Not supported in a running batch: open-ended
+    decoding, `num_return_sequences` > 1, hooks, logits processors, streamers, stopping criteria, conversation
+    caches (`ValueError` from `add`).
+    """
+
+    def __init__(self, model, max_rows: Optional[int] = None):
+        if max_rows is not None and (not _is_int(max_rows) or max_rows < 1):
+            raise ValueError(f"`max_rows` must be a positive integer or None, got {max_rows!r}")
+        self.model, self.max_rows = model, max_rows
+        self.rows: list = []
+        self.prompt_width = self.canvas_width = 0
+        self.tokens = self.embeds = self.position_ids = self.key_mask = None
+        self.key_values: list = []  # per layer (rows, width, 2 * kv_heads, head_dim), allocated at the first pass
+        self._qkv = None  # the stacked q/k/v projections' context, held while the batch has rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key) -> bool:
+        return any(row.key == key for row in self.rows)
+
+    @property
+    def width(self) -> int:
+        return self.prompt_width + self.canvas_width
+
+    # ---------------------------------------------------------------- joining and leaving
+
+    def add(self, key, inputs=None, generation_config=None, **kwargs) -> None:
+        """A decode joins the batch (its first pass is at the next `step`): `inputs` and keyword arguments as
+        `diffusion_generate`'s, one prompt (batch 1). Checked before anything runs; `ValueError` naming the
+        argument."""
+        if key in self:
+            raise ValueError(f"`key` {key!r} is already decoding in this batch")
+        if self.max_rows is not None and len(self.rows) >= self.max_rows:
+            raise ValueError(f"the running batch is full ({self.max_rows} rows, `max_rows`): remove a row first")
+        for name, what in RUNNING_BATCH_REFUSED.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}`: {what} is not supported in a running batch")
+        request = self.model._validate_request(inputs, generation_config, kwargs)
+        config = request.config
+        if request.input_ids.shape[0] != 1 or config.num_return_sequences != 1:
+            raise ValueError(
+                f"a running batch takes one prompt and one answer per `add` (input_ids batch 1, num_return_sequences "
+                f"1), got batch {request.input_ids.shape[0]} and num_return_sequences {config.num_return_sequences}"
+            )
+        if config.open_ended:
+            raise ValueError("`open_ended`: not supported in a running batch: give a fixed `max_new_tokens`")
+        if self._qkv is None:
+            self._qkv = self.model.stacked_qkv_projections()
+            self._qkv.__enter__()
+        prepared = self.model._prepare_decode(request)
+        prompt_len, canvas_len = prepared.prompt_len, config.max_new_tokens
+        self._widen(max(self.prompt_width, prompt_len), max(self.canvas_width, canvas_len))
+        device, width, start = prepared.x.device, self.width, self.prompt_width - prompt_len
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        tokens = torch.full((1, width), pad, dtype=torch.long, device=device)
+        tokens[:, start : start + prompt_len + canvas_len] = prepared.x
+        key_mask = torch.zeros(1, width, dtype=torch.bool, device=device)
+        prompt_mask = request.attention_mask
+        key_mask[:, start : start + prompt_len] = True if prompt_mask is None else prompt_mask.bool()
+        key_mask[:, self.prompt_width : self.prompt_width + canvas_len] = True
+        denoise = prepared.denoise
+        embeds = denoise.embeds.new_zeros(1, width, denoise.embeds.shape[-1])
+        embeds[:, start : self.prompt_width] = denoise.embeds[:, :prompt_len]
+        position_ids = torch.zeros(3, 1, width, dtype=denoise.position_ids.dtype, device=device)
+        position_ids[:, :, start : start + prompt_len + canvas_len] = denoise.position_ids
+        prepared.denoise = None  # its buffers are copied: the batch's tensors hold the row from now on
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens])
+        self.key_mask = key_mask if self.key_mask is None else torch.cat([self.key_mask, key_mask])
+        self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds])
+        self.position_ids = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], 1)
+        self.key_values = [torch.cat([kv, kv.new_zeros(1, *kv.shape[1:])]) for kv in self.key_values]
+        row = RunningRow(key, request, prepared, prompt_len, canvas_len,
+                         plan_blocks(canvas_len, decode_block_length(config), config.steps))
+        self.rows.append(row)
+        self._advance(row, len(self.rows) - 1)
+
+    def remove(self, key) -> None:
+        """The row leaves the batch now (a cancelled or stopped request): its slot is free for the next `add`."""
+        index = next((i for i, row in enumerate(self.rows) if row.key == key), None)
+        if index is None:
+            raise ValueError(f"`key` {key!r} is not decoding in this batch")
+        self._drop([index])
+
+    def _drop(self, indices: list) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:  # empty: the layout starts again from the next row's widths
+            self.prompt_width = self.canvas_width = 0
+            self.tokens = self.embeds = self.position_ids = self.key_mask = None
+            self.key_values = []
+            if self._qkv is not None:
+                self._qkv.__exit__(None, None, None)
+                self._qkv = None
+            return
+        index = torch.tensor(keep, device=self.tokens.device)
+        self.tokens, self.key_mask = self.tokens[index], self.key_mask[index]
+        self.embeds, self.position_ids = self.embeds[index], self.position_ids[:, index]
+        self.key_values = [kv[index] for kv in self.key_values]
+
+    def _widen(self, prompt_width: int, canvas_width: int) -> None:
+        """Left-pad every row to `prompt_width` and right-pad to `canvas_width` (masked out of attention)."""
+        left, right = prompt_width - self.prompt_width, canvas_width - self.canvas_width
+        self.prompt_width, self.canvas_width = prompt_width, canvas_width
+        if self.tokens is None or (left == 0 and right == 0):
+            return
+        self.tokens = F.pad(self.tokens, (left, right))  # padding: never a query that is read, never a key
+        self.key_mask = F.pad(self.key_mask, (left, right), value=False)
+        self.embeds = F.pad(self.embeds, (0, 0, left, right))
+        self.position_ids = F.pad(self.position_ids, (left, right))
+        self.key_values = [F.pad(kv, (0, 0, 0, 0, left, right)) for kv in self.key_values]
+
+    # ---------------------------------------------------------------- the step
+
+    def _advance(self, row: RunningRow, index: int) -> None:
+        """Move the row's loop to its next pass (as `_denoise`: a block with no mask left, or whose steps are
+        spent, ends; a step whose schedule commits nothing is skipped), setting `row.is_mask`; None: finished."""
+        config, mask_id = row.request.config, row.request.config.mask_token_id
+        canvas = self.tokens[index : index + 1, self.prompt_width : self.prompt_width + row.canvas_len]
+        while row.block_index < len(row.blocks):
+            lo, hi, block_steps = row.blocks[row.block_index]
+            if row.pipeline is None:
+                row.pipeline = row.prepared.pipeline_class(config, block_steps, canvas.device, chooser=row.prepared.chooser)
+                row.masks_start = (canvas[:, lo:hi] == mask_id).sum(-1)
+                row.first_pass_of_block, row.step = True, 0
+            if row.step < block_steps:
+                is_mask = canvas[:, lo:hi] == mask_id
+                if bool(is_mask.any()):
+                    if not row.pipeline.commits_nothing(row.step, is_mask):
+                        row.is_mask = is_mask
+                        return
+                    row.step += 1
+                    continue
+            row.block_index, row.pipeline = row.block_index + 1, None
+        row.is_mask = None
+
+    def _queries(self, row: RunningRow) -> tuple:
+        """The query positions `[start, end)` of the row's next pass in the batch's layout (`DenoisingForward`'s
+        choice: a full pass without a cache, to fill it, or to refresh the dual cache without a frozen prompt; the
+        window of the dual cache inside a block; else the prefilled tail)."""
+        config = row.request.config
+        cached = config.use_cache or config.dual_cache
+        lo, hi, _ = row.blocks[row.block_index]
+        if not cached or not row.cache_filled or (config.dual_cache and row.first_pass_of_block and not config.use_cache):
+            row.cache_filled = cached
+            return 0, self.width
+        if config.dual_cache and not row.first_pass_of_block:
+            return self.prompt_width - 1 + lo, self.prompt_width + hi
+        return self.prompt_width - 1, self.width
+
+    def _forward(self, indices: list, start: int, end: int) -> torch.Tensor:
+        """One forward of rows `indices` over query positions `[start, end)`, their cached keys/values read and
+        the positions run rewritten; the final hidden states `(rows, end - start, hidden)`."""
+        model, device = self.model, self.tokens.device
+        whole = len(indices) == len(self.rows)
+        index = None if whole else torch.tensor(indices, device=device)
+        pick = (lambda t, dim=0: t) if whole else (lambda t, dim=0: t.index_select(dim, index))
+        queries = torch.arange(start, end, device=device)
+        key_mask = pick(self.key_mask)
+        mask = None if bool(key_mask.all()) else model.prepare_attention_mask(key_mask, end - start, self.width, queries)
+        cache = model.new_prefix_cache(self.width)
+        cache.key_values = [pick(kv) for kv in self.key_values]  # the rows' own (a copy for a subset of rows)
+        hidden = model.decoder_forward(
+            inputs_embeds=pick(self.embeds)[:, start:end], attention_mask=mask,
+            position_ids=pick(self.position_ids, 1)[:, :, start:end], past_key_values=cache, cache_position=queries,
+        )[0]
+        written = cache.key_values
+        if not self.key_values:  # the first pass allocates the batch's cache
+            self.key_values = [kv.new_zeros(len(self.rows), *kv.shape[1:]) for kv in written]
+        if whole:
+            self.key_values = written
+        else:
+            for kv, new in zip(self.key_values, written):
+                kv.index_copy_(0, index, new)
+        return hidden
+
+    def step(self) -> list:
+        """One denoising pass for every row that needs one; returns a `RowUpdate` per row. Finished rows (no mask
+        left, or their steps spent) have left the batch when it returns."""
+        updates, finished = {}, []
+        if not self.rows:
+            return []
+        canvas = slice(self.prompt_width, self.width)
+        self.embeds[:, canvas] = self.model.get_input_embeddings()(self.tokens[:, canvas])
+        groups: dict = {}
+        for i, row in enumerate(self.rows):
+            if row.is_mask is not None:
+                groups.setdefault(self._queries(row), []).append(i)
+        predicted = []  # (row index, hidden states predicting the row's masks)
+        for (start, end), indices in groups.items():
+            hidden = self._forward(indices, start, end)
+            for j, i in enumerate(indices):
+                row = self.rows[i]
+                lo, hi, _ = row.blocks[row.block_index]
+                first = self.prompt_width - 1 + lo - start  # the query that predicts the block's first position
+                masked = row.is_mask[0].nonzero().squeeze(-1)
+                predicted.append((i, masked, hidden[j, first : first + hi - lo].index_select(0, masked)))
+        if predicted:
+            all_logits = self.model.lm_head(torch.cat([h for _, _, h in predicted]))
+            offset = 0
+            for i, masked, h in predicted:
+                logits, offset = all_logits[offset : offset + h.shape[0]], offset + h.shape[0]
+                self._commit(i, masked, logits)
+        for i, row in enumerate(self.rows):
+            if row.error is None:
+                self._advance(row, i)
+            start = self.prompt_width
+            updates[i] = RowUpdate(row.key, self.tokens[i, start : start + row.canvas_len].clone(), row.passes,
+                                   row.is_mask is None or row.error is not None, row.error)
+            if updates[i].finished:
+                finished.append(i)
+        result = [updates[i] for i in range(len(self.rows))]
+        if finished:
+            self._drop(finished)
+        return result
+
+    def _commit(self, index: int, masked: torch.Tensor, logits: torch.Tensor) -> None:
+        """The row's pass: the loop's commit rule on its masked logits (`commit_pass`), end-of-text filling."""
+        row = self.rows[index]
+        config, prepared = row.request.config, row.prepared
+        if bool(non_finite_logits(logits)):
+            row.error = (f"the model's logits at forward pass {row.passes + 1} are not finite (NaN or inf, or every "
+                         "token -inf): check the weights and the inputs")
+            return
+        lo, hi, _ = row.blocks[row.block_index]
+        start = self.prompt_width
+        block = slice(start + lo, start + hi)
+        self.tokens[index : index + 1, block], _ = commit_pass(
+            prepared, row.pipeline, row.step, row.first_pass_of_block, logits, masked, row.is_mask, row.masks_start,
+            self.tokens[index : index + 1, block], lo, hi, row.request.generator,
+        )
+        if config.stop_at_eos:
+            answer = slice(start, start + row.canvas_len)
+            self.tokens[index : index + 1, answer] = fill_after_end_of_text(
+                self.tokens[index : index + 1, answer], config.mask_token_id, prepared.end_ids, config.pad_token_id)
+        row.step, row.first_pass_of_block, row.passes = row.step + 1, False, row.passes + 1

@@ -451,17 +451,23 @@ def _distribution_name(spec: str) -> str:
 
 
 def test_the_load_tool_runs(tmp_path):
-    """Issue 37 item 7: `dimple-serve-load` (its own server, batched mode) on a few requests, as `make serve-load`
-    runs it."""
+    """Issue 37 item 7, issue 35 item 1: `dimple-serve-load` (its own servers, group and continuous batching side by
+    side) on a few requests, every answer checked against decoding it alone."""
     from dimple_tools.serving import load
 
     results = tmp_path / "load.json"
     load.main(["--model", str(TINY), "--device", "cpu", "--threads", "1", "--requests", "4", "--concurrency", "2",
-               "--modes", "batched", "--startup-timeout", "240", "--timeout", str(TIMEOUT), "--json", str(results),
-               "--log", str(tmp_path / "server.log")])
-    (result,) = json.loads(results.read_text())
-    assert result["mode"] == "batched" and result["requests"] == 4 and result["requests_per_second"] > 0
-    assert result["decodes"] >= 1 and result["rows_per_decode"] >= 1 and 0 <= result["correct"] <= 4
+               "--modes", "batched,continuous", "--max-tokens", "48", "--check-alone", "--startup-timeout", "240",
+               "--timeout", str(TIMEOUT), "--json", str(results), "--log", str(tmp_path / "server.log")])
+    group, continuous, ratio = json.loads(results.read_text())
+    for result, mode in ((group, "group"), (continuous, "continuous")):
+        assert result["mode"] == mode and result["requests"] == 4 and result["requests_per_second"] > 0
+        assert result["decodes"] >= 1 and result["rows_per_decode"] >= 1 and 0 <= result["correct"] <= 4
+        assert result["equal_to_alone"] == 4, result
+        assert result["latency_p99_s"] >= result["latency_p50_s"] > 0
+    assert continuous["rows_per_decode"] == 1  # a row joins the running batch on its own
+    assert ratio["compare"] == "continuous / group" and ratio["throughput_ratio"] == round(
+        continuous["requests_per_second"] / group["requests_per_second"], 2)
 
 
 def test_a_cancelled_stream_stops_decoding(server, client):

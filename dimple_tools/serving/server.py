@@ -49,6 +49,7 @@ from dimple_tools.serving.worker import (MAX_REQUEST_STEPS, MAX_TOKENS_LIMIT, OP
 from dimple_tools.serving.openai_spec import DimpleOpenAISpec
 from dimple_tools.serving.errors import RequestError, http_error_handler, request_error_handler, validation_error_handler
 from dimple_tools.serving.state import SharedState
+from dimple_tools.serving.continuous import ContinuousDimpleAPI
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default auto: bfloat16 on the GPU, float32 on the CPU")
     parser.add_argument("--max-batch-size", type=int, default=16,
                         help="most requests decoded together (1: one at a time)")
+    parser.add_argument("--batching", choices=("group", "continuous"), default="group",
+                        help="group: the requests of a batch window decode together to the end; continuous: requests "
+                             "join and leave one running batch between denoising passes (a fixed canvas per request: "
+                             "the checkpoint's max_new_tokens without max_tokens)")
     parser.add_argument("--batch-timeout", type=float, default=0.02,
                         help="seconds a worker waits for a batch to fill")
     parser.add_argument("--workers-per-device", type=int, default=1,
@@ -175,7 +180,8 @@ def main(argv=None) -> None:
     manager = multiprocessing.Manager()
     shared = SharedState(manager)
     spec = DimpleOpenAISpec(model_id, shared, model_info(args.model), queue_timeout=args.queue_timeout)
-    api = DimpleAPI(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
+    api_class = ContinuousDimpleAPI if args.batching == "continuous" else DimpleAPI
+    api = api_class(args.model, shared, dtype=args.dtype, image_folder=args.image_folder, threads=threads,
                     open_ended_max_tokens=args.open_ended_max_tokens, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images, max_tokens_limit=args.max_tokens_limit, max_steps=args.max_steps,
                     image_cache_size=args.image_cache_size, decode_timeout=args.request_timeout,

@@ -105,7 +105,7 @@ def test_concurrent_mixed_requests_each_equal_decoding_alone(server, tiny):
 def test_a_short_request_is_answered_while_a_long_one_decodes(server, tiny):
     """A request sent after a 256-pass decode has started joins its running batch and is answered first."""
     client = client_of(server)
-    image, (short_image, question, answer, _) = sample_image(), generate_samples(1, 3)[0]
+    image, (short_image, question, _, _) = sample_image(), generate_samples(1, 3)[0]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         long = pool.submit(ask, client, image, "Describe the image.", **LONG)
         time.sleep(1.0)

@@ -9,6 +9,7 @@ its deadline passed, freeing its slot for the next request. Every row's tokens a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -25,13 +26,25 @@ from dimple_tools.serving.worker import DimpleAPI, Row
 logger = logging.getLogger("dimple.serve")
 
 ACCEPTED = {"role": "assistant", "content": ""}
+IDLE_POLL_SECONDS = 0.002
+
+
+class DimpleContinuousLoop(ContinuousBatchingLoop):
+    """LitServe's continuous batching loop, idle without spinning: LitServe calls `run` again at once while
+    nothing decodes, which keeps a core busy (and the worker's GIL) between requests."""
+
+    async def run(self, lit_api, *args, **kwargs):
+        if not lit_api.has_active_requests():
+            await asyncio.sleep(IDLE_POLL_SECONDS)
+            return
+        await super().run(lit_api, *args, **kwargs)
 
 
 class ContinuousDimpleAPI(DimpleAPI):
     """`DimpleAPI` whose requests join and leave one running batch between passes (`max_batch_size` rows)."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("loop", ContinuousBatchingLoop())
+        kwargs.setdefault("loop", DimpleContinuousLoop())
         super().__init__(*args, **kwargs)
 
     def setup(self, device):
@@ -88,6 +101,10 @@ class ContinuousDimpleAPI(DimpleAPI):
             self._count(decoding_steps=1)
             for update in updates:
                 outputs += self._follow_update(update)
+            if not outputs and self.live:
+                # LitServe's loop sleeps 10 ms after a step without outputs: one empty item (no chunk reaches the
+                # client) keeps passes back to back while no answer grew.
+                outputs.append(Output(next(iter(self.live)), dict(ACCEPTED), LitAPIStatus.OK))
         self._count_image_cache()
         return outputs
 

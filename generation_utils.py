@@ -1746,6 +1746,9 @@ class RunningDecodeBatch:
             )
         if config.open_ended:
             raise ValueError("`open_ended`: not supported in a running batch: give a fixed `max_new_tokens`")
+        for name in ("output_history", "output_scores", "output_logits"):  # per-call outputs `step()` never returns
+            if getattr(config, name):
+                raise ValueError(f"`{name}`: not supported in a running batch (read `step()`'s canvases)")
         if self._qkv is None:
             self._qkv = self.model.stacked_qkv_projections()
             self._qkv.__enter__()

@@ -147,6 +147,8 @@ SETTINGS = {
     "no-cache": dict(use_cache=False),
     "dream": dict(decoding_pipeline="dream", alg="maskgit_plus", alg_p_threshold=None, steps=16),
     "stop-at-eos": dict(max_new_tokens=24, steps=24, stop_at_eos=True),
+    # one token a pass: an end-of-text committed early ends the answer (its masks after it are padding, not passes)
+    "stop-at-eos-schedule": dict(max_new_tokens=24, steps=24, stop_at_eos=True, alg_p_threshold=None),
     "schedule": dict(alg_p_threshold=None, steps=12),
 }
 
@@ -181,13 +183,15 @@ def test_rows_of_different_settings_share_the_batch(tiny, prompts):
         "dream-skips-blocks": (prompts["short"], dict(decoding_pipeline="dream", alg_p_threshold=None, steps=16,
                                                       max_new_tokens=8, block_length=4, dual_cache=True)),
         "left-padded": (padded, dict(alg_p_threshold=None, steps=12, max_new_tokens=16)),
+        "eos-autoregressive": (prompts["short"], dict(alg="autoregressive", alg_p_threshold=None, stop_at_eos=True,
+                                                      max_new_tokens=24, steps=24)),
     }
     keys = list(rows)
     schedule = [[(k, *rows[k]) for k in keys[:3]], [(k, *rows[k]) for k in keys[3:5]], [],
                 [(k, *rows[k]) for k in keys[5:8]], [(k, *rows[k]) for k in keys[8:]]]
     final = run(model.running_batch(), schedule)
     assert_as_alone(model, final, rows)
-    assert final["dream-skips"].passes < 16
+    assert final["dream-skips"].passes < 16 and final["eos-autoregressive"].passes < 24
 
 
 def test_a_longer_canvas_and_a_longer_prompt_joining_later_widen_the_layout(tiny, prompts):
@@ -317,6 +321,8 @@ def test_bad_input_is_refused_before_any_pass(tiny, prompts, monkeypatch):
         refused("generation_logits_hook_func", generation_logits_hook_func=lambda step, x, logits: logits)
         refused("generation_tokens_hook_func", generation_tokens_hook_func=lambda step, x, logits: x)
         refused("logits_processor", logits_processor=lambda ids, scores: scores)
+        for output in ("output_history", "output_scores", "output_logits"):  # per-call outputs step() never returns
+            refused(f"`{output}`: not supported in a running batch", **{output: True})
         refused(r"`steps` must be an integer from 1 to", steps=0)
         refused("block_length", block_length=7)  # not a divisor of the checkpoint's 48
         refused("unknown arguments", frobnicate=1)

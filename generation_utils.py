@@ -1713,6 +1713,17 @@ class RunningDecodeBatch:
         self.tokens = self.embeds = self.position_ids = self.key_mask = None
         self.key_values: list = []  # per layer (rows, width, 2 * kv_heads, head_dim), allocated at the first pass
         self._qkv = None  # the stacked q/k/v projections' context, held while the batch has rows
+        self._masks: dict = {}  # (rows, start, end) -> attention mask, built once per layout
+
+    @property
+    def key_mask(self) -> Optional[torch.Tensor]:
+        """(rows, width) True where a row has a token (prompt or canvas), False on the layout's padding."""
+        return self._key_mask
+
+    @key_mask.setter
+    def key_mask(self, value: Optional[torch.Tensor]) -> None:
+        self._key_mask = value
+        self._masks = {}  # rows joined, left or widened: the masks are built again, once
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -1860,8 +1871,12 @@ class RunningDecodeBatch:
         index = None if whole else torch.tensor(indices, device=device)
         pick = (lambda t, dim=0: t) if whole else (lambda t, dim=0: t.index_select(dim, index))
         queries = torch.arange(start, end, device=device)
-        key_mask = pick(self.key_mask)
-        mask = None if bool(key_mask.all()) else model.prepare_attention_mask(key_mask, end - start, self.width, queries)
+        cached = (tuple(indices), start, end)
+        if cached not in self._masks:  # not rebuilt (nor a host sync) at every pass
+            key_mask = pick(self.key_mask)
+            self._masks[cached] = None if bool(key_mask.all()) else model.prepare_attention_mask(
+                key_mask, end - start, self.width, queries)
+        mask = self._masks[cached]
         cache = model.new_prefix_cache(self.width)
         cache.key_values = [pick(kv) for kv in self.key_values]  # the rows' own (a copy for a subset of rows)
         hidden = model.decoder_forward(

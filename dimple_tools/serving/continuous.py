@@ -146,11 +146,7 @@ class ContinuousDimpleAPI(DimpleAPI):
                 except (OSError, EOFError, BrokenPipeError):
                     pass
             elif now > row.deadline:
-                row.finished, row.finish_reason = True, "error"
-                row.error_info = RequestError(
-                    f"the request was still decoding after --request-timeout ({self.decode_timeout:g} s; request id "
-                    f"{row.request_id})", None, "request_timeout", 504, "timeout").as_dict()
-                self._count(rows_timed_out=1)
+                self._time_out(row, row.forward_passes)
             else:
                 continue
             outputs += self._finish(uid, row)
@@ -158,6 +154,7 @@ class ContinuousDimpleAPI(DimpleAPI):
 
     def _follow_update(self, update) -> list:
         row = self.live[update.key]
+        row.forward_passes = update.passes  # its own passes so far (the usage of an answer that ends early)
         if update.error is not None:
             logger.error("decoding failed (request %s): %s", row.request_id, update.error)
             row.finished, row.finish_reason = True, "error"

@@ -374,11 +374,7 @@ class DimpleAPI(ls.LitAPI):
                         row.finish_reason = "cancelled"
                         self._count(rows_cancelled=1)
                     elif not row.finished and now > row.deadline:  # its masks are not scored again
-                        row.finished, row.finish_reason, row.forward_passes = True, "error", passes
-                        row.error_info = RequestError(
-                            f"the request was still decoding after --request-timeout ({self.decode_timeout:g} s; "
-                            f"request id {row.request_id})", None, "request_timeout", 504, "timeout").as_dict()
-                        self._count(rows_timed_out=1)
+                        self._time_out(row, passes)
                 self._count(decoding_steps=1)
                 send()
                 return torch.tensor([row.finished for row in group], device=sequences.device)
@@ -408,6 +404,14 @@ class DimpleAPI(ls.LitAPI):
                 send()
             finally:
                 updates.put(None)
+
+    def _time_out(self, row: Row, passes: int) -> None:
+        """The row ends with a 504 `request_timeout`: it was still decoding at its deadline."""
+        row.finished, row.finish_reason, row.forward_passes = True, "error", passes
+        row.error_info = RequestError(
+            f"the request was still decoding after --request-timeout ({self.decode_timeout:g} s; request id "
+            f"{row.request_id})", None, "request_timeout", 504, "timeout").as_dict()
+        self._count(rows_timed_out=1)
 
     def _follow(self, row: Row, canvas: list, mask_id: int, passes: int) -> None:
         """Reads a row's answer canvas after a step: its settled tokens (left of the first mask, up to the first
